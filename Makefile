@@ -1,0 +1,57 @@
+# wsgateway: the two commands a new machine needs are `make run` and `make test`.
+# Both create .venv and install into it; `make test` also installs the Debian
+# packages the tests need (as root, when missing).
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CONFIG ?= etc/wsgateway.ini
+SOURCES := setup.cfg pyproject.toml $(shell find wsgateway twisted -name '*.py' 2>/dev/null)
+PYTEST_ARGS ?=
+# Debian packages the test suite needs (command -> package)
+SYSDEPS ?=
+
+.PHONY: run test check bench sysdeps clean
+
+run: $(BIN)/.installed
+	$(BIN)/twistd -n --pidfile= wsgateway --config $(CONFIG)
+
+check: $(BIN)/.installed
+	$(BIN)/wsgateway-check $(CONFIG)
+
+test: $(BIN)/.installed-test sysdeps
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
+
+# A plain (non-editable) install, so twistd finds the plugin the way it will
+# on a server; redone whenever a source file changes.
+$(BIN)/.installed: $(BIN)/python $(SOURCES)
+	$(BIN)/pip install --quiet .
+	$(BIN)/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
+	@touch $@
+
+$(BIN)/.installed-test: $(BIN)/.installed
+	$(BIN)/pip install --quiet '.[test]'
+	@touch $@
+
+sysdeps:
+	@missing=""; for pair in $(SYSDEPS); do cmd=$${pair%%=*}; pkg=$${pair##*=}; \
+	  command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then echo "installing Debian packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else echo "missing Debian packages:$$missing -- run: sudo apt-get install$$missing"; exit 1; fi; fi
+
+# Benchmark: the gateway against a direct connection, nginx, the Gin
+# forwarder and Twisted's blind relay, in one run (see bench/README.md).
+bench: $(BIN)/.installed
+	PATH="$(CURDIR)/$(BIN):$$PATH" TWISTD=$(CURDIR)/$(BIN)/twistd PYTHON=$(CURDIR)/$(BIN)/python \
+	  GATEWAY_CMD="$(CURDIR)/$(BIN)/twistd -n --pidfile= wsgateway --config $(CURDIR)/bench/gateway.ini" \
+	  GATEWAY_URL=ws://127.0.0.1:9500/ws REPS=$${REPS:-3} \
+	  bash ../shared/bench/run.sh $${TARGETS:-direct nginx1 gin twisted-relay gateway}
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info var
