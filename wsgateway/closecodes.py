@@ -1,0 +1,43 @@
+# -*- test-case-name: tests.test_proxy -*-
+"""
+Close codes and handshake statuses the gateway itself produces, in one place.
+
+Every refusal the client sees carries one of these fixed reasons, never text
+derived from an exception or from the request (Autobahn would otherwise send
+``500 <exception text>`` or echo header values back in the status line).
+"""
+
+from http import HTTPStatus
+
+# WebSocket close codes (RFC 6455 section 7.4.1, plus 1014 from the IANA registry)
+NORMAL = 1000
+GOING_AWAY = 1001
+PROTOCOL_ERROR = 1002
+POLICY_VIOLATION = 1008
+MESSAGE_TOO_BIG = 1009
+INTERNAL_ERROR = 1011
+BAD_GATEWAY = 1014
+
+# Handshake statuses (SPEC section 2)
+BAD_REQUEST = 400
+UNAUTHORIZED = 401
+FORBIDDEN = 403
+NOT_FOUND = 404
+UPGRADE_REQUIRED = 426
+TOO_MANY_REQUESTS = 429
+HEADERS_TOO_LARGE = 431
+INTERNAL_SERVER_ERROR = 500
+UPSTREAM_FAILED = 502
+UNAVAILABLE = 503
+UPSTREAM_TIMEOUT = 504
+
+# The request line plus headers may not exceed this (SPEC section 2: 431).
+MAX_REQUEST_HEAD = 16 * 1024
+
+
+def reason_phrase(status: int) -> str:
+    """The standard phrase for an HTTP status, used as the only reason text."""
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
