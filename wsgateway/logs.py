@@ -1,0 +1,133 @@
+# -*- test-case-name: tests.test_daemon -*-
+"""
+Log observers for twistd: ``text`` for humans, ``json`` (one object per
+line, SPEC section 8) for machines, both behind one level filter that can be
+changed while running.
+
+twistd owns log startup; ``tap.Options`` hands it ``observer_factory`` the
+way ``twistd --logger`` would, so ``--logfile`` and stdout under systemd keep
+working.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from typing import IO, Any
+
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    formatEvent,
+    formatTime,
+    textFileLogObserver,
+)
+from twisted.python.logfile import LogFile
+from zope.interface import implementer
+
+LEVELS = {
+    "debug": LogLevel.debug,
+    "info": LogLevel.info,
+    "warn": LogLevel.warn,
+    "error": LogLevel.error,
+    "critical": LogLevel.critical,
+}
+
+# One predicate for the process, so a runtime change reaches every observer.
+PREDICATE = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
+
+# Event keys that go into JSON lines as fields of their own.
+FIELDS = (
+    "conn_id",
+    "route",
+    "upstream",
+    "node",
+    "peer",
+    "trace_id",
+    "code",
+    "closed_by",
+    "status",
+    "duration",
+    "msgs_in",
+    "msgs_out",
+    "bytes_in",
+    "bytes_out",
+)
+
+
+def set_level(level: str) -> None:
+    PREDICATE.setLogLevelForNamespace("", LEVELS[level])
+    # Autobahn's per-frame debug chatter is never useful in a gateway's log.
+    PREDICATE.setLogLevelForNamespace("autobahn", max(LEVELS[level], LogLevel.info, key=_order))
+
+
+def _order(level: LogLevel) -> int:
+    return list(LEVELS.values()).index(level)
+
+
+@implementer(ILogObserver)
+class JSONLinesObserver:
+    """One JSON object per line with ``time``, ``level``, ``event``, ``node_id`` and connection fields."""
+
+    def __init__(self, stream: IO[str], node_id: str) -> None:
+        self._stream = stream
+        self._node_id = node_id
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        level = event.get("log_level", LogLevel.info)
+        out: dict[str, Any] = {
+            "time": formatTime(event.get("log_time"), timeFormat="%Y-%m-%dT%H:%M:%S.%f%z"),
+            "level": level.name if isinstance(level, LogLevel) else str(level),
+            "event": formatEvent(event),
+            "node_id": self._node_id,
+            "logger": event.get("log_namespace", ""),
+        }
+        for key in FIELDS:
+            if key in event:
+                out[key] = event[key]
+        failure = event.get("log_failure")
+        if failure is not None:
+            out["traceback"] = failure.getTraceback()
+        self._stream.write(json.dumps(out, default=str) + "\n")
+        self._stream.flush()
+
+
+# twistd imports its --logger by dotted name, after our options were parsed:
+# tap.Options stores the factory here and names ``configured_observer``.
+_configured: Callable[[], ILogObserver] | None = None
+
+
+def configure(factory: Callable[[], ILogObserver]) -> str:
+    global _configured
+    _configured = factory
+    return f"{__name__}.configured_observer"
+
+
+def configured_observer() -> ILogObserver:
+    if _configured is None:
+        raise RuntimeError("wsgateway logging was not configured")
+    return _configured()
+
+
+def observer_factory(
+    *, level: str, fmt: str, file: str, node_id: str, twistd_logfile: str | None, daemon: bool
+) -> Callable[[], ILogObserver]:
+    """The observer for twistd: ``--logfile`` wins over ``[log] file``."""
+
+    def make() -> ILogObserver:
+        target = twistd_logfile or (file if file != "-" else None)
+        if target is None and daemon:
+            target = "twistd.log"  # a daemon has no stdout; twistd's own default
+        stream: IO[str]
+        if target is None or target == "-":
+            stream = sys.stdout
+        else:
+            stream = LogFile.fromFullPath(target)  # type: ignore[assignment]
+        observer = JSONLinesObserver(stream, node_id) if fmt == "json" else textFileLogObserver(stream)
+        set_level(level)
+        return FilteringLogObserver(observer, [PREDICATE])
+
+    return make

@@ -1,0 +1,518 @@
+# -*- test-case-name: tests.test_proxy -*-
+"""
+The two Autobahn legs of a proxied connection and what joins them.
+
+Autobahn does both opening handshakes: ``GatewayServerProtocol`` faces the
+client, ``UpstreamProtocol`` the backend. The upstream is connected from
+inside the client's ``onConnect`` (a Deferred), so the client gets the
+upstream's subprotocol and its refusal as an HTTP status. Once both legs are
+open, ``dataReceived`` of each goes straight to the frame relay and Autobahn
+no longer looks at the bytes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from autobahn.twisted.websocket import (
+    WebSocketClientFactory,
+    WebSocketClientProtocol,
+    WebSocketServerFactory,
+    WebSocketServerProtocol,
+)
+from autobahn.websocket.protocol import WebSocketProtocol
+from autobahn.websocket.types import ConnectingRequest, ConnectionDeny, ConnectionRequest
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from wsgateway import closecodes
+from wsgateway.config import AuthConfig, GatewayConfig, RouteConfig
+from wsgateway.headers import upstream_headers
+from wsgateway.relay import Relay
+from wsgateway.routing import Router, TemplateError, upstream_target
+from wsgateway.upstream import Node, Upstream, UpstreamError, UpstreamRefused, UpstreamRequest
+
+OPEN = WebSocketProtocol.STATE_OPEN
+CONNECTING = WebSocketProtocol.STATE_CONNECTING
+
+
+class UpstreamFailed(Exception):
+    """The upstream leg closed or failed before its handshake completed."""
+
+
+# -- upstream leg ---------------------------------------------------------
+
+
+class UpstreamProtocol(WebSocketClientProtocol):
+    """The gateway as a WebSocket client of one upstream node."""
+
+    relay: Relay | None = None
+    request: ConnectingRequest
+    opened: Deferred[UpstreamProtocol] | None = None
+    pending: bytes = b""
+    lost: bool = False
+    refused_status: int | None = None
+    on_early_loss: Callable[[], None] | None = None
+
+    def onConnecting(self, transport_details: Any) -> ConnectingRequest:
+        return self.request
+
+    def onOpen(self) -> None:
+        # Bytes after the 101 in the same read (an upstream that speaks
+        # first) must reach the client: keep them for the relay, and stop
+        # reading until the client leg is open too.
+        self.pending, self.data = self.data, b""
+        self.transport.pauseProducing()
+        d, self.opened = self.opened, None
+        if d is not None:
+            d.callback(self)
+
+    def failHandshake(self, reason: str) -> None:
+        line = getattr(self, "http_status_line", None) or ""
+        parts = line.split()
+        if len(parts) >= 2 and parts[1].isdigit():
+            status = int(parts[1])
+            if status != 101 and 200 <= status <= 599:
+                self.refused_status = status
+        super().failHandshake(reason)
+
+    def dataReceived(self, data: bytes) -> None:
+        relay = self.relay
+        if relay is not None:
+            relay.upstream_data(data)
+        elif self.state == OPEN:
+            self.pending += data
+        else:
+            self._dataReceived(data)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.lost = True
+        if self.relay is not None:
+            self.relay.upstream_connection_lost()
+        else:
+            d, self.opened = self.opened, None
+            if d is not None:
+                if self.refused_status is not None:
+                    d.errback(UpstreamRefused(self.refused_status))
+                else:
+                    d.errback(UpstreamFailed("connection closed during the upstream handshake"))
+            elif self.on_early_loss is not None:
+                self.on_early_loss()
+        super().connectionLost(reason)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        pass
+
+
+class _FactoryView:
+    """
+    The shared client factory as one connection sees it: Autobahn checks the
+    upstream's chosen subprotocol against ``factory.protocols``, which must be
+    what this client offered.
+    """
+
+    __slots__ = ("_shared", "protocols")
+
+    def __init__(self, shared: WebSocketClientFactory, protocols: list[str]) -> None:
+        self._shared = shared
+        self.protocols = protocols
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._shared, name)
+
+
+class _LegFactory(Factory):
+    """Hands one connection's handshake parameters to the shared Autobahn factory's protocol."""
+
+    noisy = False
+
+    def __init__(self, shared: WebSocketClientFactory, request: ConnectingRequest, opened: Deferred[Any]) -> None:
+        self.shared = shared
+        self.request = request
+        self.opened = opened
+        self.built: UpstreamProtocol | None = None
+
+    def buildProtocol(self, addr: Any) -> UpstreamProtocol:
+        p: UpstreamProtocol = self.shared.buildProtocol(addr)
+        p.factory = _FactoryView(self.shared, self.request.protocols)  # type: ignore[assignment]
+        p.request = self.request
+        p.opened = self.opened
+        self.built = p
+        return p
+
+
+class UpstreamConnector:
+    """Opens one WebSocket connection to one node (a single attempt)."""
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, endpoints: Callable[[Node, float], Any]) -> None:
+        self._reactor = reactor
+        self._endpoint_for = endpoints
+        self._factories: dict[str, WebSocketClientFactory] = {}
+
+    def _factory(self, node: Node) -> WebSocketClientFactory:
+        f = self._factories.get(node.url)
+        if f is None:
+            cfg = node.config
+            f = WebSocketClientFactory(f"{cfg.scheme}://{_host_for_url(cfg.host)}:{cfg.port}", reactor=self._reactor)
+            f.protocol = UpstreamProtocol
+            f.noisy = False
+            f.setProtocolOptions(
+                version=13,
+                perMessageCompressionOffers=[],
+                autoPingInterval=0,
+                openHandshakeTimeout=0,
+                closeHandshakeTimeout=0,
+                failByDrop=True,
+                tcpNoDelay=True,
+            )
+            self._factories[node.url] = f
+        return f
+
+    def connect(self, node: Node, req: UpstreamRequest, timeout: float) -> Deferred[UpstreamProtocol]:
+        cfg = node.config
+        creq = ConnectingRequest(
+            host=_host_for_url(cfg.host),
+            port=cfg.port,
+            resource=req.resource,
+            headers=req.headers,
+            useragent=req.useragent,
+            origin=req.origin,
+            protocols=list(req.protocols),
+        )
+
+        def cancel(_: Deferred[Any]) -> None:
+            connecting.cancel()
+            built = factory.built
+            if built is not None and built.transport is not None:
+                built.transport.abortConnection()
+
+        opened: Deferred[UpstreamProtocol] = Deferred(cancel)
+        factory = _LegFactory(self._factory(node), creq, opened)
+        connecting = self._endpoint_for(node, timeout).connect(factory)
+
+        def failed(f: Failure) -> None:
+            if not opened.called:
+                opened.errback(f)
+
+        connecting.addErrback(failed)
+        return opened
+
+
+def _host_for_url(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+# -- client leg -----------------------------------------------------------
+
+
+class GatewayServerProtocol(WebSocketServerProtocol):
+    """The gateway as the client's WebSocket server."""
+
+    log = Logger()
+    factory: GatewayServerFactory
+    relay: Relay | None = None
+    upstream_leg: UpstreamProtocol | None = None
+    _head_done = False
+    _early = b""
+    _lost = False
+    _deny: tuple[int, list[tuple[str, str]]] | None = None
+    _handshake: Deferred[Any] | None = None
+    conn_id = ""
+    route: RouteConfig | None = None
+    node: Node | None = None
+    trace_id = ""
+
+    _head_timer: Any = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        # Our own timer: Autobahn's batched timer rounds deadlines down to a
+        # whole second, which would drop clients early (at once below 1 s).
+        timeout = self.factory.config.limits.handshake_timeout
+        self._head_timer = self.factory.clock.callLater(timeout, self._head_timed_out)
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if not self._head_done:
+            self.log.debug("dropping {peer}: no complete upgrade request in time", peer=self.peer)
+            self.transport.abortConnection()
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            if self._head_timer.active():
+                self._head_timer.cancel()
+            self._head_timer = None
+
+    def dataReceived(self, data: bytes) -> None:
+        relay = self.relay
+        if relay is not None:
+            relay.client_data(data)
+            return
+        if self._head_done:
+            # Frames sent before our 101 (pipelining) wait for the relay;
+            # Autobahn must not parse them as another request.
+            self._early += data
+            if len(self._early) > self.factory.write_buffer:
+                self.transport.pauseProducing()
+            return
+        if self.state == CONNECTING and len(self.data) + len(data) > closecodes.MAX_REQUEST_HEAD:
+            head = self.data + data
+            if head.find(b"\r\n\r\n", 0, closecodes.MAX_REQUEST_HEAD + 4) < 0:
+                # Autobahn would buffer an endless header until the handshake timeout.
+                self._deny = (closecodes.HEADERS_TOO_LARGE, [])
+                self.failHandshake("request head too large", closecodes.HEADERS_TOO_LARGE)
+                return
+        self._dataReceived(data)
+
+    def onConnect(self, request: ConnectionRequest) -> Deferred[Any]:
+        self._head_done = True
+        # The client has sent its whole request in time; from here the wait
+        # is for the upstream, bounded by connect_timeout and retries.
+        self._cancel_head_timer()
+        self._handshake = Deferred.fromCoroutine(self._open_upstream(request))
+        return self._handshake
+
+    async def _open_upstream(self, request: ConnectionRequest) -> str | None:
+        try:
+            return await self.factory.open_upstream(self, request)
+        except ConnectionDeny as e:
+            self._deny = (e.code, [])
+            raise
+        except UpstreamError as e:
+            self._deny = (e.status, [])
+            raise ConnectionDeny(e.status, closecodes.reason_phrase(e.status)) from None
+        except CancelledError:
+            self._deny = (closecodes.UNAVAILABLE, [])
+            raise ConnectionDeny(closecodes.UNAVAILABLE, "Service Unavailable") from None
+        except Exception:
+            # Fail closed, with a fixed text: never an accept, never the exception's words.
+            self.log.failure("handshake of {conn_id} failed", conn_id=self.conn_id)
+            self._deny = (closecodes.INTERNAL_SERVER_ERROR, [])
+            raise ConnectionDeny(closecodes.INTERNAL_SERVER_ERROR, "Internal Server Error") from None
+
+    def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
+        headers: list[tuple[str, str]] = []
+        if self._deny is not None:
+            code, headers = self._deny
+        elif reason.startswith("WebSocket version") or "Sec-WebSocket-Version" in reason:
+            code, headers = closecodes.UPGRADE_REQUIRED, [("Sec-WebSocket-Version", "13")]
+        elif code == closecodes.UPGRADE_REQUIRED:
+            # a plain HTTP request to the WebSocket port
+            headers = [("Upgrade", "websocket"), ("Connection", "Upgrade")]
+        else:
+            # every other malformed upgrade (method, key, HTTP version, headers)
+            code = closecodes.BAD_REQUEST
+        self.log.debug("refused {peer}: {code} ({reason})", peer=self.peer, code=code, reason=reason)
+        self.factory.handshake_refused(self, code)
+        self.wasNotCleanReason = reason
+        self.sendHttpErrorResponse(code, closecodes.reason_phrase(code), headers + [("Content-Length", "0")])
+        self.dropConnection(abort=False)
+
+    def onOpen(self) -> None:
+        up = self.upstream_leg
+        if self._lost or up is None:
+            return
+        early, self.data, self._early = self.data + self._early, b"", b""
+        relay = self.factory.start_relay(self, up)
+        self.relay = relay
+        up.relay = relay
+        if up.lost:
+            relay.upstream_connection_lost()
+        else:
+            pending, up.pending = up.pending, b""
+            if pending:
+                relay.upstream_data(pending)
+            up.transport.resumeProducing()
+        if early:
+            self.transport.resumeProducing()
+            relay.client_data(early)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self._lost = True
+        self._cancel_head_timer()
+        if self.relay is not None:
+            self.relay.client_connection_lost()
+        elif self._handshake is not None and not self._handshake.called:
+            self._handshake.cancel()
+        elif self.upstream_leg is not None and not self.upstream_leg.lost:
+            self.upstream_leg.transport.loseConnection()
+        super().connectionLost(reason)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        pass
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        pass
+
+
+class GatewayServerFactory(WebSocketServerFactory):
+    """
+    Accepts clients; holds what the handshake needs (the factory is the
+    dependency container, the protocol stays thin).
+    """
+
+    protocol = GatewayServerProtocol
+    log = Logger()
+    noisy = False
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        router: Router,
+        upstreams: dict[str, Upstream[UpstreamProtocol]],
+        *,
+        reactor: Any,
+        clock: IReactorTime,
+        secure: bool = False,
+    ) -> None:
+        super().__init__(reactor=reactor, server=None)
+        self.config = config
+        self.router = router
+        self.upstreams = upstreams
+        self.clock = clock
+        self.secure = secure
+        self.relays: set[Relay] = set()
+        # The token parameter is never forwarded (SPEC section 1), with or
+        # without an [auth] section: a client may send one regardless.
+        self.token_param = (config.auth or AuthConfig()).query_param or None
+        limits = config.limits
+        self.write_buffer = limits.write_buffer
+        self.setProtocolOptions(
+            versions=[13],
+            webStatus=False,
+            # compression declined on both legs: frames are relayed as they are
+            perMessageCompressionAccept=lambda offers: None,
+            # handshake_timeout is our own timer (see connectionMade); the
+            # close handshake after the upgrade is the relay's
+            openHandshakeTimeout=0,
+            closeHandshakeTimeout=0,
+            autoPingInterval=0,
+            maxFramePayloadSize=limits.max_message_size,
+            maxMessagePayloadSize=limits.max_message_size,
+            maxConnections=0,
+            trustXForwardedFor=0,
+            requireMaskedClientFrames=True,
+            tcpNoDelay=True,
+        )
+
+    def buildProtocol(self, addr: Any) -> GatewayServerProtocol:
+        p: GatewayServerProtocol = super().buildProtocol(addr)
+        p.conn_id = os.urandom(6).hex()
+        return p
+
+    async def open_upstream(self, proto: GatewayServerProtocol, request: ConnectionRequest) -> str | None:
+        target = proto.http_request_uri
+        match = self.router.match(target, request.headers.get("host"), request.headers)
+        if match is None:
+            raise ConnectionDeny(closecodes.NOT_FOUND, "Not Found")
+        route = match.route
+        proto.route = route
+        if route.mode != "proxy" or route.upstream is None:
+            # broadcast routes arrive with the broker
+            raise ConnectionDeny(closecodes.UNAVAILABLE, "Service Unavailable")
+        try:
+            resource = upstream_target(
+                match,
+                request_path=target,
+                strip_prefix=route.strip_prefix,
+                upstream_path=route.upstream_path,
+                drop_query_param=self.token_param,
+                headers=request.headers,
+            )
+        except TemplateError:
+            raise ConnectionDeny(closecodes.BAD_REQUEST, "Bad Request") from None
+        peer_ip = _peer_ip(proto.transport)
+        headers, _rid, proto.trace_id = upstream_headers(
+            request.headers,
+            peer_ip=peer_ip,
+            secure=self.secure,
+            trusted_proxies=self.config.gateway.trusted_proxies,
+            forward_auth=route.forward_auth,
+            extra_identity=frozenset(h.lower() for _, h in self.config.auth.forward_claims)
+            if self.config.auth
+            else frozenset(),
+        )
+        upstream = self.upstreams[route.upstream]
+        node, leg = await upstream.connect(
+            UpstreamRequest(
+                resource=resource,
+                headers=headers,
+                protocols=tuple(request.protocols),
+                origin=request.origin,
+                useragent=request.headers.get("user-agent"),
+            )
+        )
+        if proto._lost:
+            leg.transport.loseConnection()
+            raise CancelledError()
+        proto.node = node
+        proto.upstream_leg = leg
+        node.active += 1
+        return leg.websocket_protocol_in_use
+
+    def start_relay(self, proto: GatewayServerProtocol, leg: UpstreamProtocol) -> Relay:
+        limits = self.config.limits
+        relay = Relay(
+            proto.transport,
+            leg.transport,
+            clock=self.clock,
+            max_message_size=limits.max_message_size,
+            write_buffer=limits.write_buffer,
+            idle_timeout=limits.idle_timeout,
+            ping_interval=limits.ping_interval,
+            ping_timeout=limits.ping_timeout,
+            on_done=lambda r: self._relay_done(proto, r),
+        )
+        self.relays.add(relay)
+        self.log.debug(
+            "open {conn_id} route={route} node={node} peer={peer} trace_id={trace_id}",
+            conn_id=proto.conn_id,
+            route=proto.route.name if proto.route else "",
+            node=proto.node.url if proto.node else "",
+            peer=proto.peer,
+            trace_id=proto.trace_id,
+        )
+        return relay
+
+    def _relay_done(self, proto: GatewayServerProtocol, relay: Relay) -> None:
+        self.relays.discard(relay)
+        if proto.node is not None:
+            proto.node.active -= 1
+        self.log.info(
+            "closed {conn_id} route={route} upstream={upstream} node={node} peer={peer} trace_id={trace_id} "
+            "code={code} closed_by={closed_by} messages_in={msgs_in} messages_out={msgs_out} "
+            "bytes_in={bytes_in} bytes_out={bytes_out}",
+            conn_id=proto.conn_id,
+            route=proto.route.name if proto.route else "",
+            upstream=proto.route.upstream if proto.route else "",
+            node=proto.node.url if proto.node else "",
+            peer=proto.peer,
+            trace_id=proto.trace_id,
+            code=relay.close_code,
+            closed_by=relay.closed_by,
+            msgs_in=relay.messages_c2u,
+            msgs_out=relay.messages_u2c,
+            bytes_in=relay.bytes_c2u,
+            bytes_out=relay.bytes_u2c,
+        )
+
+    def handshake_refused(self, proto: GatewayServerProtocol, status: int) -> None:
+        if status >= 500:
+            self.log.warn(
+                "refused {peer} with {status} on route {route}",
+                peer=proto.peer,
+                status=status,
+                route=proto.route.name if proto.route else "-",
+            )
+
+
+def _peer_ip(transport: Any) -> str:
+    peer = transport.getPeer()
+    return getattr(peer, "host", None) or "unix"

@@ -1,0 +1,349 @@
+# -*- test-case-name: tests.test_relay -*-
+"""
+The frame relay: once both WebSocket legs are open, frames go from one
+transport to the other as they arrive, headers checked, payloads untouched
+(SPEC section 3).
+
+Each direction has a FrameScanner. The relay adds what needs time and both
+legs at once: the close handshake passed through and bounded in time,
+the gateway's own pings per hop, the idle timeout, the gateway's own closes
+(1001, 1002, 1009, 1014) and backpressure, by making each transport the
+streaming producer of the other.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITransport
+from twisted.logger import Logger
+
+from wsgateway import closecodes
+from wsgateway.frames import OP_CLOSE, OP_PING, OP_PONG, FrameScanner, encode_close, encode_frame, parse_close
+
+CLIENT = "client"
+UPSTREAM = "upstream"
+GATEWAY = "gateway"
+
+
+def set_write_buffer(transport: Any, size: int) -> None:
+    """
+    Make ``size`` the high-water mark at which ``transport`` pauses its
+    producer. TLS transports wrap the TCP one; the socket buffer that fills
+    up is the innermost one's.
+    """
+    t = transport
+    for _ in range(4):
+        if t is None:
+            return
+        if hasattr(t, "bufferSize"):
+            t.bufferSize = size
+        t = getattr(t, "transport", None)
+
+
+class Relay:
+    """
+    One proxied connection after both handshakes.
+
+    ``client`` and ``upstream`` are transports. Frames the gateway originates
+    go through the scanner whose output feeds that peer (``inject``), so they
+    land between frames, never inside one.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        client: ITransport,
+        upstream: ITransport,
+        *,
+        clock: IReactorTime,
+        max_message_size: int,
+        write_buffer: int,
+        idle_timeout: float,
+        ping_interval: float,
+        ping_timeout: float,
+        close_timeout: float = 5.0,
+        on_done: Callable[[Relay], None] | None = None,
+    ) -> None:
+        self.client = client
+        self.upstream = upstream
+        self._clock = clock
+        self._on_done = on_done
+        # client -> upstream frames must be masked; the limit protects the
+        # upstream and the gateway from clients, not the other way round.
+        self.c2u = FrameScanner(masked=True, max_message_size=max_message_size, on_control=self._from_client)
+        self.u2c = FrameScanner(masked=False, max_message_size=0, on_control=self._from_upstream)
+        self.bytes_c2u = 0
+        self.bytes_u2c = 0
+        # close handshake state, one flag per half
+        self.closed_to_client = False
+        self.closed_to_upstream = False
+        self.close_from_client = False
+        self.close_from_upstream = False
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self.closed_by: str | None = None
+        self.client_lost = False
+        self.upstream_lost = False
+        self.done = False
+        self._close_timeout = close_timeout
+        self._close_call: IDelayedCall | None = None
+        self._ping_payload = b"wsgw" + os.urandom(4)
+        self._ping_interval = ping_interval
+        self._ping_timeout = ping_timeout
+        self._ping_call: IDelayedCall | None = None
+        self._pong_call: IDelayedCall | None = None
+        self._pong_from_client = True
+        self._pong_from_upstream = True
+        self._idle_timeout = idle_timeout
+        self._idle_call: IDelayedCall | None = None
+        self._idle_seen = 0
+
+        set_write_buffer(client, write_buffer)
+        set_write_buffer(upstream, write_buffer)
+        # Backpressure: a transport whose write buffer is over the mark
+        # pauses the other one, which stops reading from its socket.
+        client.registerProducer(upstream, True)
+        upstream.registerProducer(client, True)
+        if ping_interval > 0:
+            self._ping_call = clock.callLater(ping_interval, self._ping)
+        if idle_timeout > 0:
+            self._idle_call = clock.callLater(idle_timeout, self._check_idle)
+
+    # -- data path -------------------------------------------------------
+
+    def client_data(self, data: bytes) -> None:
+        self.bytes_c2u += len(data)
+        gone = self.closed_to_upstream or self.upstream_lost
+        out = self.c2u.feed(data)
+        if out and not gone:
+            self.upstream.write(out)
+        if self.c2u.error is not None:
+            self._client_violation(*self.c2u.error)
+
+    def upstream_data(self, data: bytes) -> None:
+        self.bytes_u2c += len(data)
+        gone = self.closed_to_client or self.client_lost
+        out = self.u2c.feed(data)
+        if out and not gone:
+            self.client.write(out)
+        if self.u2c.error is not None:
+            self._upstream_violation(*self.u2c.error)
+
+    @property
+    def messages_c2u(self) -> int:
+        return self.c2u.messages
+
+    @property
+    def messages_u2c(self) -> int:
+        return self.u2c.messages
+
+    # -- control frames --------------------------------------------------
+
+    def _from_client(self, opcode: int, payload: bytes) -> bool:
+        if opcode == OP_PONG:
+            if payload == self._ping_payload:
+                self._pong_from_client = True
+                return False
+            return True
+        if opcode == OP_CLOSE:
+            self.close_from_client = True
+            self._note_close(CLIENT, payload)
+            if self.closed_to_client:
+                # the client's answer to a close sent to it: the client half is done
+                self._clock.callLater(0, self._finish_client)
+            if self.closed_to_upstream or self.upstream_lost:
+                return False
+            self.closed_to_upstream = True
+            self._start_close_timer()
+            return True
+        # pings pass through: the upstream answers them itself
+        return True
+
+    def _from_upstream(self, opcode: int, payload: bytes) -> bool:
+        if opcode == OP_PONG:
+            if payload == self._ping_payload:
+                self._pong_from_upstream = True
+                return False
+            return True
+        if opcode == OP_CLOSE:
+            self.close_from_upstream = True
+            self._note_close(UPSTREAM, payload)
+            if self.closed_to_client or self.client_lost:
+                return False
+            self.closed_to_client = True
+            self._start_close_timer()
+            if self.close_from_client:
+                # our forwarding of this close completes the client's handshake
+                self._clock.callLater(0, self._finish_client)
+            return True
+        return True
+
+    def _note_close(self, who: str, payload: bytes) -> None:
+        if self.closed_by is None:
+            self.closed_by = who
+            code, reason = parse_close(payload)
+            self.close_code = code if code is not None else 1005
+            self.close_reason = reason
+
+    # -- the gateway's own closes ----------------------------------------
+
+    def close(self, code: int, reason: str) -> None:
+        """Close both legs with the same code, e.g. 1001 on shutdown or idle."""
+        if self.closed_by is None:
+            self.closed_by = GATEWAY
+            self.close_code = code
+            self.close_reason = reason
+        self._close_client(code, reason)
+        self._close_upstream(code, reason)
+
+    def _close_client(self, code: int, reason: str) -> None:
+        if self.closed_to_client or self.client_lost:
+            return
+        self.closed_to_client = True
+        if self.u2c.in_frame and self.upstream_lost:
+            # the frame being streamed to the client can never be completed
+            self.client.abortConnection()
+            return
+        out = self.u2c.inject(encode_close(code, reason, mask=False))
+        if out:
+            self.client.write(out)
+        self._start_close_timer()
+
+    def _close_upstream(self, code: int, reason: str) -> None:
+        if self.closed_to_upstream or self.upstream_lost:
+            return
+        self.closed_to_upstream = True
+        if self.c2u.in_frame and self.client_lost:
+            self.upstream.abortConnection()
+            return
+        out = self.c2u.inject(encode_close(code, reason, mask=True))
+        if out:
+            self.upstream.write(out)
+        self._start_close_timer()
+
+    def _client_violation(self, code: int, reason: str) -> None:
+        self.log.info("closing client: {code} {reason}", code=code, reason=reason)
+        if self.closed_by is None:
+            self.closed_by = GATEWAY
+            self.close_code = code
+            self.close_reason = reason
+        self._close_client(code, reason)
+        # The client's stream is unusable now: fail it (RFC 6455 7.1.7) once
+        # the close frame is flushed, rather than wait for an answer.
+        self.client.loseConnection()
+        self._close_upstream(closecodes.GOING_AWAY, "client closed")
+
+    def _upstream_violation(self, code: int, reason: str) -> None:
+        self.log.warn("upstream broke the protocol: {code} {reason}", code=code, reason=reason)
+        if self.closed_by is None:
+            self.closed_by = GATEWAY
+            self.close_code = closecodes.BAD_GATEWAY
+            self.close_reason = "bad gateway"
+        self._close_upstream(code, reason)
+        self.upstream.loseConnection()
+        self._close_client(closecodes.BAD_GATEWAY, "bad gateway")
+
+    # -- transport loss --------------------------------------------------
+
+    def client_connection_lost(self) -> None:
+        if self.client_lost:
+            return
+        self.client_lost = True
+        if self.closed_by is None:
+            self.closed_by = CLIENT
+            self.close_code = 1006
+        if not self.closed_to_upstream and not self.upstream_lost:
+            self._close_upstream(closecodes.GOING_AWAY, "client gone")
+        if not self.upstream_lost:
+            # the close frame is on its way; loseConnection sends FIN after it
+            self.upstream.loseConnection()
+        self._maybe_done()
+
+    def upstream_connection_lost(self) -> None:
+        if self.upstream_lost:
+            return
+        self.upstream_lost = True
+        if not self.close_from_upstream:
+            # no close frame from the upstream: it vanished (1006)
+            if self.closed_by is None:
+                self.closed_by = UPSTREAM
+                self.close_code = closecodes.BAD_GATEWAY
+                self.close_reason = "upstream lost"
+            self._close_client(closecodes.BAD_GATEWAY, "upstream lost")
+        elif self.closed_to_client and self.close_from_client:
+            self._finish_client()
+        self._maybe_done()
+
+    def _finish_client(self) -> None:
+        # both halves of the client's close handshake are done; the server
+        # side (us) closes the TCP connection first (RFC 6455 7.1.1)
+        if not self.client_lost:
+            self.client.loseConnection()
+
+    def _start_close_timer(self) -> None:
+        if self._close_call is None and self._close_timeout > 0:
+            self._close_call = self._clock.callLater(self._close_timeout, self._close_expired)
+
+    def _close_expired(self) -> None:
+        self._close_call = None
+        if not self.client_lost:
+            self.client.abortConnection()
+        if not self.upstream_lost:
+            self.upstream.abortConnection()
+
+    def _maybe_done(self) -> None:
+        if self.done or not (self.client_lost and self.upstream_lost):
+            return
+        self.done = True
+        for name in ("_close_call", "_ping_call", "_pong_call", "_idle_call"):
+            call = getattr(self, name)
+            if call is not None and call.active():
+                call.cancel()
+            setattr(self, name, None)
+        if self._on_done is not None:
+            self._on_done(self)
+
+    # -- keepalive and idle ----------------------------------------------
+
+    def _ping(self) -> None:
+        self._ping_call = None
+        if self.done or self.closed_by is not None:
+            return
+        self._pong_from_client = self._pong_from_upstream = False
+        out = self.u2c.inject(encode_frame(OP_PING, self._ping_payload, mask=False))
+        if out:
+            self.client.write(out)
+        out = self.c2u.inject(encode_frame(OP_PING, self._ping_payload, mask=True))
+        if out:
+            self.upstream.write(out)
+        self._pong_call = self._clock.callLater(self._ping_timeout, self._check_pongs)
+
+    def _check_pongs(self) -> None:
+        self._pong_call = None
+        if self.done:
+            return
+        if not self._pong_from_client and not self.client_lost:
+            self.log.info("client did not answer a ping in time: dropping it")
+            self.client.abortConnection()
+        if not self._pong_from_upstream and not self.upstream_lost:
+            self.log.warn("upstream did not answer a ping in time: dropping it")
+            self.upstream.abortConnection()
+        if self.closed_by is None:
+            self._ping_call = self._clock.callLater(
+                max(self._ping_interval - self._ping_timeout, 0.001), self._ping
+            )
+
+    def _check_idle(self) -> None:
+        self._idle_call = None
+        if self.done or self.closed_by is not None:
+            return
+        seen = self.c2u.data_frames + self.u2c.data_frames
+        if seen == self._idle_seen and not (self.c2u.in_frame or self.u2c.in_frame):
+            self.close(closecodes.GOING_AWAY, "idle timeout")
+            return
+        self._idle_seen = seen
+        self._idle_call = self._clock.callLater(self._idle_timeout, self._check_idle)

@@ -1,0 +1,192 @@
+# -*- test-case-name: tests.test_daemon -*-
+"""
+The service tree: listeners, the demo backend, and an ordered, graceful stop.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+import autobahn
+from autobahn.websocket import USES_NVX
+from twisted.application import strports
+from twisted.application.service import MultiService
+from twisted.internet import ssl
+from twisted.internet.defer import Deferred, DeferredList, gatherResults
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.logger import Logger
+
+from wsgateway import closecodes
+from wsgateway.config import GatewayConfig, UpstreamConfig
+from wsgateway.proxy import GatewayServerFactory, UpstreamConnector, UpstreamProtocol
+from wsgateway.routing import Router
+from wsgateway.upstream import Node, Upstream
+
+
+def _trust_root(cfg: UpstreamConfig) -> Any:
+    if not cfg.tls_ca:
+        return None  # optionsForClientTLS then uses the platform's trust store
+    with open(cfg.tls_ca, "rb") as f:
+        pem = f.read()
+    marker = b"-----BEGIN CERTIFICATE-----"
+    certs = [ssl.Certificate.loadPEM(marker + part) for part in pem.split(marker)[1:]]
+    return ssl.trustRootFromCertificates(certs)
+
+
+def _client_certificate(cfg: UpstreamConfig) -> Any:
+    if not (cfg.tls_cert and cfg.tls_key):
+        return None
+    with open(cfg.tls_cert, "rb") as c, open(cfg.tls_key, "rb") as k:
+        return ssl.PrivateCertificate.loadPEM(c.read() + b"\n" + k.read())
+
+
+class UpstreamEndpoints:
+    """Client endpoints per node: plain TCP for IP literals, TLS verified against tls_ca by host name."""
+
+    def __init__(self, reactor: Any, upstreams: dict[str, UpstreamConfig]) -> None:
+        self._reactor = reactor
+        self._tls: dict[str, Any] = {}
+        self._by_url = {}
+        for up in upstreams.values():
+            trust = None
+            cert = None
+            for node in up.nodes:
+                self._by_url[node.url] = up
+                if node.scheme == "wss":
+                    if trust is None and cert is None:
+                        trust, cert = _trust_root(up), _client_certificate(up)
+                    kwargs: dict[str, Any] = {}
+                    if trust is not None:
+                        kwargs["trustRoot"] = trust
+                    if cert is not None:
+                        kwargs["clientCertificate"] = cert
+                    self._tls[node.url] = ssl.optionsForClientTLS(node.host, **kwargs)
+
+    def __call__(self, node: Node, timeout: float) -> IStreamClientEndpoint:
+        cfg = node.config
+        try:
+            version = ipaddress.ip_address(cfg.host).version
+        except ValueError:
+            version = 0
+        ep: IStreamClientEndpoint
+        if version == 4:
+            ep = TCP4ClientEndpoint(self._reactor, cfg.host, cfg.port, timeout=timeout)
+        elif version == 6:
+            ep = TCP6ClientEndpoint(self._reactor, cfg.host, cfg.port, timeout=timeout)
+        else:
+            ep = HostnameEndpoint(self._reactor, cfg.host, cfg.port, timeout=timeout)
+        tls = self._tls.get(node.url)
+        if tls is not None:
+            ep = wrapClientTLS(tls, ep)
+        return ep
+
+
+class GatewayService(MultiService):
+    """
+    Root of the tree. Children start in order (demo backend, then the
+    listeners); stopping is sequenced by hand because MultiService stops
+    its children all at once: listeners first, then the drain, then the rest.
+    """
+
+    log = Logger()
+
+    def __init__(self, config: GatewayConfig, reactor: Any) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.router = Router(config.routes)
+        connector = UpstreamConnector(reactor, UpstreamEndpoints(reactor, dict(config.upstreams)))
+        self.upstreams: dict[str, Upstream[UpstreamProtocol]] = {
+            name: Upstream(cfg, reactor, connector.connect) for name, cfg in config.upstreams.items()
+        }
+        self.factories: list[GatewayServerFactory] = []
+        self.listeners: list[Any] = []
+        if config.demo is not None:
+            from wsgateway.demo import DemoFactory
+
+            for desc in config.demo.listen:
+                strports.service(desc, DemoFactory(reactor=reactor), reactor=reactor).setServiceParent(self)
+        for desc in config.gateway.listen:
+            factory = GatewayServerFactory(
+                config,
+                self.router,
+                self.upstreams,
+                reactor=reactor,
+                clock=reactor,
+                secure=desc.split(":", 1)[0] in ("ssl", "tls"),
+            )
+            self.factories.append(factory)
+            listener = strports.service(desc, factory, reactor=reactor)
+            listener.setServiceParent(self)
+            self.listeners.append(listener)
+
+    def startService(self) -> None:
+        self.log.info(
+            "wsgateway node {node_id} starting: Autobahn {autobahn} (NVX acceleration {nvx}), {routes} routes, "
+            "{upstreams} upstreams, listening on {listen}",
+            node_id=self.config.gateway.node_id,
+            autobahn=autobahn.__version__,
+            nvx="active" if USES_NVX else "NOT active",
+            routes=len(self.config.routes),
+            upstreams=len(self.config.upstreams),
+            listen=" ".join(self.config.gateway.listen),
+        )
+        if not USES_NVX:
+            self.log.warn("Autobahn's NVX acceleration is not active: handshakes will cost more CPU")
+        for up in self.config.upstreams.values():
+            if up.balance != "round_robin":
+                self.log.warn(
+                    "[upstream:{name}] balance = {balance}: this build balances round-robin only",
+                    name=up.name,
+                    balance=up.balance,
+                )
+        super().startService()
+
+    def stopService(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        # 1. stop accepting
+        await gatherResults([svc.stopService() for svc in self.listeners], consumeErrors=True)
+        gw = self.config.gateway
+        relays = [r for f in self.factories for r in f.relays]
+        if relays:
+            self.log.info("draining {n} connections", n=len(relays))
+            await _sleep(self.reactor, gw.drain_grace)
+            # 2. tell everyone, then give them shutdown_timeout to finish
+            for f in self.factories:
+                for r in list(f.relays):
+                    r.close(closecodes.GOING_AWAY, "server shutting down")
+            deadline = self.reactor.seconds() + gw.shutdown_timeout
+            while any(f.relays for f in self.factories) and self.reactor.seconds() < deadline:
+                await _sleep(self.reactor, 0.05)
+            for f in self.factories:
+                for r in list(f.relays):
+                    r.client.abortConnection()
+                    r.upstream.abortConnection()
+        # 3. the rest (demo backend)
+        rest = [svc for svc in self if svc not in self.listeners]
+        await DeferredList([Deferred.fromCoroutine(_maybe(svc.stopService())) for svc in rest])
+        self.running = 0
+        # twistd re-raises the stopping signal at exit (so SIGTERM ends in
+        # status -15); after an orderly drain SPEC section 9 wants status 0.
+        if getattr(self.reactor, "_exitSignal", None) is not None:
+            self.reactor._exitSignal = None
+
+
+async def _maybe(result: Any) -> None:
+    if isinstance(result, Deferred):
+        await result
+
+
+def _sleep(reactor: Any, seconds: float) -> Deferred[None]:
+    d: Deferred[None] = Deferred()
+    reactor.callLater(seconds, d.callback, None)
+    return d

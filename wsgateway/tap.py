@@ -1,0 +1,53 @@
+# -*- test-case-name: tests.test_daemon -*-
+"""
+twistd entry point: ``twistd -n wsgateway --config etc/wsgateway.ini``.
+
+The only module that touches the global reactor.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from wsgateway import config as _config
+
+
+class Options(usage.Options):
+    optParameters = [["config", "c", "/etc/wsgateway/wsgateway.ini", "INI config file"]]
+
+    loaded: _config.GatewayConfig
+
+    def postOptions(self) -> None:
+        try:
+            self.loaded = _config.load(self["config"])
+        except _config.ConfigError as e:
+            # twistd turns a UsageError into a usage text and may still exit
+            # 0; a daemon with a bad config must fail loudly and non-zero.
+            for line in e.errors:
+                print(line, file=sys.stderr)
+            print(f"wsgateway: {len(e.errors)} error(s) in {self['config']}; nothing started", file=sys.stderr)
+            raise SystemExit(1)
+        parent = getattr(self, "parent", None)
+        if parent is not None and not parent.get("logger"):
+            from wsgateway.logs import configure, observer_factory
+
+            log = self.loaded.log
+            parent["logger"] = configure(observer_factory(
+                level=log.level,
+                fmt=log.format,
+                file=log.file,
+                node_id=self.loaded.gateway.node_id,
+                twistd_logfile=parent.get("logfile") or None,
+                daemon=not parent.get("nodaemon"),
+            ))
+
+
+def makeService(options: Options) -> IService:
+    from twisted.internet import reactor
+
+    from wsgateway.service import GatewayService
+
+    return GatewayService(options.loaded, reactor)
