@@ -1,0 +1,199 @@
+"""
+The daemon as an operator runs it: a plain install, twistd in the
+foreground and daemonized, config errors, the default config, SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+
+from conftest import ROOT, TWISTD, free_port, proxy_ini, source_env, wait_port
+
+BAD = sorted((ROOT / "tests" / "data" / "bad").glob("*.ini"))
+
+
+def default_config(tmp_path: Path) -> tuple[Path, int]:
+    """etc/wsgateway.ini as shipped, on free ports."""
+    text = (ROOT / "etc" / "wsgateway.ini").read_text()
+    gw, demo, admin = free_port(), free_port(), free_port()
+    text = text.replace("tcp:8080:", f"tcp:{gw}:").replace("tcp:8081:", f"tcp:{demo}:")
+    text = text.replace("127.0.0.1:8081", f"127.0.0.1:{demo}").replace("tcp:9090:", f"tcp:{admin}:")
+    path = tmp_path / "wsgateway.ini"
+    path.write_text(text)
+    return path, gw
+
+
+@pytest.fixture(scope="module")
+def fresh_install(tmp_path_factory) -> Path:
+    """A new venv with the wheel installed the plain way (not editable, not from the source tree)."""
+    work = tmp_path_factory.mktemp("install")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(work / "dist"), str(ROOT)],
+        check=True,
+        cwd=work,
+    )
+    (wheel,) = (work / "dist").glob("wsgateway-*.whl")
+    venv = work / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(wheel)], check=True, cwd=work)
+    return venv
+
+
+def test_wheel_ships_the_plugin_and_no_package_init_or_cache(fresh_install):
+    (wheel,) = (fresh_install.parent / "dist").glob("wsgateway-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "twisted/plugins/wsgateway_plugin.py" in names
+    assert "twisted/__init__.py" not in names
+    assert "twisted/plugins/__init__.py" not in names
+    assert not any("dropin.cache" in n for n in names)
+
+
+def test_plain_install_twistd_lists_and_runs_the_plugin(fresh_install, tmp_path):
+    twistd = fresh_install / "bin" / "twistd"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([str(twistd), "--help"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60)
+    assert out.returncode == 0
+    assert "wsgateway" in out.stdout
+
+    config, port = default_config(tmp_path)
+    proc = subprocess.Popen(
+        [str(twistd), "-n", "--pidfile=", "wsgateway", "--config", str(config)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_port(port, proc=proc)
+        with connect(f"ws://127.0.0.1:{port}/echo") as ws:
+            ws.send("through a plain install")
+            assert ws.recv(timeout=5) == "through a plain install"
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    assert proc.returncode == 0
+
+
+def test_default_config_serves_echo_and_chat_out_of_the_box(tmp_path, start_gateway):
+    config, port = default_config(tmp_path)
+    gw = start_gateway(config.read_text(), port=port)
+    with connect(f"{gw.url}/echo") as ws:
+        ws.send("hello")
+        assert ws.recv(timeout=5) == "hello"
+        ws.send(b"\x01\x02")
+        assert ws.recv(timeout=5) == b"\x01\x02"
+    with connect(f"{gw.url}/chat/lobby") as alice, connect(f"{gw.url}/chat/lobby") as bob:
+        # join notices first: alice sees her own and bob's, bob sees his own
+        assert json.loads(alice.recv(timeout=5))["event"] == "join"
+        assert json.loads(alice.recv(timeout=5))["members"] == 2
+        assert json.loads(bob.recv(timeout=5))["event"] == "join"
+        alice.send("hi bob")
+        assert json.loads(bob.recv(timeout=5))["text"] == "hi bob"
+        assert json.loads(alice.recv(timeout=5))["text"] == "hi bob"
+
+
+def test_daemonized_with_pidfile_and_logfile(tmp_path, make_upstream):
+    up = make_upstream()
+    port = free_port()
+    ini = tmp_path / "gw.ini"
+    ini.write_text(proxy_ini(up.node).replace("{port}", str(port)).replace("\n        ", "\n"))
+    pidfile, logfile = tmp_path / "gw.pid", tmp_path / "gw.log"
+    done = subprocess.run(
+        [TWISTD, f"--pidfile={pidfile}", f"--logfile={logfile}", "wsgateway", "--config", str(ini)],
+        cwd=tmp_path,
+        env=source_env(),
+        capture_output=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    wait_port(port)
+    pid = int(pidfile.read_text())
+    try:
+        with connect(f"ws://127.0.0.1:{port}/x") as ws:
+            ws.send("daemon")
+            assert ws.recv(timeout=5) == "daemon"
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(200):
+            if not pidfile.exists():
+                break
+            time.sleep(0.05)
+    assert not pidfile.exists()
+    log = logfile.read_text()
+    assert "wsgateway node" in log and "starting" in log
+    assert "closed " in log  # the access line of the connection above
+
+
+@pytest.mark.parametrize("bad", BAD, ids=[p.stem for p in BAD])
+def test_bad_config_makes_twistd_exit_1_before_listening(bad, tmp_path):
+    assert len(BAD) >= 10
+    out = subprocess.run(
+        [TWISTD, "-n", "--pidfile=", "wsgateway", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=source_env(),
+        timeout=60,
+    )
+    assert out.returncode == 1
+    errors = [line for line in out.stderr.splitlines() if line.startswith(str(bad))]
+    assert errors, out.stderr
+    for line in errors:
+        # "FILE: [section] key: problem" or "FILE: line N: problem" / "FILE: [section]: problem"
+        rest = line[len(str(bad)) + 2 :]
+        assert rest.startswith("[") or rest.startswith("line "), line
+    assert "Traceback" not in out.stderr
+    check = subprocess.run(
+        [str(Path(TWISTD).with_name("wsgateway-check")), str(bad)], capture_output=True, text=True, env=source_env()
+    )
+    assert check.returncode == 1
+    assert [line for line in check.stderr.splitlines() if line.startswith(str(bad))] == errors
+
+
+def test_missing_config_file_exits_1(tmp_path):
+    out = subprocess.run(
+        [TWISTD, "-n", "--pidfile=", "wsgateway", "--config", str(tmp_path / "nope.ini")],
+        capture_output=True,
+        text=True,
+        env=source_env(),
+        timeout=60,
+    )
+    assert out.returncode == 1
+    assert "nope.ini" in out.stderr
+
+
+def test_sigterm_drains_with_1001_and_exits_0(make_upstream, start_gateway):
+    up = make_upstream()
+    gw = start_gateway(
+        proxy_ini(up.node).replace(
+            "listen = tcp:{port}:interface=127.0.0.1",
+            "listen = tcp:{port}:interface=127.0.0.1\n        drain_grace = 0.5\n        shutdown_timeout = 5",
+        )
+    )
+    with connect(gw.url + "/x") as ws:
+        ws.send("before")
+        assert ws.recv(timeout=5) == "before"
+        t0 = time.monotonic()
+        gw.proc.send_signal(signal.SIGTERM)
+        with pytest.raises(ConnectionClosed) as e:
+            ws.recv(timeout=10)
+        waited = time.monotonic() - t0
+    assert e.value.rcvd.code == 1001
+    assert waited >= 0.4  # drain_grace passed before the 1001
+    assert gw.proc.wait(15) == 0
+    # the upstream got the 1001 too
+    assert up.closes and up.closes[0][0] == 1001
+    # no new connections once draining started
+    with pytest.raises(OSError):
+        connect(gw.url + "/x", open_timeout=2)
