@@ -987,7 +987,12 @@ def test_ping_between_fragments_is_legal_and_passes_through(strict):
         (OP_PONG, True, b"mid"),
         (OP_CONT, True, b"frag-2"),
     ]
-    assert [(f.opcode, f.payload) for f in rc.frames[1:]] == [(OP_TEXT, b"frag-1 "), (OP_PING, b"mid"), (OP_CONT, b"frag-2")]
+    # (after these, the upstream may already have the gateway's close for the vanished client)
+    assert [(f.opcode, f.payload) for f in rc.frames[1:4]] == [
+        (OP_TEXT, b"frag-1 "),
+        (OP_PING, b"mid"),
+        (OP_CONT, b"frag-2"),
+    ]
 
 
 # == 7. upstream protocol violations =====================================
