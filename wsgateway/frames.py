@@ -216,6 +216,16 @@ class FrameScanner:
         """A fragmented data message is open (its final frame not yet seen)."""
         return self._in_message
 
+    @property
+    def owed(self) -> int:
+        """
+        How many bytes the coming output starts with that are already
+        committed: the rest of the current data frame plus the frames
+        injected behind it. A relay that closed this stream forwards exactly
+        these, so its close goes out whole and nothing follows it.
+        """
+        return self._remaining + sum(len(f) for f in self._pending)
+
     def inject(self, frame: bytes) -> bytes:
         """
         Insert a complete frame the gateway originates into this output.

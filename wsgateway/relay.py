@@ -17,8 +17,9 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITransport
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ITransport
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from wsgateway import closecodes
 from wsgateway.frames import OP_CLOSE, OP_PING, OP_PONG, FrameScanner, encode_close, encode_frame, parse_close
@@ -41,6 +42,30 @@ def set_write_buffer(transport: Any, size: int) -> None:
         if hasattr(t, "bufferSize"):
             t.bufferSize = size
         t = getattr(t, "transport", None)
+
+
+@implementer(IPushProducer)
+class _Reader:
+    """
+    One transport as the streaming producer of the other: pause and resume
+    reach it, but not stopProducing. Twisted calls that on a consumer's
+    loss and it would drop the other leg at once; how each leg ends (a close
+    frame first, 1001 or 1014) is the relay's decision.
+    """
+
+    __slots__ = ("_transport",)
+
+    def __init__(self, transport: Any) -> None:
+        self._transport = transport
+
+    def pauseProducing(self) -> None:
+        self._transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        pass
 
 
 class Relay:
@@ -81,6 +106,13 @@ class Relay:
         # close handshake state, one flag per half
         self.closed_to_client = False
         self.closed_to_upstream = False
+        # Once a close is committed towards a peer, only this many more bytes
+        # go to it (the rest of a frame in flight and the close itself); None
+        # while the stream is open.
+        self._budget_client: int | None = None
+        self._budget_upstream: int | None = None
+        self._lose_client_after = False
+        self._lose_upstream_after = False
         self.close_from_client = False
         self.close_from_upstream = False
         self.close_code: int | None = None
@@ -100,14 +132,14 @@ class Relay:
         self._pong_from_upstream = True
         self._idle_timeout = idle_timeout
         self._idle_call: IDelayedCall | None = None
-        self._idle_seen = 0
+        self._last_activity = clock.seconds()
 
         set_write_buffer(client, write_buffer)
         set_write_buffer(upstream, write_buffer)
         # Backpressure: a transport whose write buffer is over the mark
         # pauses the other one, which stops reading from its socket.
-        client.registerProducer(upstream, True)
-        upstream.registerProducer(client, True)
+        client.registerProducer(_Reader(upstream), True)
+        upstream.registerProducer(_Reader(client), True)
         if ping_interval > 0:
             self._ping_call = clock.callLater(ping_interval, self._ping)
         if idle_timeout > 0:
@@ -117,21 +149,56 @@ class Relay:
 
     def client_data(self, data: bytes) -> None:
         self.bytes_c2u += len(data)
-        gone = self.closed_to_upstream or self.upstream_lost
-        out = self.c2u.feed(data)
-        if out and not gone:
-            self.upstream.write(out)
-        if self.c2u.error is not None:
-            self._client_violation(*self.c2u.error)
+        c2u = self.c2u
+        active = c2u.in_frame
+        frames = c2u.data_frames
+        budget = self._budget_upstream
+        out = c2u.feed(data)
+        if active or c2u.data_frames != frames:
+            self._last_activity = self._clock.seconds()
+        if out and not self.upstream_lost:
+            if budget is None:
+                self.upstream.write(out)
+            elif budget:
+                self._owed_to_upstream(out, budget)
+        if budget is None and self.closed_to_upstream and self._budget_upstream is None:
+            # a close from the client went through in this read: nothing after it
+            self._budget_upstream = 0
+        if c2u.error is not None:
+            self._client_violation(*c2u.error)
 
     def upstream_data(self, data: bytes) -> None:
         self.bytes_u2c += len(data)
-        gone = self.closed_to_client or self.client_lost
-        out = self.u2c.feed(data)
-        if out and not gone:
-            self.client.write(out)
-        if self.u2c.error is not None:
-            self._upstream_violation(*self.u2c.error)
+        u2c = self.u2c
+        active = u2c.in_frame
+        frames = u2c.data_frames
+        budget = self._budget_client
+        out = u2c.feed(data)
+        if active or u2c.data_frames != frames:
+            self._last_activity = self._clock.seconds()
+        if out and not self.client_lost:
+            if budget is None:
+                self.client.write(out)
+            elif budget:
+                self._owed_to_client(out, budget)
+        if budget is None and self.closed_to_client and self._budget_client is None:
+            self._budget_client = 0
+        if u2c.error is not None:
+            self._upstream_violation(*u2c.error)
+
+    def _owed_to_client(self, out: bytes, budget: int) -> None:
+        chunk = out if len(out) <= budget else out[:budget]
+        self.client.write(chunk)
+        self._budget_client = budget - len(chunk)
+        if self._budget_client == 0 and self._lose_client_after:
+            self.client.loseConnection()
+
+    def _owed_to_upstream(self, out: bytes, budget: int) -> None:
+        chunk = out if len(out) <= budget else out[:budget]
+        self.upstream.write(chunk)
+        self._budget_upstream = budget - len(chunk)
+        if self._budget_upstream == 0 and self._lose_upstream_after:
+            self.upstream.loseConnection()
 
     @property
     def messages_c2u(self) -> int:
@@ -211,6 +278,10 @@ class Relay:
         out = self.u2c.inject(encode_close(code, reason, mask=False))
         if out:
             self.client.write(out)
+            self._budget_client = 0
+        else:
+            # the close waits behind a frame still streaming to the client
+            self._budget_client = self.u2c.owed
         self._start_close_timer()
 
     def _close_upstream(self, code: int, reason: str) -> None:
@@ -223,6 +294,9 @@ class Relay:
         out = self.c2u.inject(encode_close(code, reason, mask=True))
         if out:
             self.upstream.write(out)
+            self._budget_upstream = 0
+        else:
+            self._budget_upstream = self.c2u.owed
         self._start_close_timer()
 
     def _client_violation(self, code: int, reason: str) -> None:
@@ -233,8 +307,8 @@ class Relay:
             self.close_reason = reason
         self._close_client(code, reason)
         # The client's stream is unusable now: fail it (RFC 6455 7.1.7) once
-        # the close frame is flushed, rather than wait for an answer.
-        self.client.loseConnection()
+        # the close frame is out, rather than wait for an answer.
+        self._lose_client()
         self._close_upstream(closecodes.GOING_AWAY, "client closed")
 
     def _upstream_violation(self, code: int, reason: str) -> None:
@@ -244,7 +318,7 @@ class Relay:
             self.close_code = closecodes.BAD_GATEWAY
             self.close_reason = "bad gateway"
         self._close_upstream(code, reason)
-        self.upstream.loseConnection()
+        self._lose_upstream()
         self._close_client(closecodes.BAD_GATEWAY, "bad gateway")
 
     # -- transport loss --------------------------------------------------
@@ -259,8 +333,8 @@ class Relay:
         if not self.closed_to_upstream and not self.upstream_lost:
             self._close_upstream(closecodes.GOING_AWAY, "client gone")
         if not self.upstream_lost:
-            # the close frame is on its way; loseConnection sends FIN after it
-            self.upstream.loseConnection()
+            # FIN right after the close frame: nobody is left to wait for
+            self._lose_upstream()
         self._maybe_done()
 
     def upstream_connection_lost(self) -> None:
@@ -274,15 +348,31 @@ class Relay:
                 self.close_code = closecodes.BAD_GATEWAY
                 self.close_reason = "upstream lost"
             self._close_client(closecodes.BAD_GATEWAY, "upstream lost")
-        elif self.closed_to_client and self.close_from_client:
+        if self.closed_to_client and self.close_from_client:
             self._finish_client()
         self._maybe_done()
 
     def _finish_client(self) -> None:
         # both halves of the client's close handshake are done; the server
         # side (us) closes the TCP connection first (RFC 6455 7.1.1)
-        if not self.client_lost:
+        self._lose_client()
+
+    def _lose_client(self) -> None:
+        """loseConnection once what is owed to the client (its close) is written."""
+        if self.client_lost:
+            return
+        if self._budget_client:
+            self._lose_client_after = True
+        else:
             self.client.loseConnection()
+
+    def _lose_upstream(self) -> None:
+        if self.upstream_lost:
+            return
+        if self._budget_upstream:
+            self._lose_upstream_after = True
+        else:
+            self.upstream.loseConnection()
 
     def _start_close_timer(self) -> None:
         if self._close_call is None and self._close_timeout > 0:
@@ -341,9 +431,8 @@ class Relay:
         self._idle_call = None
         if self.done or self.closed_by is not None:
             return
-        seen = self.c2u.data_frames + self.u2c.data_frames
-        if seen == self._idle_seen and not (self.c2u.in_frame or self.u2c.in_frame):
+        left = self._last_activity + self._idle_timeout - self._clock.seconds()
+        if left <= 0:
             self.close(closecodes.GOING_AWAY, "idle timeout")
             return
-        self._idle_seen = seen
-        self._idle_call = self._clock.callLater(self._idle_timeout, self._check_idle)
+        self._idle_call = self._clock.callLater(left, self._check_idle)
