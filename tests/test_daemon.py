@@ -197,3 +197,29 @@ def test_sigterm_drains_with_1001_and_exits_0(make_upstream, start_gateway):
     # no new connections once draining started
     with pytest.raises(OSError):
         connect(gw.url + "/x", open_timeout=2)
+
+
+def test_json_logs_one_object_per_line_with_an_access_line(make_upstream, start_gateway):
+    up = make_upstream()
+    gw = start_gateway(proxy_ini(up.node).replace("format = text", "format = json"))
+    with connect(gw.url + "/x?access_token=SECRET-TOKEN", additional_headers={"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}) as ws:
+        ws.send("one")
+        ws.recv(timeout=5)
+        ws.close(4000, "bye")
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and "closed " not in gw.log():
+        time.sleep(0.05)
+    lines = [json.loads(line) for line in gw.log().splitlines() if line.strip()]
+    for entry in lines:
+        assert {"time", "level", "event", "node_id"} <= entry.keys()
+    start = [e for e in lines if "NVX acceleration active" in e["event"]]
+    assert start, "the start line names Autobahn and its NVX acceleration"
+    (access,) = [e for e in lines if e["event"].startswith("closed ")]
+    assert access["route"] == "main" and access["upstream"] == "backend" and access["node"] == up.node
+    assert access["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert access["code"] == 4000 and access["closed_by"] == "client"
+    assert access["msgs_in"] == 1 and access["msgs_out"] == 1 and access["duration"] >= 0
+    assert access["conn_id"] and access["peer"].startswith("tcp4:127.0.0.1:")
+    assert "SECRET-TOKEN" not in gw.log()
+    # and the upstream never saw the token either
+    assert "SECRET-TOKEN" not in up.requests[0].path

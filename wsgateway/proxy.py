@@ -30,12 +30,14 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from wsgateway import closecodes
+from wsgateway import _autobahn, closecodes
 from wsgateway.config import AuthConfig, GatewayConfig, RouteConfig
 from wsgateway.headers import upstream_headers
 from wsgateway.relay import Relay
 from wsgateway.routing import Router, TemplateError, upstream_target
 from wsgateway.upstream import Node, Upstream, UpstreamError, UpstreamRefused, UpstreamRequest
+
+_autobahn.install()
 
 OPEN = WebSocketProtocol.STATE_OPEN
 CONNECTING = WebSocketProtocol.STATE_CONNECTING
@@ -215,7 +217,9 @@ def _host_for_url(host: str) -> str:
 class GatewayServerProtocol(WebSocketServerProtocol):
     """The gateway as the client's WebSocket server."""
 
-    log = Logger()
+    # not ``log``: that name is Autobahn's own txaio logger, whose debug
+    # calls are no-ops; a twisted Logger there would build every event.
+    _log = Logger()
     factory: GatewayServerFactory
     relay: Relay | None = None
     upstream_leg: UpstreamProtocol | None = None
@@ -241,7 +245,7 @@ class GatewayServerProtocol(WebSocketServerProtocol):
     def _head_timed_out(self) -> None:
         self._head_timer = None
         if not self._head_done:
-            self.log.debug("dropping {peer}: no complete upgrade request in time", peer=self.peer)
+            self._log.debug("dropping {peer}: no complete upgrade request in time", peer=self.peer)
             self.transport.abortConnection()
 
     def _cancel_head_timer(self) -> None:
@@ -293,7 +297,7 @@ class GatewayServerProtocol(WebSocketServerProtocol):
             raise ConnectionDeny(closecodes.UNAVAILABLE, "Service Unavailable") from None
         except Exception:
             # Fail closed, with a fixed text: never an accept, never the exception's words.
-            self.log.failure("handshake of {conn_id} failed", conn_id=self.conn_id)
+            self._log.failure("handshake of {conn_id} failed", conn_id=self.conn_id)
             self._deny = (closecodes.INTERNAL_SERVER_ERROR, [])
             raise ConnectionDeny(closecodes.INTERNAL_SERVER_ERROR, "Internal Server Error") from None
 
@@ -309,7 +313,7 @@ class GatewayServerProtocol(WebSocketServerProtocol):
         else:
             # every other malformed upgrade (method, key, HTTP version, headers)
             code = closecodes.BAD_REQUEST
-        self.log.debug("refused {peer}: {code} ({reason})", peer=self.peer, code=code, reason=reason)
+        self._log.debug("refused {peer}: {code} ({reason})", peer=self.peer, code=code, reason=reason)
         self.factory.handshake_refused(self, code)
         self.wasNotCleanReason = reason
         self.sendHttpErrorResponse(code, closecodes.reason_phrase(code), headers + [("Content-Length", "0")])
@@ -359,7 +363,9 @@ class GatewayServerFactory(WebSocketServerFactory):
     """
 
     protocol = GatewayServerProtocol
-    log = Logger()
+    # not ``log``: that name is Autobahn's own txaio logger, whose debug
+    # calls are no-ops; a twisted Logger there would build every event.
+    _log = Logger()
     noisy = False
 
     def __init__(
@@ -471,7 +477,7 @@ class GatewayServerFactory(WebSocketServerFactory):
             on_done=lambda r: self._relay_done(proto, r),
         )
         self.relays.add(relay)
-        self.log.debug(
+        self._log.debug(
             "open {conn_id} route={route} node={node} peer={peer} trace_id={trace_id}",
             conn_id=proto.conn_id,
             route=proto.route.name if proto.route else "",
@@ -485,10 +491,10 @@ class GatewayServerFactory(WebSocketServerFactory):
         self.relays.discard(relay)
         if proto.node is not None:
             proto.node.active -= 1
-        self.log.info(
+        self._log.info(
             "closed {conn_id} route={route} upstream={upstream} node={node} peer={peer} trace_id={trace_id} "
-            "code={code} closed_by={closed_by} messages_in={msgs_in} messages_out={msgs_out} "
-            "bytes_in={bytes_in} bytes_out={bytes_out}",
+            "code={code} closed_by={closed_by} duration={duration:.3f} messages_in={msgs_in} "
+            "messages_out={msgs_out} bytes_in={bytes_in} bytes_out={bytes_out}",
             conn_id=proto.conn_id,
             route=proto.route.name if proto.route else "",
             upstream=proto.route.upstream if proto.route else "",
@@ -497,6 +503,7 @@ class GatewayServerFactory(WebSocketServerFactory):
             trace_id=proto.trace_id,
             code=relay.close_code,
             closed_by=relay.closed_by,
+            duration=self.clock.seconds() - relay.started,
             msgs_in=relay.messages_c2u,
             msgs_out=relay.messages_u2c,
             bytes_in=relay.bytes_c2u,
@@ -505,7 +512,7 @@ class GatewayServerFactory(WebSocketServerFactory):
 
     def handshake_refused(self, proto: GatewayServerProtocol, status: int) -> None:
         if status >= 500:
-            self.log.warn(
+            self._log.warn(
                 "refused {peer} with {status} on route {route}",
                 peer=proto.peer,
                 status=status,

@@ -132,7 +132,7 @@ class Relay:
         self._pong_from_upstream = True
         self._idle_timeout = idle_timeout
         self._idle_call: IDelayedCall | None = None
-        self._last_activity = clock.seconds()
+        self.started = self._last_activity = clock.seconds()
 
         set_write_buffer(client, write_buffer)
         set_write_buffer(upstream, write_buffer)

@@ -53,12 +53,11 @@ class UpstreamEndpoints:
     def __init__(self, reactor: Any, upstreams: dict[str, UpstreamConfig]) -> None:
         self._reactor = reactor
         self._tls: dict[str, Any] = {}
-        self._by_url = {}
+        self._cache: dict[tuple[str, float], IStreamClientEndpoint] = {}
         for up in upstreams.values():
             trust = None
             cert = None
             for node in up.nodes:
-                self._by_url[node.url] = up
                 if node.scheme == "wss":
                     if trust is None and cert is None:
                         trust, cert = _trust_root(up), _client_certificate(up)
@@ -70,6 +69,14 @@ class UpstreamEndpoints:
                     self._tls[node.url] = ssl.optionsForClientTLS(node.host, **kwargs)
 
     def __call__(self, node: Node, timeout: float) -> IStreamClientEndpoint:
+        # Endpoints hold no connection state: one per node and timeout serves every attempt.
+        key = (node.url, timeout)
+        ep = self._cache.get(key)
+        if ep is None:
+            ep = self._cache[key] = self._build(node, timeout)
+        return ep
+
+    def _build(self, node: Node, timeout: float) -> IStreamClientEndpoint:
         cfg = node.config
         try:
             version = ipaddress.ip_address(cfg.host).version

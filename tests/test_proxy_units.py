@@ -1,0 +1,119 @@
+"""
+The client leg's handshake in memory (StringTransport, fake clock): the
+Autobahn traps that must never reach a client.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+from wsgateway.config import FrozenMap, GatewayConfig, GatewaySection, NodeConfig, RouteConfig, UpstreamConfig
+from wsgateway.proxy import GatewayServerFactory
+from wsgateway.routing import Router
+
+REQUEST = (
+    b"GET /chat HTTP/1.1\r\n"
+    b"Host: gw.example\r\n"
+    b"Upgrade: websocket\r\n"
+    b"Connection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Sec-WebSocket-Version: 13\r\n"
+    b"\r\n"
+)
+
+
+class ExplodingRouter(Router):
+    def match(self, path: str, host: str | None, headers: Any) -> Any:
+        raise RuntimeError("secret internal detail /etc/passwd")
+
+
+def factory(router: Router | None = None) -> tuple[GatewayServerFactory, MemoryReactorClock]:
+    node = NodeConfig(url="ws://127.0.0.1:9", scheme="ws", host="127.0.0.1", port=9, path="")
+    route = RouteConfig(name="chat", path="/chat", upstream="u")
+    config = GatewayConfig(
+        path="test.ini",
+        gateway=GatewaySection(node_id="t", listen=("tcp:0",)),
+        routes=(route,),
+        upstreams=FrozenMap({"u": UpstreamConfig(name="u", nodes=(node,))}),
+    )
+    clock = MemoryReactorClock()
+    return (
+        GatewayServerFactory(config, router or Router(config.routes), {}, reactor=clock, clock=clock),
+        clock,
+    )
+
+
+class Transport(StringTransport):
+    """Like a TCP transport: unregistering when no producer is registered is fine."""
+
+    aborted = False
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+        self.loseConnection()
+
+
+def connect(f: GatewayServerFactory) -> tuple[Any, StringTransport]:
+    proto = f.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
+    transport = Transport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5555))
+    proto.makeConnection(transport)
+    return proto, transport
+
+
+def test_unexpected_exception_in_handshake_is_a_fixed_500():
+    f, clock = factory(ExplodingRouter([]))
+    proto, transport = connect(f)
+    proto.dataReceived(REQUEST)
+    response = transport.value()
+    assert response.startswith(b"HTTP/1.1 500 Internal Server Error\r\n")
+    assert b"secret" not in response and b"passwd" not in response and b"RuntimeError" not in response
+    assert transport.disconnecting
+
+
+def test_handshake_timeout_drops_a_client_that_never_finishes_its_request():
+    f, clock = factory()
+    proto, transport = connect(f)
+    proto.dataReceived(REQUEST[:20])
+    clock.advance(f.config.limits.handshake_timeout - 0.01)
+    assert not transport.disconnecting
+    clock.advance(0.02)
+    assert transport.aborted
+    assert transport.value() == b""
+
+
+def test_refusals_never_name_the_server_software():
+    f, clock = factory()
+    proto, transport = connect(f)
+    proto.dataReceived(REQUEST.replace(b"/chat", b"/nowhere"))
+    response = transport.value()
+    assert response.startswith(b"HTTP/1.1 404 Not Found\r\n")
+    assert b"autobahn" not in response.lower() and b"server:" not in response.lower()
+
+
+def test_autobahn_option_table_is_formatted_only_when_read():
+    from pprint import pformat
+
+    from autobahn.websocket import protocol
+
+    from wsgateway import _autobahn
+
+    _autobahn.install()
+    table = [("openHandshakeTimeout", 0, "GatewayServerFactory")]
+    lazy = protocol.pformat(table)
+    assert not isinstance(lazy, str)  # nothing formatted yet
+    assert str(lazy) == pformat(table) and f"{lazy}" == pformat(table)
+    timings = protocol.Timings()
+    timings.track("x")
+    assert isinstance(str(timings), str)
+    from autobahn import util
+
+    assert str(protocol.hltype(test_autobahn_option_table_is_formatted_only_when_read)) == util.hltype(
+        test_autobahn_option_table_is_formatted_only_when_read
+    )
+    assert f"{protocol.hlval(42)}" == util.hlval(42)
