@@ -117,3 +117,39 @@ def test_autobahn_option_table_is_formatted_only_when_read():
         test_autobahn_option_table_is_formatted_only_when_read
     )
     assert f"{protocol.hlval(42)}" == util.hlval(42)
+
+
+def test_adopt_finds_the_protocol_behind_tcp_tls_and_endpoint_wrappers():
+    from twisted.internet.endpoints import _WrappingProtocol
+    from twisted.internet.defer import Deferred
+    from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+    from twisted.internet.protocol import Protocol
+    from twisted.internet.ssl import optionsForClientTLS
+
+    from wsgateway.proxy import adopt
+
+    class TCP:
+        """Like tcp.Server: the transport holds its protocol in .protocol."""
+
+    leg = Protocol()
+    # plain TCP, as accepted by a listening port
+    proto = Protocol()
+    tcp = TCP()
+    tcp.protocol = proto
+    proto.transport = tcp
+    assert adopt(proto, leg) and tcp.protocol is leg
+    # a client endpoint wraps the protocol
+    proto = Protocol()
+    tcp = TCP()
+    tcp.protocol = _WrappingProtocol(Deferred(), proto)
+    proto.transport = tcp
+    assert adopt(proto, leg) and tcp.protocol._wrappedProtocol is leg
+    # TLS: the protocol's transport is the TLS wrapper
+    proto = Protocol()
+    tls = TLSMemoryBIOProtocol(TLSMemoryBIOFactory(optionsForClientTLS("localhost"), True, None), proto)
+    proto.transport = tls
+    assert adopt(proto, leg) and tls.wrappedProtocol is leg
+    # anything else: left alone
+    proto = Protocol()
+    proto.transport = object()
+    assert not adopt(proto, leg)

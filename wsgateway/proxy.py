@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from autobahn.twisted.websocket import (
@@ -203,8 +204,48 @@ class UpstreamConnector:
             if not opened.called:
                 opened.errback(f)
 
-        connecting.addErrback(failed)
+        def release(result: Any) -> Any:
+            # The endpoint's wrapping factory lives as long as the TCP
+            # connection; it must not keep the handshake objects alive too.
+            factory.built = factory.opened = factory.request = None  # type: ignore[assignment]
+            return result
+
+        # the connect Deferred's result would otherwise hold the protocol
+        connecting.addCallbacks(lambda _: None, failed)
+        opened.addBoth(release)
         return opened
+
+
+def adopt(proto: Any, leg: Any) -> bool:
+    """
+    Make ``leg`` the protocol of ``proto``'s connection, wherever Twisted
+    holds it: a TCP transport's ``protocol``, a TLS wrapper's
+    ``wrappedProtocol``, or an endpoint's wrapping protocol. False when the
+    transport is of a kind not known here (then ``proto`` keeps forwarding).
+    """
+    t = proto.transport
+    if getattr(t, "wrappedProtocol", None) is proto:
+        t.wrappedProtocol = leg
+        return True
+    holder = getattr(t, "protocol", None)
+    if holder is proto:
+        t.protocol = leg
+        return True
+    if getattr(holder, "_wrappedProtocol", None) is proto:
+        holder._wrappedProtocol = leg
+        return True
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class ConnInfo:
+    """What the access line needs once the handshake objects are gone."""
+
+    conn_id: str
+    route: RouteConfig | None
+    node: Node | None
+    peer: str
+    trace_id: str
 
 
 def _host_for_url(host: str) -> str:
@@ -327,6 +368,17 @@ class GatewayServerProtocol(WebSocketServerProtocol):
         relay = self.factory.start_relay(self, up)
         self.relay = relay
         up.relay = relay
+        # From here the relay owns both connections; these handshake objects
+        # are dropped (or, on an unknown transport, keep forwarding to it).
+        if adopt(self, relay.client_leg):
+            self.relay = None
+        else:
+            self._log.debug("client transport {t!r} kept its protocol", t=self.transport)
+        if not up.lost:
+            if adopt(up, relay.upstream_leg):
+                up.relay = None
+            else:
+                self._log.debug("upstream transport {t!r} kept its protocol", t=up.transport)
         if up.lost:
             relay.upstream_connection_lost()
         else:
@@ -465,6 +517,7 @@ class GatewayServerFactory(WebSocketServerFactory):
 
     def start_relay(self, proto: GatewayServerProtocol, leg: UpstreamProtocol) -> Relay:
         limits = self.config.limits
+        info = ConnInfo(proto.conn_id, proto.route, proto.node, proto.peer, proto.trace_id)
         relay = Relay(
             proto.transport,
             leg.transport,
@@ -474,7 +527,7 @@ class GatewayServerFactory(WebSocketServerFactory):
             idle_timeout=limits.idle_timeout,
             ping_interval=limits.ping_interval,
             ping_timeout=limits.ping_timeout,
-            on_done=lambda r: self._relay_done(proto, r),
+            on_done=lambda r: self._relay_done(info, r),
         )
         self.relays.add(relay)
         self._log.debug(
@@ -487,7 +540,7 @@ class GatewayServerFactory(WebSocketServerFactory):
         )
         return relay
 
-    def _relay_done(self, proto: GatewayServerProtocol, relay: Relay) -> None:
+    def _relay_done(self, proto: ConnInfo, relay: Relay) -> None:
         self.relays.discard(relay)
         if proto.node is not None:
             proto.node.active -= 1

@@ -18,7 +18,9 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ITransport
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from wsgateway import closecodes
@@ -66,6 +68,22 @@ class _Reader:
 
     def stopProducing(self) -> None:
         pass
+
+
+class Leg(Protocol):
+    """
+    What a transport talks to once the relay owns it: the Autobahn protocol
+    that did the handshake is let go (its per-connection state is most of a
+    proxied connection's memory), and each read goes to the relay with no
+    layer in between.
+    """
+
+    def __init__(self, data: Callable[[bytes], None], lost: Callable[[], None]) -> None:
+        self.dataReceived = data  # type: ignore[method-assign]
+        self._lost = lost
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._lost()
 
 
 class Relay:
@@ -134,6 +152,8 @@ class Relay:
         self._idle_call: IDelayedCall | None = None
         self.started = self._last_activity = clock.seconds()
 
+        self.client_leg = Leg(self.client_data, self.client_connection_lost)
+        self.upstream_leg = Leg(self.upstream_data, self.upstream_connection_lost)
         set_write_buffer(client, write_buffer)
         set_write_buffer(upstream, write_buffer)
         # Backpressure: a transport whose write buffer is over the mark
