@@ -59,3 +59,32 @@ def test_flooding_client_is_paused_and_gateway_memory_stays_bounded(make_upstrea
         assert ws.recv(timeout=60) == "done"
     # nothing lost or cut: every message arrived whole
     assert received[1:] == [MiB] * (total - 1)
+
+
+def test_flooding_upstream_is_paused_while_the_client_does_not_read(make_upstream, start_gateway):
+    sent = 0
+    go = threading.Event()
+    total = 200
+
+    def flood(up, ws):
+        nonlocal sent
+        ws.recv()  # the client is there
+        go.set()
+        for _ in range(total):
+            ws.send(b"\xa5" * MiB)
+            sent += 1
+        ws.recv()  # wait for the client's close
+
+    up = make_upstream(flood)
+    gw = start_gateway(proxy_ini(up.node, limits="write_buffer = 256K"))
+    with connect(gw.url + "/down", max_size=None, compression=None, max_queue=1) as ws:
+        rss_before = gw.rss_kib()
+        ws.send("start")
+        assert go.wait(5)
+        time.sleep(4)  # the client reads nothing meanwhile
+        stalled_at, rss_stalled = sent, gw.rss_kib()
+        assert stalled_at < 64, f"upstream was never paused: {stalled_at} MiB accepted"
+        growth_mib = (rss_stalled - rss_before) / 1024
+        assert growth_mib < 24, f"gateway RSS grew {growth_mib:.1f} MiB while the client was not reading"
+        got = [len(ws.recv(timeout=30)) for _ in range(total)]
+    assert got == [MiB] * total

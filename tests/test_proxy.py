@@ -246,3 +246,12 @@ def _wait_for(predicate, timeout: float = 5.0):
             return value
         time.sleep(0.02)
     raise AssertionError("condition not met in time")
+
+
+def test_permessage_deflate_is_declined_on_both_legs(echo_gateway):
+    up, gw = echo_gateway
+    with connect(gw.url + "/echo", compression="deflate") as ws:
+        assert "Sec-WebSocket-Extensions" not in ws.response.headers
+        ws.send("plain frames")
+        assert ws.recv(timeout=5) == "plain frames"
+    assert "Sec-WebSocket-Extensions" not in up.requests[0].headers
