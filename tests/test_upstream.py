@@ -139,3 +139,84 @@ def test_backoff_is_full_jitter_capped(attempt):
     cap = min(2.0, 0.1 * 2**attempt)
     assert all(0 <= d <= cap for d in delays)
     assert max(delays) > cap * 0.8  # really spread over the whole range
+
+
+def alternate(up, attempts, n, fail_node1):
+    """n connections; round robin alternates nodes; node 1's attempts get fail_node1(), node 2's succeed."""
+    for _ in range(n):
+        d = run(up.connect(REQ))
+        url, attempt = attempts.calls[-1]
+        if url.endswith(":1"):
+            attempt.errback(fail_node1())
+        else:
+            attempt.callback("leg")
+        d.addErrback(lambda f: None)
+
+
+def test_consecutive_connect_failures_eject_a_node_and_it_gets_no_attempts():
+    clock, attempts = Clock(), Attempts()
+    up = Upstream(upstream_config([1, 2], retries=0), clock, attempts)
+    n1 = up.node("ws://127.0.0.1:1")
+    alternate(up, attempts, 10, lambda: Failure(ConnectionRefusedError()))
+    assert n1.health.state(clock.seconds()) == "ejected"
+    assert "5 consecutive connect failures" in n1.health.last_failure
+    calls = len(attempts.calls)
+    for _ in range(4):
+        run(up.connect(REQ))
+    assert {u for u, _ in attempts.calls[calls:]} == {"ws://127.0.0.1:2"}
+    clock.advance(30)  # the first ejection lasts 30 s
+    assert n1.health.state(clock.seconds()) == "healthy"
+
+
+def test_the_last_node_is_never_ejected_panic_mode():
+    clock, attempts = Clock(), Attempts()
+    up = Upstream(upstream_config([1], retries=0), clock, attempts)
+    for _ in range(8):
+        d = run(up.connect(REQ))
+        attempts.calls[-1][1].errback(Failure(ConnectionRefusedError()))
+        d.addErrback(lambda f: None)
+    node = up.nodes[0]
+    assert node.health.state(clock.seconds()) == "healthy"
+    assert "last available node" in node.health.last_failure
+    run(up.connect(REQ))
+    assert len(attempts.calls) == 9  # still tried
+
+
+def test_upstream_5xx_answers_count_as_failures_4xx_do_not():
+    clock, attempts = Clock(), Attempts()
+    up = Upstream(upstream_config([1, 2], retries=0), clock, attempts)
+    n1 = up.node("ws://127.0.0.1:1")
+    statuses = iter([403, 404, 401, 400, 429, 403])
+    alternate(up, attempts, 12, lambda: Failure(UpstreamRefused(next(statuses))))
+    assert n1.health.passive_failures == 0
+    alternate(up, attempts, 10, lambda: Failure(UpstreamRefused(503)))
+    assert n1.health.state(clock.seconds()) == "ejected"
+
+
+def test_active_connections_count_and_vanished_upstreams_are_passive_failures():
+    clock, attempts = Clock(), Attempts()
+    up = Upstream(upstream_config([1, 2], retries=0), clock, attempts)
+    d = run(up.connect(REQ))
+    attempts.calls[-1][1].callback("leg")
+    node, _ = d.result
+    assert node.active == 1
+    up.release(node)
+    assert node.active == 0 and node.health.passive_failures == 0
+    d = run(up.connect(REQ))
+    assert attempts.calls[-1][0] != node.url  # round robin moved on
+    assert [n.active for n in up.nodes] == [0, 1]  # counted while the handshake is in flight
+    attempts.calls[-1][1].callback("leg")
+    other, _ = d.result
+    up.release(other, vanished=True)
+    assert other.health.passive_failures == 1
+
+
+def test_every_node_unhealthy_by_active_checks_is_503_without_attempts():
+    clock, attempts = Clock(), Attempts()
+    up = Upstream(upstream_config([1, 2]), clock, attempts)
+    for n in up.nodes:
+        n.health.healthy = False
+    d = run(up.connect(REQ))
+    err = d.result.value
+    d.addErrback(lambda f: None)
+    assert err.status == 503 and attempts.calls == []

@@ -32,6 +32,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from wsgateway import _autobahn, closecodes
+from wsgateway.balance import hash_key
 from wsgateway.config import AuthConfig, GatewayConfig, RouteConfig
 from wsgateway.headers import upstream_headers
 from wsgateway.relay import Relay
@@ -244,6 +245,7 @@ class ConnInfo:
     conn_id: str
     route: RouteConfig | None
     node: Node | None
+    upstream: Upstream[Any] | None
     peer: str
     trace_id: str
 
@@ -272,6 +274,7 @@ class GatewayServerProtocol(WebSocketServerProtocol):
     conn_id = ""
     route: RouteConfig | None = None
     node: Node | None = None
+    upstream: Upstream[UpstreamProtocol] | None = None
     trace_id = ""
 
     _head_timer: Any = None
@@ -397,8 +400,12 @@ class GatewayServerProtocol(WebSocketServerProtocol):
             self.relay.client_connection_lost()
         elif self._handshake is not None and not self._handshake.called:
             self._handshake.cancel()
-        elif self.upstream_leg is not None and not self.upstream_leg.lost:
-            self.upstream_leg.transport.loseConnection()
+        elif self.upstream_leg is not None:
+            # the upstream leg opened but ours never did
+            if self.upstream is not None and self.node is not None:
+                self.upstream.release(self.node)
+            if not self.upstream_leg.lost:
+                self.upstream_leg.transport.loseConnection()
         super().connectionLost(reason)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
@@ -498,6 +505,13 @@ class GatewayServerFactory(WebSocketServerFactory):
             else frozenset(),
         )
         upstream = self.upstreams[route.upstream]
+        ucfg = upstream.config
+        key = (
+            hash_key(ucfg.balance, peer_ip=peer_ip, claims=None, headers=request.headers)
+            if ucfg.balance.startswith("hash:")
+            else None
+        )
+        version = request.headers.get(ucfg.version_header.lower()) if ucfg.version_header else None
         node, leg = await upstream.connect(
             UpstreamRequest(
                 resource=resource,
@@ -505,19 +519,22 @@ class GatewayServerFactory(WebSocketServerFactory):
                 protocols=tuple(request.protocols),
                 origin=request.origin,
                 useragent=request.headers.get("user-agent"),
-            )
+            ),
+            key=key,
+            version=version,
         )
         if proto._lost:
+            upstream.release(node)
             leg.transport.loseConnection()
             raise CancelledError()
         proto.node = node
+        proto.upstream = upstream
         proto.upstream_leg = leg
-        node.active += 1
         return leg.websocket_protocol_in_use
 
     def start_relay(self, proto: GatewayServerProtocol, leg: UpstreamProtocol) -> Relay:
         limits = self.config.limits
-        info = ConnInfo(proto.conn_id, proto.route, proto.node, proto.peer, proto.trace_id)
+        info = ConnInfo(proto.conn_id, proto.route, proto.node, proto.upstream, proto.peer, proto.trace_id)
         relay = Relay(
             proto.transport,
             leg.transport,
@@ -542,8 +559,8 @@ class GatewayServerFactory(WebSocketServerFactory):
 
     def _relay_done(self, proto: ConnInfo, relay: Relay) -> None:
         self.relays.discard(relay)
-        if proto.node is not None:
-            proto.node.active -= 1
+        if proto.node is not None and proto.upstream is not None:
+            proto.upstream.release(proto.node, vanished=relay.upstream_vanished)
         self._log.info(
             "closed {conn_id} route={route} upstream={upstream} node={node} peer={peer} trace_id={trace_id} "
             "code={code} closed_by={closed_by} duration={duration:.3f} messages_in={msgs_in} "

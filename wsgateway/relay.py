@@ -138,6 +138,9 @@ class Relay:
         self.closed_by: str | None = None
         self.client_lost = False
         self.upstream_lost = False
+        # the upstream dropped its connection without a close frame, unasked:
+        # a passive health failure (normal and application closes are not)
+        self.upstream_vanished = False
         self.done = False
         self._close_timeout = close_timeout
         self._close_call: IDelayedCall | None = None
@@ -361,6 +364,7 @@ class Relay:
         if self.upstream_lost:
             return
         self.upstream_lost = True
+        self.upstream_vanished = not self.close_from_upstream and not self.closed_to_upstream
         if not self.close_from_upstream:
             # no close frame from the upstream: it vanished (1006)
             if self.closed_by is None:

@@ -27,7 +27,8 @@ from wsgateway import closecodes
 from wsgateway.config import GatewayConfig, UpstreamConfig
 from wsgateway.proxy import GatewayServerFactory, UpstreamConnector, UpstreamProtocol
 from wsgateway.routing import Router
-from wsgateway.upstream import Node, Upstream
+from wsgateway.health import HealthChecker, make_probe
+from wsgateway.upstream import Node, Upstream, UpstreamRequest
 
 
 def _trust_root(cfg: UpstreamConfig) -> Any:
@@ -109,10 +110,22 @@ class GatewayService(MultiService):
         self.config = config
         self.reactor = reactor
         self.router = Router(config.routes)
-        connector = UpstreamConnector(reactor, UpstreamEndpoints(reactor, dict(config.upstreams)))
+        endpoints = UpstreamEndpoints(reactor, dict(config.upstreams))
+        connector = UpstreamConnector(reactor, endpoints)
         self.upstreams: dict[str, Upstream[UpstreamProtocol]] = {
             name: Upstream(cfg, reactor, connector.connect) for name, cfg in config.upstreams.items()
         }
+        for up in self.upstreams.values():
+            if up.config.health_check != "none":
+                probe = make_probe(
+                    up.config.health_check,
+                    endpoints=endpoints,
+                    ws_connect=lambda node, path, timeout, c=connector: c.connect(
+                        node, UpstreamRequest(resource=path, headers={}), timeout
+                    ),
+                    timeout=up.config.health_timeout,
+                )
+                HealthChecker(up.config, up.nodes, reactor, probe).setServiceParent(self)
         self.factories: list[GatewayServerFactory] = []
         self.listeners: list[Any] = []
         if config.demo is not None:
@@ -147,13 +160,6 @@ class GatewayService(MultiService):
         )
         if not USES_NVX:
             self.log.warn("Autobahn's NVX acceleration is not active: handshakes will cost more CPU")
-        for up in self.config.upstreams.values():
-            if up.balance != "round_robin":
-                self.log.warn(
-                    "[upstream:{name}] balance = {balance}: this build balances round-robin only",
-                    name=up.name,
-                    balance=up.balance,
-                )
         super().startService()
 
     def stopService(self) -> Deferred[None]:

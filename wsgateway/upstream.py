@@ -22,8 +22,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from wsgateway import closecodes
-from wsgateway.balance import Strategy, strategy_for
+from wsgateway.balance import Strategy, filter_nodes, strategy_for
 from wsgateway.config import NodeConfig, UpstreamConfig
+from wsgateway.health import NodeHealth, OutlierDetector, describe_error, eligible_nodes
 
 P = TypeVar("P")
 
@@ -47,18 +48,35 @@ class UpstreamRefused(Exception):
 
 @dataclass(eq=False)
 class Node:
+    """One node of an upstream and what the balancer and health checks know of it."""
+
     config: NodeConfig
-    active: int = 0
-    healthy: bool = True
+    active: int = 0  # open connections, handshakes in flight included
     draining: bool = False
-    failures: int = 0
+    health: NodeHealth = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.health = NodeHealth(name=self.config.url)
 
     @property
     def url(self) -> str:
         return self.config.url
 
-    def available(self) -> bool:
-        return self.healthy and not self.draining
+    @property
+    def weight(self) -> int:
+        return self.config.weight
+
+    @property
+    def zone(self) -> str | None:
+        return self.config.zone
+
+    @property
+    def version(self) -> str | None:
+        return self.config.version
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        """This node's part of /readyz and the admin JSON."""
+        return {"url": self.url, "active": self.active, **self.health.snapshot(now, self.draining)}
 
 
 @dataclass(frozen=True)
@@ -95,8 +113,12 @@ class Upstream(Generic[P]):
         self.nodes = [Node(n) for n in config.nodes]
         self._clock = clock
         self._connect_node = connect_node
-        self._strategy = strategy or strategy_for(config.balance)
         self._rng = rng or random.Random()
+        self._strategy = strategy or strategy_for(config.balance, self.nodes, clock=clock.seconds, rng=self._rng)
+        self.outliers = OutlierDetector(
+            clock.seconds, lambda: [n.health for n in self.nodes if not n.draining], upstream=self.name
+        )
+        self.retried = 0  # extra attempts made, for the retries metric
 
     def node(self, url: str) -> Node | None:
         for n in self.nodes:
@@ -109,42 +131,92 @@ class Upstream(Generic[P]):
         n = self.node(url)
         if n is None:
             return False
-        n.draining = True
+        if not n.draining:
+            n.draining = True
+            self.log.info("upstream {upstream} node {node} draining", upstream=self.name, node=url)
         return True
 
-    def attempt_order(self) -> list[Node]:
-        return self._strategy.order([n for n in self.nodes if n.available()])
+    def undrain(self, url: str) -> bool:
+        n = self.node(url)
+        if n is None:
+            return False
+        n.draining = False
+        return True
 
-    async def connect(self, request: UpstreamRequest) -> tuple[Node, P]:
+    def snapshot(self) -> list[dict[str, Any]]:
+        now = self._clock.seconds()
+        return [n.snapshot(now) for n in self.nodes]
+
+    def attempt_order(self, key: str | None = None, version: str | None = None) -> list[Node]:
+        """
+        The nodes a new connection tries, in order: healthy, not ejected,
+        not draining (passive ejection never empties the list: panic mode),
+        filtered by zone and version with fallback, ordered by the strategy.
+        Empty when active checks or draining leave no node: 503.
+        """
+        eligible = eligible_nodes(self.nodes, self._clock.seconds())
+        if not eligible:
+            return []
+        zone = self.config.zone
+        preferred, fell_back = filter_nodes(eligible, zone=zone, version=version)
+        if fell_back and (zone or version):
+            self.log.warn(
+                "upstream {upstream}: no healthy node for zone={zone} version={version}; using the others",
+                upstream=self.name,
+                zone=zone,
+                version=version,
+            )
+        order = self._strategy.order(preferred, key)
+        if zone and not fell_back and len(preferred) < len(eligible):
+            # A zone is a preference: retries may leave it (a version is not:
+            # another version may not speak the client's API).
+            order += [n for n in eligible if n not in preferred and (version is None or n.version == version)]
+        return order
+
+    async def connect(
+        self, request: UpstreamRequest, *, key: str | None = None, version: str | None = None
+    ) -> tuple[Node, P]:
         """
         Open an upstream leg: the picked node first, then the others, with
         backoff between attempts, at most ``retries`` extra attempts.
 
-        Raises UpstreamError with the client's status: the upstream's own
-        status when it answered the upgrade (never retried: the upstream
-        decided), 504 when the last attempt timed out, 502 otherwise, and 503
-        when no node may take connections at all.
+        On success the caller owns one count of ``node.active`` and hands it
+        back with ``release``. Raises UpstreamError with the client's status:
+        the upstream's own status when it answered the upgrade (never
+        retried: the upstream decided), 504 when the last attempt timed out,
+        502 otherwise, and 503 when no node may take connections at all.
         """
         cfg = self.config
-        order = self.attempt_order()
+        order = self.attempt_order(key, version)
         if not order:
             raise UpstreamError(closecodes.UNAVAILABLE, "no healthy node")
         last_error: Failure | None = None
         for attempt in range(cfg.retries + 1):
             if attempt:
+                self.retried += 1
                 await self._sleep(backoff_delay(attempt - 1, cfg.backoff_initial, cfg.backoff_max, self._rng))
             node = order[attempt % len(order)]
+            node.active += 1
+            started = self._clock.seconds()
             d = self._connect_node(node, request, cfg.connect_timeout)
             d.addTimeout(cfg.connect_timeout, self._clock)
             try:
                 proto = await d
             except UpstreamRefused as e:
+                node.active -= 1
+                if e.status >= 500:
+                    self.outliers.connect_failed(node.health, f"upstream answered {e.status}")
+                else:
+                    self.outliers.succeeded(node.health)
                 raise UpstreamError(e.status, f"upstream answered {e.status}") from None
             except CancelledError:
+                node.active -= 1
                 raise
             except Exception:
+                node.active -= 1
                 last_error = Failure()
-                node.failures += 1
+                self._strategy.failed(node)
+                self.outliers.connect_failed(node.health, describe_error(last_error.value))
                 self.log.warn(
                     "upstream {upstream} node {node} attempt {attempt} failed: {error}",
                     upstream=self.name,
@@ -153,12 +225,23 @@ class Upstream(Generic[P]):
                     error=_describe(last_error),
                 )
                 continue
-            node.failures = 0
+            self._strategy.observe(node, self._clock.seconds() - started)
+            self.outliers.succeeded(node.health)
             return node, proto
         assert last_error is not None
         if last_error.check(TimeoutError):
             raise UpstreamError(closecodes.UPSTREAM_TIMEOUT, "upstream handshake timed out")
         raise UpstreamError(closecodes.UPSTREAM_FAILED, _describe(last_error))
+
+    def release(self, node: Node, *, vanished: bool = False) -> None:
+        """
+        A connection that ``connect`` opened has ended. ``vanished``: the
+        upstream dropped it without a close frame (1006), a passive failure;
+        normal and application closes are not.
+        """
+        node.active -= 1
+        if vanished:
+            self.outliers.connection_lost(node.health)
 
     def _sleep(self, seconds: float) -> Deferred[None]:
         d: Deferred[None] = Deferred(lambda d: call.cancel())
