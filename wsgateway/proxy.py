@@ -35,7 +35,7 @@ from wsgateway import _autobahn, closecodes
 from wsgateway.balance import hash_key
 from wsgateway.config import AuthConfig, GatewayConfig, RouteConfig
 from wsgateway.headers import upstream_headers
-from wsgateway.relay import Relay
+from wsgateway.relay import Leg, Relay
 from wsgateway.routing import Router, TemplateError, upstream_target
 from wsgateway.upstream import Node, Upstream, UpstreamError, UpstreamRefused, UpstreamRequest
 
@@ -61,7 +61,7 @@ class UpstreamProtocol(WebSocketClientProtocol):
     pending: bytes = b""
     lost: bool = False
     refused_status: int | None = None
-    on_early_loss: Callable[[], None] | None = None
+    sink: Leg | None = None  # a mirror leg on a transport adopt() does not know
 
     def onConnecting(self, transport_details: Any) -> ConnectingRequest:
         return self.request
@@ -89,6 +89,8 @@ class UpstreamProtocol(WebSocketClientProtocol):
         relay = self.relay
         if relay is not None:
             relay.upstream_data(data)
+        elif self.sink is not None:
+            self.sink.dataReceived(data)
         elif self.state == OPEN:
             self.pending += data
         else:
@@ -98,6 +100,8 @@ class UpstreamProtocol(WebSocketClientProtocol):
         self.lost = True
         if self.relay is not None:
             self.relay.upstream_connection_lost()
+        elif self.sink is not None:
+            self.sink.connectionLost(reason)
         else:
             d, self.opened = self.opened, None
             if d is not None:
@@ -105,8 +109,6 @@ class UpstreamProtocol(WebSocketClientProtocol):
                     d.errback(UpstreamRefused(self.refused_status))
                 else:
                     d.errback(UpstreamFailed("connection closed during the upstream handshake"))
-            elif self.on_early_loss is not None:
-                self.on_early_loss()
         super().connectionLost(reason)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
@@ -250,6 +252,10 @@ class ConnInfo:
     trace_id: str
 
 
+def _discard(data: bytes) -> None:
+    """What a mirror sends back goes nowhere."""
+
+
 def _host_for_url(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
@@ -275,6 +281,7 @@ class GatewayServerProtocol(WebSocketServerProtocol):
     route: RouteConfig | None = None
     node: Node | None = None
     upstream: Upstream[UpstreamProtocol] | None = None
+    upstream_request: UpstreamRequest | None = None
     trace_id = ""
 
     _head_timer: Any = None
@@ -392,6 +399,8 @@ class GatewayServerProtocol(WebSocketServerProtocol):
         if early:
             self.transport.resumeProducing()
             relay.client_data(early)
+        if self.route is not None and self.route.mirror and self.upstream_request is not None:
+            self.factory.start_mirror(relay, self.route.mirror, self.upstream_request)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._lost = True
@@ -512,17 +521,15 @@ class GatewayServerFactory(WebSocketServerFactory):
             else None
         )
         version = request.headers.get(ucfg.version_header.lower()) if ucfg.version_header else None
-        node, leg = await upstream.connect(
-            UpstreamRequest(
-                resource=resource,
-                headers=headers,
-                protocols=tuple(request.protocols),
-                origin=request.origin,
-                useragent=request.headers.get("user-agent"),
-            ),
-            key=key,
-            version=version,
+        ureq = UpstreamRequest(
+            resource=resource,
+            headers=headers,
+            protocols=tuple(request.protocols),
+            origin=request.origin,
+            useragent=request.headers.get("user-agent"),
         )
+        proto.upstream_request = ureq
+        node, leg = await upstream.connect(ureq, key=key, version=version)
         if proto._lost:
             upstream.release(node)
             leg.transport.loseConnection()
@@ -557,6 +564,38 @@ class GatewayServerFactory(WebSocketServerFactory):
         )
         return relay
 
+    def start_mirror(self, relay: Relay, name: str, request: UpstreamRequest) -> None:
+        """
+        Open the route's mirror leg beside the relay. Nothing about it may
+        touch the primary: connect failures are logged at debug level, what
+        it sends is discarded, and a slow mirror is cut off by the relay.
+        """
+        mirror = self.upstreams[name]
+
+        def opened(result: tuple[Node, UpstreamProtocol]) -> None:
+            node, leg = result
+            released = []
+
+            def release() -> None:
+                if not released:
+                    released.append(True)
+                    mirror.release(node)
+
+            if not relay.attach_mirror(leg.transport, self.config.limits.write_buffer, release):
+                release()
+                leg.transport.loseConnection()
+                return
+            sink = Leg(_discard, relay.mirror_lost)
+            if not adopt(leg, sink):
+                leg.sink = sink
+            leg.pending = b""
+            leg.transport.resumeProducing()
+
+        def failed(f: Failure) -> None:
+            self._log.debug("mirror {mirror} not reached: {error}", mirror=name, error=f.getErrorMessage())
+
+        Deferred.fromCoroutine(mirror.connect(request)).addCallbacks(opened, failed)
+
     def _relay_done(self, proto: ConnInfo, relay: Relay) -> None:
         self.relays.discard(relay)
         if proto.node is not None and proto.upstream is not None:
@@ -564,7 +603,7 @@ class GatewayServerFactory(WebSocketServerFactory):
         self._log.info(
             "closed {conn_id} route={route} upstream={upstream} node={node} peer={peer} trace_id={trace_id} "
             "code={code} closed_by={closed_by} duration={duration:.3f} messages_in={msgs_in} "
-            "messages_out={msgs_out} bytes_in={bytes_in} bytes_out={bytes_out}",
+            "messages_out={msgs_out} bytes_in={bytes_in} bytes_out={bytes_out} mirror_dropped={mirror_dropped}",
             conn_id=proto.conn_id,
             route=proto.route.name if proto.route else "",
             upstream=proto.route.upstream if proto.route else "",
@@ -578,6 +617,7 @@ class GatewayServerFactory(WebSocketServerFactory):
             msgs_out=relay.messages_u2c,
             bytes_in=relay.bytes_c2u,
             bytes_out=relay.bytes_u2c,
+            mirror_dropped=relay.mirror_dropped,
         )
 
     def handshake_refused(self, proto: GatewayServerProtocol, status: int) -> None:

@@ -86,6 +86,25 @@ class Leg(Protocol):
         self._lost()
 
 
+@implementer(IPushProducer)
+class _Overflow:
+    """Registered with a transport only to hear when its write buffer overflows."""
+
+    __slots__ = ("_on_pause",)
+
+    def __init__(self, on_pause: Callable[[], None]) -> None:
+        self._on_pause = on_pause
+
+    def pauseProducing(self) -> None:
+        self._on_pause()
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
 class Relay:
     """
     One proxied connection after both handshakes.
@@ -155,6 +174,13 @@ class Relay:
         self._idle_call: IDelayedCall | None = None
         self.started = self._last_activity = clock.seconds()
 
+        # A mirror gets a copy of the client's frames from a message boundary
+        # on; it is never a consumer of the client (it must not slow it down).
+        self.mirror: Any = None
+        self._mirror_ready = False
+        self._mirror_done: Callable[[], None] | None = None
+        self.mirror_dropped_at: int | None = None  # client message count when a slow mirror was cut off
+
         self.client_leg = Leg(self.client_data, self.client_connection_lost)
         self.upstream_leg = Leg(self.upstream_data, self.upstream_connection_lost)
         set_write_buffer(client, write_buffer)
@@ -187,6 +213,8 @@ class Relay:
         if budget is None and self.closed_to_upstream and self._budget_upstream is None:
             # a close from the client went through in this read: nothing after it
             self._budget_upstream = 0
+        if self.mirror is not None:
+            self._copy(out)
         if c2u.error is not None:
             self._client_violation(*c2u.error)
 
@@ -409,10 +437,59 @@ class Relay:
         if not self.upstream_lost:
             self.upstream.abortConnection()
 
+    # -- mirror ------------------------------------------------------------
+
+    def attach_mirror(self, transport: Any, write_buffer: int, on_done: Callable[[], None]) -> bool:
+        """
+        Start copying client frames to ``transport`` (an open upstream leg of
+        the route's mirror). Returns False (and the caller closes it) when
+        this connection is already closing.
+        """
+        if self.done or self.closed_by is not None:
+            return False
+        self.mirror = transport
+        self._mirror_done = on_done
+        self._mirror_ready = not (self.c2u.in_frame or self.c2u.in_message)
+        set_write_buffer(transport, write_buffer)
+        # Its buffer over the mark means the mirror is too slow: cut it off
+        # rather than hold copies or slow the client (never a backpressure source).
+        transport.registerProducer(_Overflow(self._mirror_overflow), True)
+        return True
+
+    def _copy(self, out: bytes) -> None:
+        if self._mirror_ready:
+            if out:
+                self.mirror.write(out)
+        elif not (self.c2u.in_frame or self.c2u.in_message):
+            # the next read starts a new message: copies can begin there
+            self._mirror_ready = True
+
+    def _mirror_overflow(self) -> None:
+        if self.mirror is None:
+            return
+        self.mirror_dropped_at = self.c2u.messages
+        self.log.info("mirror too slow: no more copies for this connection")
+        mirror, self.mirror = self.mirror, None
+        mirror.abortConnection()
+
+    def mirror_lost(self) -> None:
+        self.mirror = None
+        done, self._mirror_done = self._mirror_done, None
+        if done is not None:
+            done()
+
+    @property
+    def mirror_dropped(self) -> int:
+        """Client messages the mirror did not get a copy of, once it was cut off."""
+        return 0 if self.mirror_dropped_at is None else self.c2u.messages - self.mirror_dropped_at
+
     def _maybe_done(self) -> None:
         if self.done or not (self.client_lost and self.upstream_lost):
             return
         self.done = True
+        if self.mirror is not None:
+            # it had the client's close too, if there was one; no waiting for it
+            self.mirror.loseConnection()
         for name in ("_close_call", "_ping_call", "_pong_call", "_idle_call"):
             call = getattr(self, name)
             if call is not None and call.active():
