@@ -41,6 +41,15 @@ def ini(nodes: str, *, upstream: str = "", route: str = "", limits: str = "") ->
         """
 
 
+def wait_for(predicate, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False
+
+
 def which(ups, gw, n: int, path: str = "/x", headers: dict[str, str] | None = None) -> collections.Counter:
     """Open n connections one after another; count which upstream got each."""
     before = [len(u.requests) for u in ups]
@@ -72,18 +81,21 @@ def test_least_conn_sends_new_connections_to_the_least_loaded_node(make_upstream
     gw = start_gateway(ini(f"{a.node}\n            {b.node}", upstream="balance = least_conn"))
     open_on: dict[int, list] = {0: [], 1: []}
     try:
-        for _ in range(4):
-            before = (len(a.requests), len(b.requests))
+        for i in range(4):
+            before = len(a.requests)
             ws = connect(gw.url + "/hold").__enter__()
-            on = 0 if len(a.requests) > before[0] else 1
-            open_on[on].append(ws)
+            # the upstream's handler thread records the request a moment later
+            assert wait_for(lambda: len(a.requests) + len(b.requests) == i + 1)
+            open_on[0 if len(a.requests) > before else 1].append(ws)
         assert len(open_on[0]) == len(open_on[1]) == 2  # equal load: alternate
         for ws in open_on[1]:
             ws.close()
-        time.sleep(0.3)  # the gateway sees both connections on b end
+        assert wait_for(lambda: len(b.closes) == 2)
+        time.sleep(0.3)  # and the gateway has released both
         before_a = len(a.requests)
-        for _ in range(2):
+        for i in range(2):
             open_on[1].append(connect(gw.url + "/hold").__enter__())
+            assert wait_for(lambda: len(a.requests) + len(b.requests) == 5 + i)
         assert len(a.requests) == before_a  # both new ones went to the idle node b
     finally:
         for ws in open_on[0] + open_on[1]:
