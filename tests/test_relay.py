@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from twisted.internet import task
+from twisted.internet.defer import Deferred
 from twisted.internet.testing import StringTransport
 
 from wsgateway.frames import (
@@ -787,3 +788,112 @@ def test_pause_reaches_the_other_side_through_registration() -> None:
     assert h.upstream.producerState == "producing"
     h.upstream.producer.pauseProducing()
     assert h.client.producerState == "paused"
+
+
+# -- on_upstream_close = reconnect -------------------------------------------
+
+
+class Reconnects:
+    """The factory's side of a reconnect, driven by the test."""
+
+    def __init__(self) -> None:
+        self.calls: list[Deferred[None]] = []
+        self.cancelled = 0
+
+    def __call__(self, relay: Relay) -> Deferred[None]:
+        d: Deferred[None] = Deferred(lambda d: self._cancel())
+        self.calls.append(d)
+        return d
+
+    def _cancel(self) -> None:
+        self.cancelled += 1
+
+
+def make_reconnecting(buffer: int = 1 << 20) -> tuple[Harness, Reconnects]:
+    r = Reconnects()
+    return make(reconnect=r, reconnect_buffer=buffer), r
+
+
+def test_upstream_vanishing_holds_client_frames_and_flushes_them_in_order() -> None:
+    h, r = make_reconnecting()
+    h.relay.client_data(c_frame(OP_TEXT, b"before"))
+    h.relay.upstream_leg.connectionLost(None)  # vanished, no close frame
+    assert h.relay.reconnecting and len(r.calls) == 1
+    assert h.client.events == []  # the client sees nothing of it
+    held = [c_frame(OP_TEXT, f"m{i}".encode()) for i in range(5)]
+    for f in held:
+        h.relay.client_data(f)
+    new = FakeTransport()
+    leg = h.relay.upstream_reconnected(new)
+    r.calls[0].callback(None)
+    assert new.value() == b"".join(held)
+    assert not h.relay.reconnecting and h.relay.reconnects == 1
+    # the new leg relays both ways; the old one is ignored
+    h.relay.client_data(c_frame(OP_TEXT, b"after"))
+    assert parse_frames(new.value())[-1].payload == b"after"
+    leg.dataReceived(u_frame(OP_TEXT, b"from the new node"))
+    assert parse_frames(h.client.value())[-1].payload == b"from the new node"
+    old_upstream_writes = len(h.upstream.events)
+    h.relay.client_data(c_frame(OP_TEXT, b"x"))
+    assert len(h.upstream.events) == old_upstream_writes
+
+
+def test_upstream_going_away_1012_is_answered_and_not_shown_to_the_client() -> None:
+    h, r = make_reconnecting()
+    h.relay.upstream_leg.dataReceived(u_frame(OP_TEXT, b"last") + u_frame(OP_CLOSE, b"\x03\xf4restart"))
+    assert [f.payload for f in parse_frames(h.client.value())] == [b"last"]  # no close to the client
+    (reply,) = parse_frames(h.upstream.value())
+    assert reply.opcode == OP_CLOSE and reply.close[0] == 1012  # the upstream's handshake completed
+    assert h.upstream.lose_calls == 1
+    assert h.relay.reconnecting and len(r.calls) == 1
+
+
+def test_other_upstream_close_codes_are_passed_through_without_reconnect() -> None:
+    h, r = make_reconnecting()
+    h.relay.upstream_leg.dataReceived(u_frame(OP_CLOSE, b"\x0f\xa0bye"))  # 4000
+    assert parse_frames(h.client.value())[0].close == (4000, "bye")
+    assert r.calls == [] and not h.relay.reconnecting
+
+
+def test_reconnect_buffer_overflow_closes_the_client_1014() -> None:
+    h, r = make_reconnecting(buffer=100)
+    h.relay.upstream_leg.connectionLost(None)
+    h.relay.client_data(c_frame(OP_BINARY, b"x" * 200))
+    assert r.cancelled == 1 and not h.relay.reconnecting
+    assert parse_frames(h.client.value())[0].close[0] == 1014
+
+
+def test_failed_reconnect_closes_the_client_1014() -> None:
+    h, r = make_reconnecting()
+    h.relay.upstream_leg.connectionLost(None)
+    h.relay.client_data(c_frame(OP_TEXT, b"lost with the upstream"))
+    r.calls[0].errback(RuntimeError("no node"))
+    assert parse_frames(h.client.value())[0].close == (1014, "upstream lost")
+    h.relay.client_data(c_frame(OP_CLOSE, b"\x03\xf6"))  # the client's answer
+    h.clock.advance(0)
+    assert h.client.lose_calls == 1
+    h.relay.client_connection_lost()
+    h.assert_finished()
+
+
+def test_client_closing_during_reconnect_is_answered_by_the_gateway() -> None:
+    h, r = make_reconnecting()
+    h.relay.upstream_leg.connectionLost(None)
+    h.relay.client_data(c_frame(OP_CLOSE, b"\x03\xe8done"))
+    assert r.cancelled == 1
+    assert parse_frames(h.client.value())[0].close == (1000, "done")
+    h.clock.advance(0)
+    assert h.client.lose_calls == 1
+    h.relay.client_connection_lost()
+    h.assert_finished()
+
+
+def test_no_reconnect_in_the_middle_of_a_message() -> None:
+    h, r = make_reconnecting()
+    h.relay.upstream_leg.dataReceived(u_frame(OP_TEXT, b"half", fin=False))
+    h.relay.upstream_leg.connectionLost(None)
+    assert r.calls == []
+    # the client cannot get a close inside the open message stream... it gets
+    # 1014 at the frame boundary (a control frame may come between fragments)
+    frames = parse_frames(h.client.value())
+    assert frames[-1].opcode == OP_CLOSE and frames[-1].close[0] == 1014

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from autobahn.twisted.websocket import (
@@ -55,13 +55,14 @@ class UpstreamFailed(Exception):
 class UpstreamProtocol(WebSocketClientProtocol):
     """The gateway as a WebSocket client of one upstream node."""
 
-    relay: Relay | None = None
     request: ConnectingRequest
     opened: Deferred[UpstreamProtocol] | None = None
     pending: bytes = b""
     lost: bool = False
     refused_status: int | None = None
-    sink: Leg | None = None  # a mirror leg on a transport adopt() does not know
+    # the relay's Leg, when adopt() did not know this transport and the
+    # protocol stays in place, forwarding to it
+    sink: Leg | None = None
 
     def onConnecting(self, transport_details: Any) -> ConnectingRequest:
         return self.request
@@ -86,11 +87,9 @@ class UpstreamProtocol(WebSocketClientProtocol):
         super().failHandshake(reason)
 
     def dataReceived(self, data: bytes) -> None:
-        relay = self.relay
-        if relay is not None:
-            relay.upstream_data(data)
-        elif self.sink is not None:
-            self.sink.dataReceived(data)
+        sink = self.sink
+        if sink is not None:
+            sink.dataReceived(data)
         elif self.state == OPEN:
             self.pending += data
         else:
@@ -98,9 +97,7 @@ class UpstreamProtocol(WebSocketClientProtocol):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.lost = True
-        if self.relay is not None:
-            self.relay.upstream_connection_lost()
-        elif self.sink is not None:
+        if self.sink is not None:
             self.sink.connectionLost(reason)
         else:
             d, self.opened = self.opened, None
@@ -240,7 +237,7 @@ def adopt(proto: Any, leg: Any) -> bool:
     return False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ConnInfo:
     """What the access line needs once the handshake objects are gone."""
 
@@ -376,19 +373,14 @@ class GatewayServerProtocol(WebSocketServerProtocol):
             return
         early, self.data, self._early = self.data + self._early, b"", b""
         relay = self.factory.start_relay(self, up)
-        self.relay = relay
-        up.relay = relay
         # From here the relay owns both connections; these handshake objects
         # are dropped (or, on an unknown transport, keep forwarding to it).
-        if adopt(self, relay.client_leg):
-            self.relay = None
-        else:
+        if not adopt(self, relay.client_leg):
+            self.relay = relay
             self._log.debug("client transport {t!r} kept its protocol", t=self.transport)
-        if not up.lost:
-            if adopt(up, relay.upstream_leg):
-                up.relay = None
-            else:
-                self._log.debug("upstream transport {t!r} kept its protocol", t=up.transport)
+        if not up.lost and not adopt(up, relay.upstream_leg):
+            up.sink = relay.upstream_leg
+            self._log.debug("upstream transport {t!r} kept its protocol", t=up.transport)
         if up.lost:
             relay.upstream_connection_lost()
         else:
@@ -542,6 +534,19 @@ class GatewayServerFactory(WebSocketServerFactory):
     def start_relay(self, proto: GatewayServerProtocol, leg: UpstreamProtocol) -> Relay:
         limits = self.config.limits
         info = ConnInfo(proto.conn_id, proto.route, proto.node, proto.upstream, proto.peer, proto.trace_id)
+        reconnect = None
+        route = proto.route
+        if route is not None and route.on_upstream_close == "reconnect" and proto.upstream_request is not None:
+            upstream = self.upstreams[route.upstream or ""]
+            request = proto.upstream_request
+            agreed = leg.websocket_protocol_in_use
+            if agreed is not None:
+                # the new leg must speak what the client agreed to
+                request = replace(request, protocols=(agreed,))
+
+            def reconnect(relay: Relay) -> Deferred[None]:
+                return Deferred.fromCoroutine(self._reconnect(relay, info, upstream, request, agreed))
+
         relay = Relay(
             proto.transport,
             leg.transport,
@@ -552,6 +557,10 @@ class GatewayServerFactory(WebSocketServerFactory):
             ping_interval=limits.ping_interval,
             ping_timeout=limits.ping_timeout,
             on_done=lambda r: self._relay_done(info, r),
+            reconnect=reconnect,
+            reconnect_buffer=self.upstreams[route.upstream].config.reconnect_buffer
+            if route is not None and route.upstream
+            else 0,
         )
         self.relays.add(relay)
         self._log.debug(
@@ -563,6 +572,32 @@ class GatewayServerFactory(WebSocketServerFactory):
             trace_id=proto.trace_id,
         )
         return relay
+
+    async def _reconnect(
+        self, relay: Relay, info: ConnInfo, upstream: Upstream[UpstreamProtocol], request: UpstreamRequest, agreed: str | None
+    ) -> None:
+        """on_upstream_close = reconnect: a new leg (any eligible node, with the upstream's retries and backoff)."""
+        if info.node is not None:
+            upstream.release(info.node, vanished=relay.upstream_vanished)
+            info.node = None
+        node, leg = await upstream.connect(request)
+        if leg.websocket_protocol_in_use != agreed or relay.done or not relay.reconnecting:
+            upstream.release(node)
+            leg.transport.loseConnection()
+            if relay.done or not relay.reconnecting:
+                return
+            raise UpstreamError(closecodes.UPSTREAM_FAILED, "the new upstream leg chose another subprotocol")
+        info.node = node
+        self._log.info(
+            "{conn_id} reconnected to {node}", conn_id=info.conn_id, node=node.url
+        )
+        new_leg = relay.upstream_reconnected(leg.transport)
+        if not adopt(leg, new_leg):
+            leg.sink = new_leg
+        pending, leg.pending = leg.pending, b""
+        if pending:
+            new_leg.dataReceived(pending)
+        leg.transport.resumeProducing()
 
     def start_mirror(self, relay: Relay, name: str, request: UpstreamRequest) -> None:
         """

@@ -17,6 +17,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ITransport
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
@@ -25,6 +26,10 @@ from zope.interface import implementer
 
 from wsgateway import closecodes
 from wsgateway.frames import OP_CLOSE, OP_PING, OP_PONG, FrameScanner, encode_close, encode_frame, parse_close
+
+# Upstream closes after which on_upstream_close = reconnect finds another
+# leg: going away, service restart, try again later (and 1006, a vanished one).
+RECONNECT_CODES = frozenset({1001, 1012, 1013})
 
 CLIENT = "client"
 UPSTREAM = "upstream"
@@ -129,6 +134,8 @@ class Relay:
         ping_timeout: float,
         close_timeout: float = 5.0,
         on_done: Callable[[Relay], None] | None = None,
+        reconnect: Callable[[Relay], Deferred[None]] | None = None,
+        reconnect_buffer: int = 0,
     ) -> None:
         self.client = client
         self.upstream = upstream
@@ -181,8 +188,19 @@ class Relay:
         self._mirror_done: Callable[[], None] | None = None
         self.mirror_dropped_at: int | None = None  # client message count when a slow mirror was cut off
 
+        # on_upstream_close = reconnect: while a new upstream leg is being
+        # opened, client frames are held (up to reconnect_buffer bytes).
+        self._reconnect = reconnect
+        self._reconnect_buffer = reconnect_buffer
+        self._reconnect_d: Deferred[None] | None = None
+        self.reconnecting = False
+        self.reconnects = 0
+        self._held: list[bytes] = []
+        self._held_size = 0
+        self._write_buffer = write_buffer
+
         self.client_leg = Leg(self.client_data, self.client_connection_lost)
-        self.upstream_leg = Leg(self.upstream_data, self.upstream_connection_lost)
+        self.upstream_leg = self.leg_for(upstream)
         set_write_buffer(client, write_buffer)
         set_write_buffer(upstream, write_buffer)
         # Backpressure: a transport whose write buffer is over the mark
@@ -205,7 +223,10 @@ class Relay:
         out = c2u.feed(data)
         if active or c2u.data_frames != frames:
             self._last_activity = self._clock.seconds()
-        if out and not self.upstream_lost:
+        if self.reconnecting:
+            if out:
+                self._hold(out)
+        elif out and not self.upstream_lost:
             if budget is None:
                 self.upstream.write(out)
             elif budget:
@@ -270,6 +291,11 @@ class Relay:
         if opcode == OP_CLOSE:
             self.close_from_client = True
             self._note_close(CLIENT, payload)
+            if self.reconnecting:
+                # nobody upstream to pass it to: answer it ourselves
+                self._stop_reconnecting()
+                code, reason = parse_close(payload)
+                self._close_client(code or closecodes.NORMAL, reason)
             if self.closed_to_client:
                 # the client's answer to a close sent to it: the client half is done
                 self._clock.callLater(0, self._finish_client)
@@ -288,6 +314,14 @@ class Relay:
                 return False
             return True
         if opcode == OP_CLOSE:
+            code, _ = parse_close(payload)
+            if code in RECONNECT_CODES and self._can_reconnect():
+                # the upstream is going away (restart, overload): complete its
+                # close handshake and find another leg; the client sees nothing
+                self.upstream.write(encode_close(code, "", mask=True))
+                self.upstream.loseConnection()
+                self._start_reconnect(vanished=False)
+                return False
             self.close_from_upstream = True
             self._note_close(UPSTREAM, payload)
             if self.closed_to_client or self.client_lost:
@@ -391,8 +425,12 @@ class Relay:
     def upstream_connection_lost(self) -> None:
         if self.upstream_lost:
             return
+        vanished = not self.close_from_upstream and not self.closed_to_upstream
+        if vanished and self._can_reconnect():
+            self._start_reconnect(vanished=True)
+            return
         self.upstream_lost = True
-        self.upstream_vanished = not self.close_from_upstream and not self.closed_to_upstream
+        self.upstream_vanished = vanished
         if not self.close_from_upstream:
             # no close frame from the upstream: it vanished (1006)
             if self.closed_by is None:
@@ -436,6 +474,101 @@ class Relay:
             self.client.abortConnection()
         if not self.upstream_lost:
             self.upstream.abortConnection()
+
+    # -- reconnect ---------------------------------------------------------
+
+    def leg_for(self, transport: Any) -> Leg:
+        """
+        The protocol for one upstream transport. Events from a transport the
+        relay has already replaced (after a reconnect) are ignored.
+        """
+
+        def data(chunk: bytes) -> None:
+            if self.upstream is transport:
+                self.upstream_data(chunk)
+
+        def lost() -> None:
+            if self.upstream is transport:
+                self.upstream_connection_lost()
+
+        return Leg(data, lost)
+
+    def _can_reconnect(self) -> bool:
+        # Only between messages both ways: a message half-relayed from the
+        # old upstream cannot be finished by a new one, nor one half-sent to it.
+        return (
+            self._reconnect is not None
+            and not self.reconnecting
+            and self.closed_by is None
+            and not (self.client_lost or self.closed_to_client or self.closed_to_upstream)
+            and not (self.u2c.in_frame or self.u2c.in_message or self.c2u.in_frame or self.c2u.in_message)
+        )
+
+    def _start_reconnect(self, *, vanished: bool) -> None:
+        assert self._reconnect is not None
+        self.log.info("upstream gone ({how}): reconnecting", how="vanished" if vanished else "going away")
+        self.reconnecting = True
+        self.upstream_lost = True  # nothing goes to the old leg any more
+        self.upstream_vanished = vanished
+        self.upstream = None
+        # the old leg may have paused the client; the hold buffer has its own bound
+        self.client.resumeProducing()
+        self._reconnect_d = d = self._reconnect(self)
+        d.addErrback(self._reconnect_failed)
+
+    def upstream_reconnected(self, transport: Any) -> Leg:
+        """A new upstream leg is open: send what was held, relay as before."""
+        self._reconnect_d = None
+        self.reconnecting = False
+        self.reconnects += 1
+        self.upstream = transport
+        self.upstream_lost = self.upstream_vanished = False
+        self.close_from_upstream = False
+        self._budget_upstream = None
+        self._pong_from_upstream = True
+        self.u2c = FrameScanner(masked=False, max_message_size=0, on_control=self._from_upstream)
+        set_write_buffer(transport, self._write_buffer)
+        self.client.unregisterProducer()
+        self.client.registerProducer(_Reader(transport), True)
+        transport.registerProducer(_Reader(self.client), True)
+        held, self._held, self._held_size = b"".join(self._held), [], 0
+        if held:
+            transport.write(held)
+        leg = self.upstream_leg = self.leg_for(transport)
+        return leg
+
+    def _hold(self, out: bytes) -> None:
+        self._held.append(out)
+        self._held_size += len(out)
+        if self._held_size > self._reconnect_buffer:
+            self.log.info("reconnect buffer full: giving up on the upstream")
+            self._stop_reconnecting()
+            self._give_up()
+
+    def _reconnect_failed(self, f: Failure) -> None:
+        if not self.reconnecting:
+            return None  # cancelled: the client went away or closed first
+        self.log.info("reconnect failed: {error}", error=f.getErrorMessage())
+        self._reconnect_d = None
+        self.reconnecting = False
+        self._held, self._held_size = [], 0
+        self._give_up()
+        return None
+
+    def _give_up(self) -> None:
+        if self.closed_by is None:
+            self.closed_by = UPSTREAM
+            self.close_code = closecodes.BAD_GATEWAY
+            self.close_reason = "upstream lost"
+        self._close_client(closecodes.BAD_GATEWAY, "upstream lost")
+        self._maybe_done()
+
+    def _stop_reconnecting(self) -> None:
+        self.reconnecting = False
+        self._held, self._held_size = [], 0
+        d, self._reconnect_d = self._reconnect_d, None
+        if d is not None:
+            d.cancel()
 
     # -- mirror ------------------------------------------------------------
 
@@ -487,6 +620,8 @@ class Relay:
         if self.done or not (self.client_lost and self.upstream_lost):
             return
         self.done = True
+        if self.reconnecting:
+            self._stop_reconnecting()
         if self.mirror is not None:
             # it had the client's close too, if there was one; no waiting for it
             self.mirror.loseConnection()
@@ -508,9 +643,12 @@ class Relay:
         out = self.u2c.inject(encode_frame(OP_PING, self._ping_payload, mask=False))
         if out:
             self.client.write(out)
-        out = self.c2u.inject(encode_frame(OP_PING, self._ping_payload, mask=True))
-        if out:
-            self.upstream.write(out)
+        if not self.upstream_lost:
+            out = self.c2u.inject(encode_frame(OP_PING, self._ping_payload, mask=True))
+            if out:
+                self.upstream.write(out)
+        else:
+            self._pong_from_upstream = True
         self._pong_call = self._clock.callLater(self._ping_timeout, self._check_pongs)
 
     def _check_pongs(self) -> None:
