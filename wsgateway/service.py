@@ -24,6 +24,7 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 
 from wsgateway import closecodes
+from wsgateway.admin import admin_site
 from wsgateway.config import GatewayConfig, UpstreamConfig
 from wsgateway.proxy import GatewayServerFactory, UpstreamConnector, UpstreamProtocol
 from wsgateway.routing import Router
@@ -128,6 +129,16 @@ class GatewayService(MultiService):
                 HealthChecker(up.config, up.nodes, reactor, probe).setServiceParent(self)
         self.factories: list[GatewayServerFactory] = []
         self.listeners: list[Any] = []
+        self.draining = False
+        if config.admin is not None:
+            site = admin_site(
+                self.upstreams,
+                listening=lambda: bool(self.listeners) and all(svc.running for svc in self.listeners),
+                draining=lambda: self.draining,
+                now=reactor.seconds,
+            )
+            for desc in config.admin.listen:
+                strports.service(desc, site, reactor=reactor).setServiceParent(self)
         if config.demo is not None:
             from wsgateway.demo import DemoFactory
 
@@ -166,6 +177,8 @@ class GatewayService(MultiService):
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
+        # /readyz says draining from here on (the admin port stays up till the end)
+        self.draining = True
         # 1. stop accepting
         await gatherResults([svc.stopService() for svc in self.listeners], consumeErrors=True)
         gw = self.config.gateway
