@@ -166,3 +166,37 @@ def test_version_header_picks_matching_nodes(make_upstream, start_gateway):
     # no such version: fall back to all nodes rather than refuse
     counts = which([v1, v2], gw, 4, headers={"X-Api-Version": "v9"})
     assert counts[0] + counts[1] == 4
+
+
+def test_unhealthy_node_keeps_its_open_connections(make_upstream, start_gateway):
+    from http import HTTPStatus
+
+    sick = {"a": False, "b": False}
+
+    def health(name):
+        def process_request(connection, request):
+            if request.path == "/health":
+                status = HTTPStatus.SERVICE_UNAVAILABLE if sick[name] else HTTPStatus.OK
+                return connection.respond(status, "health\n")
+            return None
+
+        return process_request
+
+    a, b = make_upstream(process_request=health("a")), make_upstream(process_request=health("b"))
+    gw = start_gateway(
+        ini(
+            f"{a.node}\n            {b.node}",
+            upstream="health_check = http:/health\n        health_interval = 0.2\n        health_timeout = 0.5\n"
+            "        unhealthy_threshold = 1\n        healthy_threshold = 1",
+        )
+    )
+    with connect(gw.url + "/one") as first, connect(gw.url + "/two") as second:
+        assert wait_for(lambda: len(b.connections) == 1)
+        on_b = first if b.connections[0].request.path == "/one" else second
+        assert "unhealthy" not in gw.log()
+        sick["b"] = True  # node b fails its checks but keeps serving what it has
+        assert wait_for(lambda: "unhealthy" in gw.log() and b.node in gw.log())
+        counts = which([a, b], gw, 6)
+        assert counts[0] == 6 and counts[1] == 0, (counts, gw.log()[-3000:])
+        on_b.send("still here")
+        assert on_b.recv(timeout=5) == "still here"
