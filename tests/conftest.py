@@ -47,6 +47,16 @@ def wait_port(port: int, timeout: float = 15.0, proc: subprocess.Popen[bytes] | 
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port}")
 
 
+def wait_for(predicate: Callable[[], object], timeout: float = 5.0) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` passes; its last truth."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return bool(predicate())
+
+
 def source_env(**extra: str) -> dict[str, str]:
     """Environment that makes a subprocess run this working tree's code."""
     env = dict(os.environ)

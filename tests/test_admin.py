@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 import urllib.error
 import urllib.request
 
 from websockets.sync.client import connect
 
-from conftest import free_port
+from conftest import free_port, wait_for
 
 
 def get(port: int, path: str) -> tuple[int, dict]:
@@ -47,15 +46,6 @@ def ini(admin: int, nodes: str) -> str:
         path = /**
         upstream = backend
         """
-
-
-def wait_for(predicate, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_healthz_and_readyz_follow_the_nodes(make_upstream, start_gateway):

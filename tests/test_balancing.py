@@ -12,7 +12,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from conftest import free_port
+from conftest import free_port, wait_for
 
 
 def ini(nodes: str, *, upstream: str = "", route: str = "", limits: str = "") -> str:
@@ -39,15 +39,6 @@ def ini(nodes: str, *, upstream: str = "", route: str = "", limits: str = "") ->
         upstream = backend
         {route}
         """
-
-
-def wait_for(predicate, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return False
 
 
 def which(ups, gw, n: int, path: str = "/x", headers: dict[str, str] | None = None) -> collections.Counter:

@@ -6,11 +6,10 @@ upstream; nothing it does reaches or slows the primary.
 from __future__ import annotations
 
 import threading
-import time
 
 from websockets.sync.client import connect
 
-from conftest import free_port
+from conftest import free_port, wait_for
 
 
 def ini(primary: str, mirror: str, limits: str = "") -> str:
@@ -40,15 +39,6 @@ def ini(primary: str, mirror: str, limits: str = "") -> str:
         upstream = primary
         mirror = shadow
         """
-
-
-def wait_for(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_mirror_gets_a_copy_of_every_client_message(make_upstream, start_gateway):

@@ -15,7 +15,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.frames import CloseCode
 from websockets.sync.client import connect
 
-from conftest import free_port, proxy_ini
+from conftest import free_port, proxy_ini, wait_for
 
 MiB = 1024 * 1024
 
@@ -139,7 +139,7 @@ def test_close_code_and_reason_from_client_reach_upstream(echo_gateway):
         ws.send("x")
         ws.recv(timeout=5)
         ws.close(4000, "bye")
-    _wait_for(lambda: up.closes)
+    assert wait_for(lambda: up.closes)
     assert up.closes == [(4000, "bye")]
 
 
@@ -204,7 +204,7 @@ def test_client_vanishing_closes_upstream_promptly(make_upstream, start_gateway)
     gw = start_gateway(proxy_ini(up.node))
     with connect(gw.url + "/") as ws:
         ws.send("hello")
-        _wait_for(lambda: up.connections)
+        assert wait_for(lambda: up.connections)
         ws.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
         ws.socket.close()
         assert seen.wait(5), "upstream connection still open after the client vanished"
@@ -236,16 +236,6 @@ def test_message_over_max_message_size_closes_1009(make_upstream, start_gateway)
             ws.recv(timeout=5)
     assert e.value.rcvd.code == 1009
     assert up.received == ["a" * 1024]
-
-
-def _wait_for(predicate, timeout: float = 5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError("condition not met in time")
 
 
 def test_permessage_deflate_is_declined_on_both_legs(echo_gateway):

@@ -13,6 +13,8 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
+from conftest import wait_for
+
 
 def ini(nodes: str, route: str = "on_upstream_close = reconnect", upstream: str = "") -> str:
     return f"""
@@ -42,15 +44,6 @@ def ini(nodes: str, route: str = "on_upstream_close = reconnect", upstream: str 
         """
 
 
-def wait_for(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
-
-
 @pytest.mark.parametrize("how", ["shutdown-1001", "shutdown-1012", "vanish"])
 def test_killing_a_node_under_100_clients_loses_no_client_and_no_message(make_upstream, start_gateway, how):
     a, b = make_upstream(), make_upstream()
@@ -61,7 +54,7 @@ def test_killing_a_node_under_100_clients_loses_no_client_and_no_message(make_up
         for i, ws in enumerate(clients):
             ws.send(f"c{i}:0")
             assert ws.recv(timeout=10) == f"c{i}:0"
-        assert wait_for(lambda: len(a.connections) == len(b.connections) == n // 2)
+        assert wait_for(lambda: len(a.connections) == len(b.connections) == n // 2, timeout=10)
 
         if how == "vanish":
             # stop listening for real (close() alone would not wake the accepting

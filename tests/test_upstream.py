@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 

@@ -534,19 +534,10 @@ class GatewayServerFactory(WebSocketServerFactory):
     def start_relay(self, proto: GatewayServerProtocol, leg: UpstreamProtocol) -> Relay:
         limits = self.config.limits
         info = ConnInfo(proto.conn_id, proto.route, proto.node, proto.upstream, proto.peer, proto.trace_id)
-        reconnect = None
         route = proto.route
+        reconnect = None
         if route is not None and route.on_upstream_close == "reconnect" and proto.upstream_request is not None:
-            upstream = self.upstreams[route.upstream or ""]
-            request = proto.upstream_request
-            agreed = leg.websocket_protocol_in_use
-            if agreed is not None:
-                # the new leg must speak what the client agreed to
-                request = replace(request, protocols=(agreed,))
-
-            def reconnect(relay: Relay) -> Deferred[None]:
-                return Deferred.fromCoroutine(self._reconnect(relay, info, upstream, request, agreed))
-
+            reconnect = self._reconnector(info, self.upstreams[route.upstream or ""], proto.upstream_request, leg)
         relay = Relay(
             proto.transport,
             leg.transport,
@@ -572,6 +563,19 @@ class GatewayServerFactory(WebSocketServerFactory):
             trace_id=proto.trace_id,
         )
         return relay
+
+    def _reconnector(
+        self, info: ConnInfo, upstream: Upstream[UpstreamProtocol], request: UpstreamRequest, leg: UpstreamProtocol
+    ) -> Callable[[Relay], Deferred[None]]:
+        agreed = leg.websocket_protocol_in_use
+        if agreed is not None:
+            # the new leg must speak what the client agreed to
+            request = replace(request, protocols=(agreed,))
+
+        def reconnect(relay: Relay) -> Deferred[None]:
+            return Deferred.fromCoroutine(self._reconnect(relay, info, upstream, request, agreed))
+
+        return reconnect
 
     async def _reconnect(
         self, relay: Relay, info: ConnInfo, upstream: Upstream[UpstreamProtocol], request: UpstreamRequest, agreed: str | None
