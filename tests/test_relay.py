@@ -897,3 +897,30 @@ def test_no_reconnect_in_the_middle_of_a_message() -> None:
     # 1014 at the frame boundary (a control frame may come between fragments)
     frames = parse_frames(h.client.value())
     assert frames[-1].opcode == OP_CLOSE and frames[-1].close[0] == 1014
+
+
+def test_ping_held_behind_a_large_frame_does_not_make_a_slow_peer_look_dead() -> None:
+    h = make(ping_interval=10, ping_timeout=5)
+    # the upstream starts a 1 MB frame to the client and sends half of it
+    header = u_frame(OP_BINARY, b"x" * 1_000_000)[:10]
+    h.relay.upstream_data(header + b"x" * 500_000)
+    h.clock.advance(10)  # ping time: the client's ping is held behind that frame
+    h.clock.advance(5)  # pong deadline: the ping never left, the client is not judged
+    assert h.client.abort_calls == 0
+    h.relay.upstream_data(b"x" * 500_000)  # the frame ends; the held ping goes out
+    pings = [f for f in parse_frames(h.client.value()) if f.opcode == OP_PING]
+    assert len(pings) == 1
+    h.relay.client_data(c_frame(OP_PONG, pings[0].payload))
+    h.clock.advance(5)
+    assert h.client.abort_calls == 0 and h.upstream.abort_calls == 1  # the upstream never answered its ping
+
+
+def test_a_peer_that_never_answers_is_still_dropped_once_the_ping_is_out() -> None:
+    h = make(ping_interval=10, ping_timeout=5)
+    h.relay.upstream_data(u_frame(OP_BINARY, b"x" * 10, fin=True)[:6])  # a frame in flight...
+    h.clock.advance(10)
+    h.clock.advance(5)
+    assert h.client.abort_calls == 0
+    h.relay.upstream_data(b"x" * 6)  # ...ends, the ping goes out, no pong ever comes
+    h.clock.advance(5)
+    assert h.client.abort_calls == 1

@@ -655,12 +655,26 @@ class Relay:
         self._pong_call = None
         if self.done:
             return
+        # A peer is only judged once our ping has really gone out (it waits
+        # behind a data frame in flight) and it could answer (a peer in the
+        # middle of sending a frame cannot put a pong in it): a slow but
+        # working peer moving a large message is not a dead one.
+        waiting = False
         if not self._pong_from_client and not self.client_lost:
-            self.log.info("client did not answer a ping in time: dropping it")
-            self.client.abortConnection()
+            if self.u2c.in_frame or self.c2u.in_frame:
+                waiting = True
+            else:
+                self.log.info("client did not answer a ping in time: dropping it")
+                self.client.abortConnection()
         if not self._pong_from_upstream and not self.upstream_lost:
-            self.log.warn("upstream did not answer a ping in time: dropping it")
-            self.upstream.abortConnection()
+            if self.c2u.in_frame or self.u2c.in_frame:
+                waiting = True
+            else:
+                self.log.warn("upstream did not answer a ping in time: dropping it")
+                self.upstream.abortConnection()
+        if waiting:
+            self._pong_call = self._clock.callLater(self._ping_timeout, self._check_pongs)
+            return
         if self.closed_by is None:
             self._ping_call = self._clock.callLater(
                 max(self._ping_interval - self._ping_timeout, 0.001), self._ping
