@@ -33,7 +33,7 @@ import pytest
 from websockets.sync.client import connect
 from websockets.sync.server import ServerConnection, serve
 
-from conftest import TWISTD, Gateway, free_port, source_env, wait_port
+from conftest import TWISTD, Gateway, free_port, source_env, wait_for, wait_port
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -289,15 +289,6 @@ def uid(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
-def wait_for(cond: Callable[[], object], timeout: float = 3.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return bool(cond())
-
-
 # -- a raw upstream that records what reaches it --------------------------
 
 
@@ -547,43 +538,35 @@ def _rst_mid_frame_upstream(up: RawUpstream, rc: RawConn, sock: socket.socket) -
     sock.close()  # RST
 
 
-@pytest.fixture(scope="module")
-def strict(tmp_path_factory) -> Iterator[tuple[Gateway, RawUpstream]]:
-    """max_message_size = 1K, no pings, raw recording upstream."""
-    up = RawUpstream({"masked": _masked_frame_upstream, "rst": _rst_mid_frame_upstream})
-    gw = spawn_gateway(
-        tmp_path_factory.mktemp("strict"),
-        edge_ini(up.node, limits="max_message_size = 1K\nping_interval = 0\n"),
-    )
+def _raw_gateway(tmp_path_factory, name: str, limits: str, handlers=None) -> Iterator[tuple[Gateway, RawUpstream]]:
+    up = RawUpstream(handlers)
+    gw = spawn_gateway(tmp_path_factory.mktemp(name), edge_ini(up.node, limits=limits))
     yield gw, up
     gw.stop()
     up.close()
+
+
+@pytest.fixture(scope="module")
+def strict(tmp_path_factory) -> Iterator[tuple[Gateway, RawUpstream]]:
+    """max_message_size = 1K, no pings, raw recording upstream."""
+    yield from _raw_gateway(
+        tmp_path_factory,
+        "strict",
+        "max_message_size = 1K\nping_interval = 0\n",
+        {"masked": _masked_frame_upstream, "rst": _rst_mid_frame_upstream},
+    )
 
 
 @pytest.fixture(scope="module")
 def pinging(tmp_path_factory) -> Iterator[tuple[Gateway, RawUpstream]]:
     """ping_interval = 1, ping_timeout = 1, raw recording upstream (it answers pings)."""
-    up = RawUpstream()
-    gw = spawn_gateway(
-        tmp_path_factory.mktemp("ping"),
-        edge_ini(up.node, limits="ping_interval = 1\nping_timeout = 1\n"),
-    )
-    yield gw, up
-    gw.stop()
-    up.close()
+    yield from _raw_gateway(tmp_path_factory, "ping", "ping_interval = 1\nping_timeout = 1\n")
 
 
 @pytest.fixture(scope="module")
 def idle(tmp_path_factory) -> Iterator[tuple[Gateway, RawUpstream]]:
     """idle_timeout = 1, no pings, raw recording upstream."""
-    up = RawUpstream()
-    gw = spawn_gateway(
-        tmp_path_factory.mktemp("idle"),
-        edge_ini(up.node, limits="idle_timeout = 1\nping_interval = 0\n"),
-    )
-    yield gw, up
-    gw.stop()
-    up.close()
+    yield from _raw_gateway(tmp_path_factory, "idle", "idle_timeout = 1\nping_interval = 0\n")
 
 
 # == 1. handshake statuses (SPEC section 2) ================================
