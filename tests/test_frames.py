@@ -672,3 +672,47 @@ def test_parse_close_reads_oracle_payloads(code: int, reason: str) -> None:
 )
 def test_parse_close_edges(payload: bytes, expected: tuple[int | None, str]) -> None:
     assert parse_close(payload) == expected
+
+
+# -- on_message (the relay's per-message rate check) ----------------------------
+
+
+def test_on_message_is_called_once_per_message_before_its_bytes_go_out() -> None:
+    calls: list[int] = []
+    verdicts = iter([None, None, (1008, "rate limit exceeded")])
+
+    def on_message() -> tuple[int, str] | None:
+        calls.append(s.messages)
+        return next(verdicts)
+
+    s = FrameScanner(masked=True, max_message_size=0, on_control=keep_all, on_message=on_message)
+    m1 = encode_frame(OP_TEXT, b"a", fin=False, mask=True) + encode_frame(OP_PING, b"p", mask=True)
+    m1 += encode_frame(OP_CONT, b"b", fin=False, mask=True) + encode_frame(OP_CONT, b"c", mask=True)
+    m2 = encode_frame(OP_BINARY, b"d" * 200, mask=True)
+    m3 = encode_frame(OP_TEXT, b"refused", mask=True)
+    wire = m1 + m2 + m3
+    out = b"".join(s.feed(wire[i : i + 3]) for i in range(0, len(wire), 3))
+    assert out == m1 + m2
+    assert len(calls) == 3
+    assert s.error == (1008, "rate limit exceeded")
+    assert s.messages == 2
+    assert s.feed(encode_frame(OP_TEXT, b"later", mask=True)) == b""
+
+
+def test_on_message_raising_poisons_the_stream() -> None:
+    def boom() -> tuple[int, str] | None:
+        raise RuntimeError("bug")
+
+    s = FrameScanner(masked=True, max_message_size=0, on_control=keep_all, on_message=boom)
+    with pytest.raises(RuntimeError):
+        s.feed(encode_frame(OP_TEXT, b"x", mask=True))
+    assert s.error == (1011, "internal error")
+    assert s.feed(encode_frame(OP_TEXT, b"y", mask=True)) == b""
+
+
+def test_too_big_is_checked_before_the_rate() -> None:
+    s = FrameScanner(
+        masked=True, max_message_size=10, on_control=keep_all, on_message=lambda: (1008, "rate limit exceeded")
+    )
+    assert s.feed(encode_frame(OP_TEXT, b"x" * 11, mask=True)) == b""
+    assert s.error == (1009, "message too big")

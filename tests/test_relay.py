@@ -924,3 +924,226 @@ def test_a_peer_that_never_answers_is_still_dropped_once_the_ping_is_out() -> No
     h.relay.upstream_data(b"x" * 6)  # ...ends, the ping goes out, no pong ever comes
     h.clock.advance(5)
     assert h.client.abort_calls == 1
+
+
+# -- message rate (messages_per_second) ------------------------------------------
+
+
+def _assert_policy_closed(h: Harness, reason: str, forwarded: bytes) -> None:
+    """1008 with ``reason`` to the client; 1001 upstream after ``forwarded``, as for 1009."""
+    _assert_violation_closes(h, 1008, forwarded)
+    [to_client] = parse_frames(h.client.value())
+    assert to_client.close == (1008, reason)
+    [to_upstream] = parse_frames(h.upstream.value()[len(forwarded) :])
+    assert to_upstream.close == (1001, "client closed")
+    assert h.relay.close_reason == reason
+
+
+def test_burst_of_twice_the_rate_passes_then_the_next_message_closes_1008() -> None:
+    h = make(messages_per_second=5)
+    burst = b"".join(c_frame(OP_TEXT, f"m{i}".encode()) for i in range(10))
+    h.relay.client_data(burst)
+    assert h.upstream.value() == burst and h.client.value() == b""
+    h.relay.client_data(c_frame(OP_TEXT, b"BREACH"))
+    assert b"BREACH" not in h.upstream.value()
+    _assert_policy_closed(h, "rate limit exceeded", burst)
+    assert h.relay.messages_c2u == 10
+    h.relay.client_data(c_frame(OP_TEXT, b"after"))  # nothing more goes up
+    assert len(parse_frames(h.upstream.value())) == 11  # the burst and the close
+    h.lose_both()
+    h.assert_finished()
+
+
+def test_breach_inside_one_read_forwards_only_what_came_before() -> None:
+    h = make(messages_per_second=1)  # burst 2
+    ok = c_frame(OP_BINARY, b"one") + c_frame(OP_BINARY, b"two")
+    h.relay.client_data(ok + c_frame(OP_BINARY, b"three") + c_frame(OP_BINARY, b"four"))
+    _assert_policy_closed(h, "rate limit exceeded", ok)
+    h.lose_both()
+    h.assert_finished()
+
+
+def test_tokens_come_back_at_the_rate() -> None:
+    h = make(messages_per_second=5)
+    for i in range(10):
+        h.relay.client_data(c_frame(OP_TEXT, b"burst"))
+    h.clock.advance(0.2)  # one token
+    h.relay.client_data(c_frame(OP_TEXT, b"refilled"))
+    assert h.relay.closed_by is None and h.relay.messages_c2u == 11
+    h.relay.client_data(c_frame(OP_TEXT, b"too soon"))
+    assert h.relay.close_code == 1008
+
+
+@pytest.mark.parametrize("burst_first", [False, True])
+def test_steady_rate_at_the_limit_never_closes(burst_first: bool) -> None:
+    h = make(messages_per_second=10, idle_timeout=60, ping_interval=25, ping_timeout=10)
+    sent = 0
+    if burst_first:
+        # an empty bucket: from here each message takes the one token that
+        # 0.1 s (summed in floats) brings back
+        for _ in range(20):
+            h.relay.client_data(c_frame(OP_TEXT, b"burst"))
+            sent += 1
+        h.clock.advance(0.1)
+    for _ in range(3000):  # five minutes at exactly 10/s
+        h.relay.client_data(c_frame(OP_TEXT, b"tick"))
+        sent += 1
+        for f in parse_frames(h.client.value()):  # answer the gateway's pings
+            if f.opcode == OP_PING:
+                h.relay.client_data(c_frame(OP_PONG, f.payload))
+        h.client.clear()
+        h.clock.advance(0.1)
+    assert h.relay.closed_by is None
+    assert h.relay.messages_c2u == sent
+
+
+def test_control_frames_do_not_count() -> None:
+    h = make(messages_per_second=1)  # burst 2
+    for _ in range(100):
+        h.relay.client_data(c_frame(OP_PING, b"p") + c_frame(OP_PONG, b"q"))
+    h.relay.client_data(c_frame(OP_TEXT, b"a") + c_frame(OP_TEXT, b"b"))
+    assert h.relay.closed_by is None and h.relay.messages_c2u == 2
+
+
+def test_a_message_in_many_fragments_counts_once() -> None:
+    h = make(messages_per_second=1)  # burst 2
+    wire = b""
+    for m in range(2):
+        wire += c_frame(OP_TEXT, b"f0", fin=False)
+        for i in range(1, 50):
+            wire += c_frame(OP_CONT, b"f%d" % i, fin=(i == 49))
+            if i % 10 == 0:
+                wire += c_frame(OP_PING, b"between")
+    h.relay.client_data(wire)
+    assert h.upstream.value() == wire and h.relay.closed_by is None
+    assert h.relay.messages_c2u == 2
+    third = c_frame(OP_TEXT, b"3rd-start", fin=False)
+    h.relay.client_data(third)
+    assert b"3rd-start" not in h.upstream.value()
+    _assert_policy_closed(h, "rate limit exceeded", wire)
+
+
+def test_a_message_dribbled_byte_by_byte_counts_once() -> None:
+    h = make(messages_per_second=1)  # burst 2
+    wire = c_frame(OP_BINARY, b"x" * 300) + c_frame(OP_TEXT, b"y", fin=False) + c_frame(OP_CONT, b"z")
+    for k in range(len(wire)):
+        h.relay.client_data(wire[k : k + 1])
+    assert h.upstream.value() == wire and h.relay.closed_by is None
+    h.relay.client_data(c_frame(OP_TEXT, b"over")[:3])  # a partial header is not judged yet...
+    assert h.relay.closed_by is None
+    h.relay.client_data(c_frame(OP_TEXT, b"over")[3:])
+    _assert_policy_closed(h, "rate limit exceeded", wire)
+
+
+def test_limit_off_lets_any_rate_through() -> None:
+    h = make(messages_per_second=0)
+    wire = c_frame(OP_TEXT, b"m") * 10_000
+    h.relay.client_data(wire)
+    assert h.upstream.value() == wire and h.relay.closed_by is None
+    assert h.relay.c2u._on_message is None  # nothing runs per message
+
+
+def test_a_slow_rate_still_allows_one_message() -> None:
+    h = make(messages_per_second=0.1)  # 2x would be a burst under one message
+    h.relay.client_data(c_frame(OP_TEXT, b"first"))
+    assert h.relay.closed_by is None
+    h.relay.client_data(c_frame(OP_TEXT, b"second"))
+    assert h.relay.close_code == 1008
+    h.relay.client_connection_lost()
+    h.relay.upstream_connection_lost()
+    h.assert_finished()
+
+
+def test_upstream_messages_are_not_limited() -> None:
+    h = make(messages_per_second=1)
+    wire = u_frame(OP_TEXT, b"push") * 100
+    h.relay.upstream_data(wire)
+    assert h.client.value() == wire and h.relay.closed_by is None
+
+
+# -- token expiry (close_at) -------------------------------------------------------
+
+
+def test_close_at_closes_1008_token_expired_at_that_time_and_not_before() -> None:
+    h = make(close_at=100.0, idle_timeout=600, ping_interval=0)
+    h.clock.advance(99.999)
+    assert h.client.value() == b"" and h.upstream.value() == b""
+    h.clock.advance(0.001)
+    [to_client] = parse_frames(h.client.value())
+    assert to_client.close == (1008, "token expired") and not to_client.masked
+    [to_upstream] = parse_frames(h.upstream.value())
+    assert to_upstream.close == (1001, "client closed") and to_upstream.masked
+    assert (h.relay.closed_by, h.relay.close_code, h.relay.close_reason) == ("gateway", 1008, "token expired")
+    # the client's stream is sound: its close handshake is completed, not cut
+    assert h.client.lose_calls == 0
+    h.relay.client_data(c_frame(OP_TEXT, b"too late"))
+    assert b"too late" not in h.upstream.value()
+    h.relay.client_data(encode_close(1008, "", mask=True))
+    h.relay.upstream_data(encode_close(1001, "", mask=False))
+    h.clock.advance(0)
+    assert h.client.kinds() == ["write", "lose"]
+    assert len(parse_frames(h.upstream.value())) == 1
+    h.relay.upstream_connection_lost()
+    h.relay.client_connection_lost()
+    h.assert_finished()
+    assert h.client.abort_calls == 0 and h.upstream.abort_calls == 0
+
+
+def test_close_at_already_past_closes_on_the_next_turn() -> None:
+    clock = task.Clock()
+    clock.advance(1000)
+    h = make(clock=clock, close_at=900.0)
+    assert h.client.value() == b""  # not from inside the constructor
+    clock.advance(0)
+    assert parse_frames(h.client.value())[0].close == (1008, "token expired")
+
+
+def test_close_at_waits_for_a_frame_in_flight_to_the_client() -> None:
+    h = make(close_at=10.0)
+    frame = u_frame(OP_BINARY, b"x" * 1000)
+    h.relay.upstream_data(frame[:100])
+    h.clock.advance(10)
+    assert h.client.value() == frame[:100]  # the close waits behind the frame
+    h.relay.upstream_data(frame[100:])
+    frames = parse_frames(h.client.value())
+    assert [f.opcode for f in frames] == [OP_BINARY, OP_CLOSE]
+    assert frames[1].close == (1008, "token expired")
+
+
+def test_expiry_timer_is_cancelled_when_the_connection_ends_first() -> None:
+    h = make(close_at=3600.0, ping_interval=25, ping_timeout=10, idle_timeout=600, messages_per_second=5)
+    h.relay.client_data(encode_close(1000, "bye", mask=True))
+    h.relay.upstream_data(encode_close(1000, "bye", mask=False))
+    h.clock.advance(0)
+    h.relay.upstream_connection_lost()
+    h.relay.client_connection_lost()
+    h.assert_finished()  # no delayed call left on the clock
+    assert h.relay.close_code == 1000
+
+
+def test_expiry_timer_is_cancelled_when_the_client_vanishes() -> None:
+    h = make(close_at=3600.0)
+    h.lose_both()
+    h.assert_finished()
+
+
+def test_expiry_during_a_close_in_progress_changes_nothing() -> None:
+    h = make(close_at=10.0, close_timeout=60)
+    h.relay.client_data(encode_close(4000, "bye", mask=True))
+    h.clock.advance(10)
+    assert h.client.value() == b""
+    assert (h.relay.closed_by, h.relay.close_code) == ("client", 4000)
+
+
+def test_expiry_while_reconnecting_stops_the_reconnect() -> None:
+    r = Reconnects()
+    h = make(close_at=10.0, reconnect=r, reconnect_buffer=1 << 20)
+    h.relay.upstream_leg.connectionLost(None)
+    assert h.relay.reconnecting
+    h.clock.advance(10)
+    assert r.cancelled == 1 and not h.relay.reconnecting
+    assert parse_frames(h.client.value())[0].close == (1008, "token expired")
+    h.relay.client_data(encode_close(1008, "", mask=True))
+    h.clock.advance(0)
+    h.relay.client_connection_lost()
+    h.assert_finished()

@@ -18,6 +18,10 @@ MESSAGE_TOO_BIG = 1009
 INTERNAL_ERROR = 1011
 BAD_GATEWAY = 1014
 
+# Fixed reasons of the gateway's policy closes (1008, SPEC section 3)
+REASON_RATE_LIMIT = "rate limit exceeded"
+REASON_TOKEN_EXPIRED = "token expired"
+
 # Handshake statuses (SPEC section 2)
 BAD_REQUEST = 400
 UNAUTHORIZED = 401

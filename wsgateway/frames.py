@@ -166,6 +166,7 @@ class FrameScanner:
         "_header_len",
         "_max",
         "_on_control",
+        "_on_message",
         "_remaining",
         "_held",
         "_in_message",
@@ -184,7 +185,19 @@ class FrameScanner:
         masked: bool,
         max_message_size: int,
         on_control: Callable[[int, bytes], bool],
+        on_message: Callable[[], tuple[int, str] | None] | None = None,
     ) -> None:
+        """
+        @param on_control: called with each complete control frame's opcode
+            and unmasked payload; returns whether to forward it.
+        @param on_message: if given, called once per data message, when the
+            header of its first frame is complete and before any byte of
+            it is handed out. It returns None to let the message through,
+            or a (close code, fixed reason) that stops the stream there like
+            a violation: the message is never forwarded. Continuation and
+            control frames do not call it. Left None, it costs one
+            comparison per message.
+        """
         if max_message_size < 0:
             raise ValueError("max_message_size must be >= 0 (0 = unlimited)")
         self.error = None
@@ -196,6 +209,7 @@ class FrameScanner:
         self._header_len = 6 if masked else 2
         self._max = max_message_size
         self._on_control = on_control
+        self._on_message = on_message
         self._remaining = 0
         self._held = b""
         self._in_message = False
@@ -278,6 +292,7 @@ class FrameScanner:
         mask_bit = self._mask_bit
         header_len = self._header_len
         limit = self._max
+        on_message = self._on_message
         in_message = self._in_message
         message_size = self._message_size
         messages = self.messages
@@ -320,10 +335,31 @@ class FrameScanner:
                             break
                 elif h > n:
                     break
-                size = message_size + ln if op == 0 else ln
-                if limit and size > limit:
-                    err = _E_TOO_BIG
-                    break
+                if op:
+                    # A message's first frame, its header complete: checked
+                    # before a byte of it goes out, once however it is
+                    # fragmented. (Two branches rather than one shared size
+                    # check keep the no-limit path at one extra comparison.)
+                    if limit and ln > limit:
+                        err = _E_TOO_BIG
+                        break
+                    if on_message is not None:
+                        try:
+                            err = on_message()
+                        except BaseException:
+                            # as for on_control: this feed's output is lost
+                            self.error = _E_INTERNAL
+                            self._held = b""
+                            self._pending.clear()
+                            raise
+                        if err is not None:
+                            break
+                    size = ln
+                else:
+                    size = message_size + ln
+                    if limit and size > limit:
+                        err = _E_TOO_BIG
+                        break
                 data_frames += 1
                 if b0 & 0x80:
                     messages += 1

@@ -6,9 +6,10 @@ transport to the other as they arrive, headers checked, payloads untouched
 
 Each direction has a FrameScanner. The relay adds what needs time and both
 legs at once: the close handshake passed through and bounded in time,
-the gateway's own pings per hop, the idle timeout, the gateway's own closes
-(1001, 1002, 1009, 1014) and backpressure, by making each transport the
-streaming producer of the other.
+the gateway's own pings per hop, the idle timeout, the client's message
+rate and token expiry, the gateway's own closes (1001, 1002, 1008, 1009,
+1014) and backpressure, by making each transport the streaming producer of
+the other.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from zope.interface import implementer
 
 from wsgateway import closecodes
 from wsgateway.frames import OP_CLOSE, OP_PING, OP_PONG, FrameScanner, encode_close, encode_frame, parse_close
+from wsgateway.limits import TokenBucket
 
 # Upstream closes after which on_upstream_close = reconnect finds another
 # leg: going away, service restart, try again later (and 1006, a vanished one).
@@ -34,6 +36,10 @@ RECONNECT_CODES = frozenset({1001, 1012, 1013})
 CLIENT = "client"
 UPSTREAM = "upstream"
 GATEWAY = "gateway"
+
+# What the client scanner stops on when the message rate is exceeded: the
+# same path as a too-big message (close to the client, 1001 upstream).
+_RATE_LIMITED = (closecodes.POLICY_VIOLATION, closecodes.REASON_RATE_LIMIT)
 
 
 def set_write_buffer(transport: Any, size: int) -> None:
@@ -136,14 +142,27 @@ class Relay:
         on_done: Callable[[Relay], None] | None = None,
         reconnect: Callable[[Relay], Deferred[None]] | None = None,
         reconnect_buffer: int = 0,
+        messages_per_second: float = 0,
+        close_at: float | None = None,
     ) -> None:
+        """
+        ``messages_per_second`` (0 = off) limits client messages with a token
+        bucket of twice that burst (SPEC ``[limits]``); ``close_at`` is a time
+        on ``clock`` (a token's ``exp``) at which the connection is closed
+        with 1008 "token expired".
+        """
         self.client = client
         self.upstream = upstream
         self._clock = clock
         self._on_done = on_done
         # client -> upstream frames must be masked; the limit protects the
         # upstream and the gateway from clients, not the other way round.
-        self.c2u = FrameScanner(masked=True, max_message_size=max_message_size, on_control=self._from_client)
+        self.c2u = FrameScanner(
+            masked=True,
+            max_message_size=max_message_size,
+            on_control=self._from_client,
+            on_message=_rate_limiter(messages_per_second, clock),
+        )
         self.u2c = FrameScanner(masked=False, max_message_size=0, on_control=self._from_upstream)
         self.bytes_c2u = 0
         self.bytes_u2c = 0
@@ -180,6 +199,11 @@ class Relay:
         self._idle_timeout = idle_timeout
         self._idle_call: IDelayedCall | None = None
         self.started = self._last_activity = clock.seconds()
+        self._expiry_call: IDelayedCall | None = None
+        if close_at is not None:
+            # already past: closed on the next turn, once the caller has
+            # finished wiring this relay up
+            self._expiry_call = clock.callLater(max(close_at - self.started, 0.0), self._expired)
 
         # A mirror gets a copy of the client's frames from a message boundary
         # on; it is never a consumer of the client (it must not slow it down).
@@ -394,6 +418,26 @@ class Relay:
         # The client's stream is unusable now: fail it (RFC 6455 7.1.7) once
         # the close frame is out, rather than wait for an answer.
         self._lose_client()
+        self._close_upstream(closecodes.GOING_AWAY, "client closed")
+
+    def _expired(self) -> None:
+        """
+        The client's token has expired (SPEC section 3): 1008 to the client,
+        1001 upstream as when the gateway closes a client for a violation.
+        Unlike a violation the client's stream is sound, so its close
+        handshake is completed (bounded by close_timeout).
+        """
+        self._expiry_call = None
+        if self.done or self.closed_by is not None:
+            return
+        self.log.info("token expired: closing the connection")
+        self.closed_by = GATEWAY
+        self.close_code = closecodes.POLICY_VIOLATION
+        self.close_reason = closecodes.REASON_TOKEN_EXPIRED
+        if self.reconnecting:
+            # no new upstream for a client that is not allowed in any more
+            self._stop_reconnecting()
+        self._close_client(closecodes.POLICY_VIOLATION, closecodes.REASON_TOKEN_EXPIRED)
         self._close_upstream(closecodes.GOING_AWAY, "client closed")
 
     def _upstream_violation(self, code: int, reason: str) -> None:
@@ -625,7 +669,7 @@ class Relay:
         if self.mirror is not None:
             # it had the client's close too, if there was one; no waiting for it
             self.mirror.loseConnection()
-        for name in ("_close_call", "_ping_call", "_pong_call", "_idle_call"):
+        for name in ("_close_call", "_ping_call", "_pong_call", "_idle_call", "_expiry_call"):
             call = getattr(self, name)
             if call is not None and call.active():
                 call.cancel()
@@ -689,3 +733,24 @@ class Relay:
             self.close(closecodes.GOING_AWAY, "idle timeout")
             return
         self._idle_call = self._clock.callLater(left, self._check_idle)
+
+
+def _rate_limiter(
+    messages_per_second: float, clock: IReactorTime
+) -> Callable[[], tuple[int, str] | None] | None:
+    """
+    The client scanner's per-message check: None (no check at all) when the
+    limit is off, else a closure over a fresh bucket, so the hot path does
+    no attribute lookups and allocates nothing.
+    """
+    if messages_per_second <= 0:
+        return None
+    seconds = clock.seconds
+    # burst = 2x rate (SPEC); at least one message, or a rate under 0.5/s
+    # would refuse every message
+    take = TokenBucket(messages_per_second, max(2.0 * messages_per_second, 1.0), seconds()).take
+
+    def admit() -> tuple[int, str] | None:
+        return None if take(seconds()) else _RATE_LIMITED
+
+    return admit
