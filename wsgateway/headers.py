@@ -1,7 +1,31 @@
 # -*- test-case-name: tests.test_headers -*-
 """
 Which request headers go to the upstream, and the identity and tracing
-headers the gateway adds (SPEC section 2). Pure functions, no reactor.
+headers the gateway adds (SPEC section 2), and the checks that keep all of
+it from splitting into extra lines on the way. Pure functions, no reactor.
+
+Why the checks are this strict (Autobahn 26.10, as pinned):
+
+- Autobahn's client writes the upstream handshake with plain string
+  formatting (name, ": ", value, CRLF; "GET ", resource, " HTTP/1.1"),
+  checking nothing, and sends it encoded as UTF-8
+  (C{WebSocketClientProtocol._actuallyStartHandshake}).
+- Autobahn's server (our client-facing side, and many upstreams) parses a
+  request head with C{data.decode("iso-8859-1").splitlines()}
+  (C{autobahn.websocket.protocol.parseHttpHeader}). C{str.splitlines} ends a
+  line not only at CR and LF but also at VT, FF, FS, GS, RS (0x0b, 0x0c,
+  0x1c-0x1e), NEL (0x85) and, for other decoders, U+2028/U+2029. Each piece
+  with a colon becomes a header, and a repeated header is joined to the
+  earlier one with ", ". So a byte 0x85 inside one header line, which nginx
+  passes on untouched as part of a value, is a second header to Autobahn:
+  a client behind a trusted proxy could append an X-Forwarded-For entry of
+  its choosing. L{check_request_head} refuses such a head on our side.
+- Going out, a value must not carry those characters either, and not as
+  UTF-8 bytes: U+00C5 (A with ring) is C3 85 in UTF-8, and an Autobahn
+  upstream reads the 85 as NEL. So a character whose UTF-8 form contains
+  0x85 is refused like NEL itself. Lone surrogates are refused because
+  the UTF-8 encoding of the request would fail half way through a
+  handshake.
 """
 
 from __future__ import annotations
@@ -69,6 +93,96 @@ _ZERO_SPAN = "0" * 16
 Network = IPv4Network | IPv6Network
 
 
+class HeaderInjection(ValueError):
+    """
+    A name, value or request target the gateway would write into the
+    upstream handshake could be read as more than what it is. The message
+    names the position and code point, never the offending text.
+    """
+
+
+# RFC 7230 section 3.2.6 token: header names and subprotocols.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+# In a value: C0 controls but HTAB, DEL, C1 controls (NEL among them), the
+# Unicode line and paragraph separators, and lone surrogates.
+_BAD_VALUE_CHAR = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+# A request target: visible ASCII only (RFC 3986 wants anything else
+# percent-encoded), which also rules out the space that ends it.
+_RESOURCE = re.compile(r"/[\x21-\x7e]*\Z")
+
+
+def _describe(text: str, pos: int) -> str:
+    return f"U+{ord(text[pos]):04X} at position {pos}"
+
+
+def _check_value(what: str, value: str) -> None:
+    m = _BAD_VALUE_CHAR.search(value)
+    if m is not None:
+        raise HeaderInjection(f"{what}: forbidden character {_describe(value, m.start())}")
+    if not value.isascii():
+        for pos, ch in enumerate(value):
+            if ch >= "\u0080" and b"\x85" in ch.encode("utf-8"):
+                raise HeaderInjection(f"{what}: character {_describe(value, pos)} is NEL once sent as UTF-8")
+
+
+def check_header(name: str, value: str) -> None:
+    """
+    Raise L{HeaderInjection} unless C{name: value} is safe to write as one
+    header line: the name an RFC 7230 token, the value free of control
+    characters (HTAB allowed) and of anything that C{str.splitlines} splits
+    on, whether the upstream reads our UTF-8 as UTF-8 or as Latin-1.
+    """
+    if not _TOKEN.match(name):
+        raise HeaderInjection("header name is not an RFC 7230 token")
+    _check_value(f"header {name}", value)
+
+
+def check_resource(resource: str) -> None:
+    """
+    Raise L{HeaderInjection} unless C{resource} (path and query for the
+    upstream request line) is an origin-form target of visible ASCII.
+    """
+    if not _RESOURCE.match(resource):
+        pos = next((i for i, c in enumerate(resource) if not "\x21" <= c <= "\x7e"), None)
+        where = _describe(resource, pos) if pos is not None else "not starting with /"
+        raise HeaderInjection(f"request target: {where}")
+
+
+def check_subprotocol(protocol: str) -> None:
+    """Raise L{HeaderInjection} unless C{protocol} is a token (RFC 6455 4.1)."""
+    if not _TOKEN.match(protocol):
+        raise HeaderInjection("subprotocol is not an RFC 7230 token")
+
+
+# A raw request head: any byte str.splitlines() would split on (after
+# Autobahn's Latin-1 decoding) other than a CRLF pair, and the other
+# controls but HTAB. CR and LF are allowed only together.
+_BAD_HEAD = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\x85]|\r(?!\n)|(?<!\r)\n")
+_HEAD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+
+
+def check_request_head(raw: bytes) -> None:
+    """
+    Raise L{HeaderInjection} unless C{raw} (the client's request head as
+    Autobahn received it, up to and including the blank line, i.e.
+    C{protocol.http_request_data}) splits into the same lines for Autobahn
+    as for an HTTP proxy in front of us: CRLF line ends only, no byte that
+    C{str.splitlines} also splits on, every header line C{token ":" value}
+    (no obs-fold continuation, no space before the colon: a proxy and
+    Autobahn would disagree about both).
+    """
+    m = _BAD_HEAD.search(raw)
+    if m is not None:
+        raise HeaderInjection(f"request head: forbidden byte 0x{raw[m.start()]:02x} at {m.start()}")
+    if not raw.endswith(b"\r\n\r\n"):
+        raise HeaderInjection("request head: does not end with an empty line")
+    lines = raw[:-4].split(b"\r\n")
+    for n, line in enumerate(lines[1:], start=1):
+        name, colon, _ = line.partition(b":")
+        if not colon or not _HEAD_NAME.match(name):
+            raise HeaderInjection(f"request head: line {n} is not a header field")
+
+
 def request_id(client_value: str | None) -> str:
     """The client's X-Request-ID when it is sane, else a new random one."""
     if client_value and _REQUEST_ID.match(client_value):
@@ -123,12 +237,21 @@ def upstream_headers(
     further lower-case names the gateway owns (the forward_claims headers);
     ``added`` the values the gateway sets for them. Returns the headers, the
     request id and the trace id.
+
+    Raises L{HeaderInjection} when a header that would be written (a
+    client's one passed on, or one in ``added``) is not a token name with a
+    safe value (L{check_header}): the handshake is refused (400), never
+    passed on repaired.
     """
     connection_listed = {
         token.strip().lower() for token in client.get("connection", "").split(",") if token.strip()
     }
     out: dict[str, str] = {}
     for name, value in client.items():
+        # Before any comparison or canonical(): str case mapping outside
+        # ASCII could otherwise make a new name out of an odd one.
+        if not _TOKEN.match(name):
+            raise HeaderInjection("client header name is not an RFC 7230 token")
         if (
             name in HOP_BY_HOP
             or name in HANDSHAKE
@@ -154,4 +277,6 @@ def upstream_headers(
     out["Traceparent"] = tp
     if added:
         out.update(added)
+    for name, value in out.items():
+        check_header(name, value)
     return out, rid, trace_id
