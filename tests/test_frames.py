@@ -711,8 +711,9 @@ def test_on_message_raising_poisons_the_stream() -> None:
 
 
 def test_too_big_is_checked_before_the_rate() -> None:
-    s = FrameScanner(
-        masked=True, max_message_size=10, on_control=keep_all, on_message=lambda: (1008, "rate limit exceeded")
-    )
+    def refuse() -> tuple[int, str] | None:
+        return (1008, "rate limit exceeded")
+
+    s = FrameScanner(masked=True, max_message_size=10, on_control=keep_all, on_message=refuse)
     assert s.feed(encode_frame(OP_TEXT, b"x" * 11, mask=True)) == b""
     assert s.error == (1009, "message too big")
