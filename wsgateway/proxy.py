@@ -13,6 +13,7 @@ no longer looks at the bytes.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -32,9 +33,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from wsgateway import _autobahn, closecodes
+from wsgateway.auth import AuthFailed, Authenticator, Credentials, Identity, check_roles, claim_headers
 from wsgateway.balance import hash_key
 from wsgateway.config import AuthConfig, GatewayConfig, RouteConfig
-from wsgateway.headers import upstream_headers
+from wsgateway.headers import HeaderInjection, check_header, check_resource, upstream_headers
+from wsgateway.limits import ConnectionLimiter, client_ip
+from wsgateway.origins import OriginPolicy
 from wsgateway.relay import Leg, Relay
 from wsgateway.routing import Router, TemplateError, upstream_target
 from wsgateway.upstream import Node, Upstream, UpstreamError, UpstreamRefused, UpstreamRequest
@@ -247,6 +251,15 @@ class ConnInfo:
     upstream: Upstream[Any] | None
     peer: str
     trace_id: str
+    ip: str | None = None  # counted by the limiter until the relay is done
+
+
+# Autobahn's refusal reasons quote request text (a duplicated bearer
+# subprotocol, a resource with its query): never let it into a log line.
+_QUOTED = re.compile(r'"[^"]*"|\'[^\']*\'')
+
+# RFC 6750 section 3: the scheme a 401 asks for
+_BEARER_CHALLENGE = 'Bearer realm="wsgateway"'
 
 
 def _discard(data: bytes) -> None:
@@ -280,6 +293,9 @@ class GatewayServerProtocol(WebSocketServerProtocol):
     upstream: Upstream[UpstreamProtocol] | None = None
     upstream_request: UpstreamRequest | None = None
     trace_id = ""
+    identity: Identity | None = None
+    # the client IP counted by the factory's limiter until the relay takes over
+    admitted_ip: str | None = None
 
     _head_timer: Any = None
 
@@ -334,6 +350,21 @@ class GatewayServerProtocol(WebSocketServerProtocol):
     async def _open_upstream(self, request: ConnectionRequest) -> str | None:
         try:
             return await self.factory.open_upstream(self, request)
+        except AuthFailed as e:
+            self._log.info(
+                "refused {peer} with {status} on route {route}: {why}",
+                peer=self.peer,
+                status=e.status,
+                route=self.route.name if self.route else "-",
+                why=e.why,
+            )
+            headers = [("WWW-Authenticate", _BEARER_CHALLENGE)] if e.status == closecodes.UNAUTHORIZED else []
+            self._deny = (e.status, headers)
+            raise ConnectionDeny(e.status, closecodes.reason_phrase(e.status)) from None
+        except HeaderInjection:
+            self._log.info("refused {peer} with 400: control characters in the request", peer=self.peer)
+            self._deny = (closecodes.BAD_REQUEST, [])
+            raise ConnectionDeny(closecodes.BAD_REQUEST, "Bad Request") from None
         except ConnectionDeny as e:
             self._deny = (e.code, [])
             raise
@@ -361,9 +392,11 @@ class GatewayServerProtocol(WebSocketServerProtocol):
         else:
             # every other malformed upgrade (method, key, HTTP version, headers)
             code = closecodes.BAD_REQUEST
-        self._log.debug("refused {peer}: {code} ({reason})", peer=self.peer, code=code, reason=reason)
+        self._log.debug("refused {peer}: {code} ({reason})", peer=self.peer, code=code, reason=_QUOTED.sub("…", reason))
         self.factory.handshake_refused(self, code)
-        self.wasNotCleanReason = reason
+        # A refusal is an answer, not a failure: Autobahn would log each one
+        # at warn level, quoting its reason, which can carry request text.
+        self.wasClean = True
         self.sendHttpErrorResponse(code, closecodes.reason_phrase(code), headers + [("Content-Length", "0")])
         self.dropConnection(abort=False)
 
@@ -397,6 +430,10 @@ class GatewayServerProtocol(WebSocketServerProtocol):
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._lost = True
         self._cancel_head_timer()
+        if self.admitted_ip is not None:
+            # counted at the handshake, but no relay took the connection over
+            self.factory.limiter.release(self.admitted_ip)
+            self.admitted_ip = None
         if self.relay is not None:
             self.relay.client_connection_lost()
         elif self._handshake is not None and not self._handshake.called:
@@ -437,6 +474,8 @@ class GatewayServerFactory(WebSocketServerFactory):
         reactor: Any,
         clock: IReactorTime,
         secure: bool = False,
+        auth: Authenticator | None = None,
+        limiter: ConnectionLimiter | None = None,
     ) -> None:
         super().__init__(reactor=reactor, server=None)
         self.config = config
@@ -444,6 +483,19 @@ class GatewayServerFactory(WebSocketServerFactory):
         self.upstreams = upstreams
         self.clock = clock
         self.secure = secure
+        self.auth = auth
+        # shared by every listener, so the limits hold for the whole gateway
+        self.limiter = limiter or ConnectionLimiter(
+            config.limits.max_connections, config.limits.max_connections_per_ip
+        )
+        self.origins = OriginPolicy(config.gateway.allowed_origins)
+        self._route_origins = {
+            r.name: OriginPolicy(r.allowed_origins) for r in config.routes if r.allowed_origins is not None
+        }
+        # names the client may not set: the gateway's own claim headers and the API key header
+        self._owned_headers = frozenset(
+            [h.lower() for _, h in config.auth.forward_claims] if config.auth else []
+        ) | (auth.credential_headers if auth is not None else frozenset())
         self.relays: set[Relay] = set()
         # The token parameter is never forwarded (SPEC section 1), with or
         # without an [auth] section: a client may send one regardless.
@@ -474,15 +526,40 @@ class GatewayServerFactory(WebSocketServerFactory):
         return p
 
     async def open_upstream(self, proto: GatewayServerProtocol, request: ConnectionRequest) -> str | None:
+        """
+        The handshake's chain, cheapest refusal first: route (404), Origin
+        (403), connection limits (503/429), credentials (401/403), then the
+        upstream itself.
+        """
         target = proto.http_request_uri
         match = self.router.match(target, request.headers.get("host"), request.headers)
         if match is None:
             raise ConnectionDeny(closecodes.NOT_FOUND, "Not Found")
         route = match.route
         proto.route = route
+        # Autobahn gives "" when the request has no Origin header
+        if not self._route_origins.get(route.name, self.origins).allows(request.origin or None):
+            raise AuthFailed(closecodes.FORBIDDEN, "origin not allowed")
         if route.mode != "proxy" or route.upstream is None:
             # broadcast routes arrive with the broker
             raise ConnectionDeny(closecodes.UNAVAILABLE, "Service Unavailable")
+        trusted = self.config.gateway.trusted_proxies
+        peer_ip = _peer_ip(proto.transport)
+        ip = client_ip(peer_ip, request.headers.get("x-forwarded-for"), trusted) if trusted else peer_ip
+        refused = self.limiter.admit(ip)
+        if refused is not None:
+            raise ConnectionDeny(refused, closecodes.reason_phrase(refused))
+        proto.admitted_ip = ip
+
+        protocols: tuple[str, ...] = tuple(request.protocols)
+        identity = None
+        if self.auth is not None:
+            creds = self.auth.credentials(request.headers, target.partition("?")[2], protocols)
+            protocols = creds.protocols
+            identity = await self.auth.identify(creds, route.auth)
+            check_roles(identity, route.roles)
+            proto.identity = identity
+        claims = identity.claims if identity is not None else None
         try:
             resource = upstream_target(
                 match,
@@ -490,25 +567,25 @@ class GatewayServerFactory(WebSocketServerFactory):
                 strip_prefix=route.strip_prefix,
                 upstream_path=route.upstream_path,
                 drop_query_param=self.token_param,
+                claims=claims,
                 headers=request.headers,
             )
         except TemplateError:
             raise ConnectionDeny(closecodes.BAD_REQUEST, "Bad Request") from None
-        peer_ip = _peer_ip(proto.transport)
+        check_resource(resource)
         headers, _rid, proto.trace_id = upstream_headers(
             request.headers,
             peer_ip=peer_ip,
             secure=self.secure,
-            trusted_proxies=self.config.gateway.trusted_proxies,
+            trusted_proxies=trusted,
             forward_auth=route.forward_auth,
-            extra_identity=frozenset(h.lower() for _, h in self.config.auth.forward_claims)
-            if self.config.auth
-            else frozenset(),
+            extra_identity=self._owned_headers,
+            added=claim_headers(identity, self.config.auth.forward_claims) if self.config.auth else None,
         )
         upstream = self.upstreams[route.upstream]
         ucfg = upstream.config
         key = (
-            hash_key(ucfg.balance, peer_ip=peer_ip, claims=None, headers=request.headers)
+            hash_key(ucfg.balance, peer_ip=ip, claims=claims, headers=request.headers)
             if ucfg.balance.startswith("hash:")
             else None
         )
@@ -516,10 +593,13 @@ class GatewayServerFactory(WebSocketServerFactory):
         ureq = UpstreamRequest(
             resource=resource,
             headers=headers,
-            protocols=tuple(request.protocols),
+            protocols=protocols,
             origin=request.origin,
             useragent=request.headers.get("user-agent"),
         )
+        for name, value in (("Origin", ureq.origin), ("User-Agent", ureq.useragent)):
+            if value is not None:
+                check_header(name, value)  # Autobahn writes these two itself, unchecked
         proto.upstream_request = ureq
         node, leg = await upstream.connect(ureq, key=key, version=version)
         if proto._lost:
@@ -533,7 +613,14 @@ class GatewayServerFactory(WebSocketServerFactory):
 
     def start_relay(self, proto: GatewayServerProtocol, leg: UpstreamProtocol) -> Relay:
         limits = self.config.limits
-        info = ConnInfo(proto.conn_id, proto.route, proto.node, proto.upstream, proto.peer, proto.trace_id)
+        info = ConnInfo(proto.conn_id, proto.route, proto.node, proto.upstream, proto.peer, proto.trace_id,
+                        proto.admitted_ip)
+        proto.admitted_ip = None
+        identity = proto.identity
+        close_at = None
+        if identity is not None and identity.expires is not None and self.config.auth is not None:
+            # the token stays acceptable for the same leeway the handshake allowed
+            close_at = identity.expires + self.config.auth.leeway
         route = proto.route
         reconnect = None
         if route is not None and route.on_upstream_close == "reconnect" and proto.upstream_request is not None:
@@ -549,6 +636,8 @@ class GatewayServerFactory(WebSocketServerFactory):
             ping_timeout=limits.ping_timeout,
             on_done=lambda r: self._relay_done(info, r),
             reconnect=reconnect,
+            messages_per_second=limits.messages_per_second,
+            close_at=close_at,
             reconnect_buffer=self.upstreams[route.upstream].config.reconnect_buffer
             if route is not None and route.upstream
             else 0,
@@ -637,6 +726,9 @@ class GatewayServerFactory(WebSocketServerFactory):
 
     def _relay_done(self, proto: ConnInfo, relay: Relay) -> None:
         self.relays.discard(relay)
+        if proto.ip is not None:
+            self.limiter.release(proto.ip)
+            proto.ip = None
         if proto.node is not None and proto.upstream is not None:
             proto.upstream.release(proto.node, vanished=relay.upstream_vanished)
         self._log.info(
