@@ -351,3 +351,9 @@ def test_claim_headers() -> None:
 def test_keyset_rejects_a_non_jwks_document() -> None:
     with pytest.raises(ValueError):
         KeySet({"nokeys": []})
+
+
+def test_claim_headers_encode_beyond_printable_ascii() -> None:
+    headers = claim_headers(ident({"sub": "Åsa 100%", "name": "a\r\nX-Evil: 1"}),
+                            (("sub", "X-User-Id"), ("name", "X-Name")))
+    assert headers == {"X-User-Id": "%C3%85sa 100%25", "X-Name": "a%0D%0AX-Evil: 1"}

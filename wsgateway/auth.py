@@ -14,7 +14,7 @@ import json
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, quote
 
 import jwt
 from cryptography import x509
@@ -30,6 +30,10 @@ if TYPE_CHECKING:
 # symmetric ("oct") key never comes from a key set: it would let anyone who
 # can read the public JWKS forge tokens.
 _KTY_FOR_ALG = {"RS": "RSA", "PS": "RSA", "ES": "EC", "Ed": "OKP"}
+
+
+# printable ASCII but "%": what claim headers carry unencoded
+_HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
 
 
 class AuthFailed(Exception):
@@ -127,7 +131,10 @@ def claim_headers(identity: Identity | None, forward: Iterable[tuple[str, str]])
     """
     The ``forward_claims`` headers for the upstream. Lists are joined with
     commas, objects sent as compact JSON; a claim the token lacks sends no
-    header (the client's own copy is dropped regardless).
+    header (the client's own copy is dropped regardless). Values are
+    percent-encoded UTF-8 beyond printable ASCII (and ``%`` itself), so
+    "Åsa" travels as ``%C3%85sa``: raw UTF-8 could hold the byte 0x85,
+    which an upstream's parser may take for a line break.
     """
     out: dict[str, str] = {}
     if identity is None:
@@ -144,7 +151,7 @@ def claim_headers(identity: Identity | None, forward: Iterable[tuple[str, str]])
             text = ",".join(str(v) for v in value)
         else:
             text = json.dumps(value, separators=(",", ":"), sort_keys=True)
-        out[header] = text
+        out[header] = quote(text, safe=_HEADER_SAFE)
     return out
 
 

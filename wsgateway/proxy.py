@@ -36,7 +36,14 @@ from wsgateway import _autobahn, closecodes
 from wsgateway.auth import AuthFailed, Authenticator, Credentials, Identity, check_roles, claim_headers
 from wsgateway.balance import hash_key
 from wsgateway.config import AuthConfig, GatewayConfig, RouteConfig
-from wsgateway.headers import HeaderInjection, check_header, check_resource, upstream_headers
+from wsgateway.headers import (
+    HeaderInjection,
+    check_header,
+    check_request_head,
+    check_resource,
+    check_subprotocol,
+    upstream_headers,
+)
 from wsgateway.limits import ConnectionLimiter, client_ip
 from wsgateway.origins import OriginPolicy
 from wsgateway.relay import Leg, Relay
@@ -531,6 +538,9 @@ class GatewayServerFactory(WebSocketServerFactory):
         (403), connection limits (503/429), credentials (401/403), then the
         upstream itself.
         """
+        # Lines Autobahn split differently from a proxy in front of us (a NEL
+        # byte inside a value) could smuggle in a forged X-Forwarded-For.
+        check_request_head(proto.http_request_data)
         target = proto.http_request_uri
         match = self.router.match(target, request.headers.get("host"), request.headers)
         if match is None:
@@ -597,9 +607,12 @@ class GatewayServerFactory(WebSocketServerFactory):
             origin=request.origin,
             useragent=request.headers.get("user-agent"),
         )
+        # Autobahn writes these itself, unchecked
         for name, value in (("Origin", ureq.origin), ("User-Agent", ureq.useragent)):
             if value is not None:
-                check_header(name, value)  # Autobahn writes these two itself, unchecked
+                check_header(name, value)
+        for p in protocols:
+            check_subprotocol(p)
         proto.upstream_request = ureq
         node, leg = await upstream.connect(ureq, key=key, version=version)
         if proto._lost:
