@@ -25,6 +25,7 @@ from wsgateway.routing import (
     TemplateError,
     check_host,
     check_template,
+    has_dot_segments,
     compile_pattern,
     query_params,
     render_template,
@@ -862,3 +863,22 @@ def test_property_host_port_and_case(name: str, port: int | None) -> None:
     assert winner([Route("r", "/**", host=name)], "/", header) == "r"
     assert winner([Route("w", "/**", host="*." + name)], "/", "sub." + header) == "w"
     assert winner([Route("w", "/**", host="*." + name)], "/", header) is None
+
+
+@pytest.mark.parametrize(
+    ("path", "dotted"),
+    [
+        ("/open/../auth", True),
+        ("/open/%2e%2E/auth", True),
+        ("/a/.%2e/b", True),
+        ("/a/..%2fb", True),
+        ("/a/..\\b", True),
+        ("/a/./b", True),
+        ("/a/.", True),
+        ("/a/x..y/b.c", False),
+        ("/a/b?next=../x", False),
+        ("/a/b%20c", False),
+    ],
+)
+def test_dot_segments(path: str, dotted: bool) -> None:
+    assert has_dot_segments(path) is dotted

@@ -400,7 +400,12 @@ def describe_error(e: BaseException) -> str:
     if isinstance(e, (error.ConnectionDone, error.ConnectionLost)):
         return "connection closed"
     if type(e).__module__.startswith("OpenSSL"):
-        return "TLS handshake failed"
+        # OpenSSL's own fixed reasons, e.g. "certificate verify failed"
+        reasons = [str(a[-1]) for a in (e.args[0] if e.args and isinstance(e.args[0], list) else [])
+                   if isinstance(a, tuple) and a]
+        return "TLS handshake failed" + (f": {', '.join(reasons)}" if reasons else "")
+    if type(e).__module__.startswith("service_identity"):
+        return "TLS handshake failed: the certificate does not match the host name"
     status = getattr(e, "status", None)
     if isinstance(status, int):  # upstream.UpstreamRefused, duck-typed (no import cycle)
         return f"handshake refused: status {status}"

@@ -36,6 +36,7 @@ from wsgateway import _autobahn, closecodes
 from wsgateway.auth import AuthFailed, Authenticator, Credentials, Identity, check_roles, claim_headers
 from wsgateway.balance import hash_key
 from wsgateway.config import AuthConfig, GatewayConfig, RouteConfig
+from wsgateway.health import describe_error
 from wsgateway.headers import (
     HeaderInjection,
     check_header,
@@ -47,7 +48,7 @@ from wsgateway.headers import (
 from wsgateway.limits import ConnectionLimiter, client_ip
 from wsgateway.origins import OriginPolicy
 from wsgateway.relay import Leg, Relay
-from wsgateway.routing import Router, TemplateError, upstream_target
+from wsgateway.routing import Router, TemplateError, has_dot_segments, upstream_target
 from wsgateway.upstream import Node, Upstream, UpstreamError, UpstreamRefused, UpstreamRequest
 
 _autobahn.install()
@@ -116,7 +117,10 @@ class UpstreamProtocol(WebSocketClientProtocol):
                 if self.refused_status is not None:
                     d.errback(UpstreamRefused(self.refused_status))
                 else:
-                    d.errback(UpstreamFailed("connection closed during the upstream handshake"))
+                    d.errback(UpstreamFailed(
+                        f"connection closed during the upstream handshake ({describe_error(reason.value)})"
+                        if reason is not None else "connection closed during the upstream handshake"
+                    ))
         super().connectionLost(reason)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
@@ -523,6 +527,9 @@ class GatewayServerFactory(WebSocketServerFactory):
             maxMessagePayloadSize=limits.max_message_size,
             maxConnections=0,
             trustXForwardedFor=0,
+            # Origin is ours to judge (OriginPolicy): Autobahn would refuse
+            # "null" itself, with a 400
+            allowNullOrigin=True,
             requireMaskedClientFrames=True,
             tcpNoDelay=True,
         )
@@ -542,6 +549,8 @@ class GatewayServerFactory(WebSocketServerFactory):
         # byte inside a value) could smuggle in a forged X-Forwarded-For.
         check_request_head(proto.http_request_data)
         target = proto.http_request_uri
+        if has_dot_segments(target):
+            raise ConnectionDeny(closecodes.BAD_REQUEST, "Bad Request")
         match = self.router.match(target, request.headers.get("host"), request.headers)
         if match is None:
             raise ConnectionDeny(closecodes.NOT_FOUND, "Not Found")

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
-from urllib.parse import parse_qsl, quote as _urlquote, unquote_plus
+from urllib.parse import parse_qsl, quote as _urlquote, unquote, unquote_plus
 
 __all__ = [
     "PathPattern",
@@ -290,6 +290,24 @@ def check_host(host: str | None) -> None:
 
 
 # ------------------------------------------------------------------ routing
+
+
+def has_dot_segments(path: str) -> bool:
+    """
+    Whether a raw path (query allowed) holds a ``.`` or ``..`` segment, also
+    percent-encoded or hidden behind an encoded slash or a backslash. Routes
+    match the raw path, but a backend may normalise it: ``/open/../admin``
+    would be routed by its ``/open`` prefix and served as ``/admin``.
+    """
+    path = path.partition("?")[0]
+    if "." not in path and "%" not in path:
+        return False  # the common case
+    for segment in path.split("/"):
+        if "." in segment or "%" in segment:
+            for part in unquote(segment).replace("\\", "/").split("/"):
+                if part in (".", ".."):
+                    return True
+    return False
 
 
 @dataclass(frozen=True)
