@@ -80,7 +80,8 @@ class JSONLinesObserver:
         level = event.get("log_level", LogLevel.info)
         out: dict[str, Any] = {
             "time": formatTime(event.get("log_time"), timeFormat="%Y-%m-%dT%H:%M:%S.%f%z"),
-            "level": level.name if isinstance(level, LogLevel) else str(level),
+            # LogLevel's members are NamedConstants, not LogLevel instances
+            "level": getattr(level, "name", str(level)),
             "event": formatEvent(event),
             "node_id": self._node_id,
             "logger": event.get("log_namespace", ""),
