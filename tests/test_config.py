@@ -937,6 +937,11 @@ BAD_FILES = {
                                "No such file or directory"],
     "bad_endpoint.ini": ["[gateway] listen: invalid endpoint 'tpc:0:interface=127.0.0.1': "
                          "Unknown endpoint type: 'tpc'"],
+    "ssl_missing_files.ini": [
+        "[gateway] listen: invalid endpoint "
+        "'ssl:0:interface=127.0.0.1:privateKey=no-such-key.pem:certKey=no-such-cert.pem': "
+        f"privateKey {BAD / 'no-such-key.pem'}: cannot read: No such file or directory; "
+        f"certKey {BAD / 'no-such-cert.pem'}: cannot read: No such file or directory"],
     "bad_path_pattern.ini": ["[route:chat] path: bad path pattern '/chat/{room': '{' without '}' in segment 2"],
     "hs_rs_mix.ini": ["[auth] algorithms: HS256 and RS256 cannot be mixed: an HMAC secret must never verify an "
                       "asymmetric token"],

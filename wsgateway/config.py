@@ -673,6 +673,16 @@ class _Loader:
         if kind == "ssl" and not any(k == "privateKey" for k, _ in parts):
             raise _Bad(f"invalid endpoint {desc!r}: ssl needs privateKey=KEY.pem (and certKey=CERT.pem)")
         resolved = _join_endpoint(parts) if parts != _split_endpoint(desc) else desc
+        if kind == "ssl":
+            # The daemon builds ssl: listeners itself (wsgateway.tls, reloadable
+            # on SIGHUP): check them with that same code, whose messages name
+            # the file and the problem (missing, not PEM, key not matching).
+            from wsgateway.tls import check_listen
+
+            try:
+                check_listen(resolved)
+            except ValueError as e:
+                raise _Bad(f"invalid endpoint {desc!r}: {e}") from None
         try:
             serverFromString(None, resolved)  # type: ignore[arg-type]  # parses (loads ssl files), never binds
         except Exception as e:

@@ -6,6 +6,8 @@ The service tree: listeners, the demo backend, and an ordered, graceful stop.
 from __future__ import annotations
 
 import ipaddress
+import signal
+import threading
 from typing import Any
 
 import autobahn
@@ -23,7 +25,7 @@ from twisted.internet.endpoints import (
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 
-from wsgateway import closecodes
+from wsgateway import closecodes, tls
 from wsgateway.admin import admin_site
 from wsgateway.config import GatewayConfig, UpstreamConfig
 from wsgateway.proxy import GatewayServerFactory, UpstreamConnector, UpstreamProtocol
@@ -129,6 +131,8 @@ class GatewayService(MultiService):
                 HealthChecker(up.config, up.nodes, reactor, probe).setServiceParent(self)
         self.factories: list[GatewayServerFactory] = []
         self.listeners: list[Any] = []
+        self.tls: list[tls.ReloadableServerTLS] = []  # one per ssl: listener, for reload()
+        self._previous_sighup: Any = None
         self.draining = False
         if config.admin is not None:
             site = admin_site(
@@ -154,7 +158,12 @@ class GatewayService(MultiService):
                 secure=desc.split(":", 1)[0] in ("ssl", "tls"),
             )
             self.factories.append(factory)
-            listener = strports.service(desc, factory, reactor=reactor)
+            if tls.is_ssl(desc):
+                # built by wsgateway.tls, not strports: its certificate can be swapped on SIGHUP
+                listener, reloadable = tls.server_service(desc, factory, reactor)
+                self.tls.append(reloadable)
+            else:
+                listener = strports.service(desc, factory, reactor=reactor)
             listener.setServiceParent(self)
             self.listeners.append(listener)
 
@@ -171,7 +180,24 @@ class GatewayService(MultiService):
         )
         if not USES_NVX:
             self.log.warn("Autobahn's NVX acceleration is not active: handshakes will cost more CPU")
+        # Before the listeners start: once the gateway listens, SIGHUP reloads
+        # (twistd installs no SIGHUP handler, and the default one kills the process).
+        self._previous_sighup = _on_signal("SIGHUP", self.reactor, self.reload)
         super().startService()
+
+    def reload(self) -> None:
+        """
+        SIGHUP's work, run in the reactor thread. For now it re-reads the
+        certificate files of every ssl: listener (new connections get the new
+        certificate, open ones are untouched; a bad file keeps the old one).
+        Re-reading the whole INI (SPEC section 9) is to be added here.
+        """
+        if not self.tls:
+            self.log.info("SIGHUP: no ssl: listener, nothing to reload")
+            return
+        self.log.info("SIGHUP: reloading the TLS certificates of {n} ssl: listener(s)", n=len(self.tls))
+        for reloadable in self.tls:
+            reloadable.reload()  # logs its own outcome, never raises
 
     def stopService(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._stop())
@@ -201,10 +227,40 @@ class GatewayService(MultiService):
         rest = [svc for svc in self if svc not in self.listeners]
         await DeferredList([Deferred.fromCoroutine(_maybe(svc.stopService())) for svc in rest])
         self.running = 0
+        # Last, so a SIGHUP during the drain still reloads instead of killing us.
+        if self._previous_sighup is not None:
+            _restore_signal("SIGHUP", self._previous_sighup)
+            self._previous_sighup = None
         # twistd re-raises the stopping signal at exit (so SIGTERM ends in
         # status -15); after an orderly drain SPEC section 9 wants status 0.
         if getattr(self.reactor, "_exitSignal", None) is not None:
             self.reactor._exitSignal = None
+
+
+def _on_signal(name: str, reactor: Any, work: Any) -> Any:
+    """
+    Call C{work()} in the reactor thread each time signal C{name} arrives;
+    returns the handler it replaced (None when it installed nothing).
+
+    The way twistd rotates its log on SIGUSR1: the Python-level handler runs
+    between two bytecodes of whatever the reactor thread was doing, so it
+    only queues the work with C{callFromThread}, which is safe there and
+    wakes the reactor up.
+    """
+    signum = getattr(signal, name, None)
+    if signum is None or threading.current_thread() is not threading.main_thread():
+        return None  # no such signal here (Windows), or not the main thread (signal.signal would fail)
+
+    def handler(number: int, frame: Any) -> None:
+        reactor.callFromThread(work)
+
+    previous = signal.signal(signum, handler)
+    return signal.SIG_DFL if previous is None else previous  # None: a handler not set from Python
+
+
+def _restore_signal(name: str, previous: Any) -> None:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(getattr(signal, name), previous)
 
 
 async def _maybe(result: Any) -> None:
