@@ -6,18 +6,25 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= etc/wsgateway.ini
+# Where the self-signed development certificate of etc/wsgateway.ini's TLS
+# listener lives (var/ is git-ignored: no private key is ever committed).
+TLS_DIR ?= var/tls
 SOURCES := setup.cfg pyproject.toml $(shell find wsgateway twisted -name '*.py' 2>/dev/null)
 PYTEST_ARGS ?=
 # Debian packages the test suite needs (command -> package)
 SYSDEPS ?=
 
-.PHONY: run test check bench sysdeps clean
+.PHONY: run test check devcert bench sysdeps clean
 
-run: $(BIN)/.installed
+run: $(BIN)/.installed devcert
 	$(BIN)/twistd -n --pidfile= wsgateway --config $(CONFIG)
 
-check: $(BIN)/.installed
+check: $(BIN)/.installed devcert
 	$(BIN)/wsgateway-check $(CONFIG)
+
+# Creates $(TLS_DIR)/key.pem (mode 0600) and cert.pem on first use; never overwrites.
+devcert: $(BIN)/.installed
+	$(BIN)/python -m wsgateway.selfsigned $(TLS_DIR)
 
 test: $(BIN)/.installed-test sysdeps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -30,6 +30,7 @@ from wsgateway.config import (
     load,
     main,
 )
+from wsgateway.selfsigned import ensure
 
 ROOT = Path(__file__).resolve().parent.parent
 BAD = ROOT / "tests" / "data" / "bad"
@@ -72,20 +73,39 @@ def one_problem(folder: Path, text: str, **kw: object) -> str:
     return found[0]
 
 
-def run_check(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_check(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("WSGW_")}
     environ.update(env or {})
-    return subprocess.run([sys.executable, "-m", "wsgateway.config", *args], cwd=ROOT, env=environ,
+    environ["PYTHONPATH"] = str(ROOT) + (os.pathsep + environ["PYTHONPATH"] if environ.get("PYTHONPATH") else "")
+    return subprocess.run([sys.executable, "-m", "wsgateway.config", *args], cwd=cwd, env=environ,
                           capture_output=True, text=True, timeout=60)
 
 
 # ------------------------------------------------------------ etc/wsgateway.ini
 
 
-def test_example_config_loads() -> None:
-    config = load(str(EXAMPLE), {})
-    assert config.path == str(EXAMPLE)
-    assert config.gateway.listen == ("tcp:8080:interface=127.0.0.1",)
+@pytest.fixture
+def checkout(tmp_path: Path) -> Path:
+    """
+    The example config in the checkout's layout, etc/wsgateway.ini beside
+    var/tls/ holding the development certificate its TLS listener uses
+    (what `make run` creates on first start; never committed).
+    """
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "wsgateway.ini").write_text(EXAMPLE.read_text())
+    assert ensure(tmp_path / "var" / "tls")
+    return tmp_path
+
+
+def test_example_config_loads(checkout: Path) -> None:
+    example = checkout / "etc" / "wsgateway.ini"
+    config = load(str(example), {})
+    assert config.path == str(example)
+    tls = checkout / "var" / "tls"
+    assert config.gateway.listen == (
+        "tcp:8080:interface=127.0.0.1",
+        f"ssl:8443:interface=127.0.0.1:privateKey={tls}/key.pem:certKey={tls}/cert.pem",
+    )
     assert config.admin == AdminSection(listen=("tcp:9090:interface=127.0.0.1",), token=None)
     assert config.demo == DemoConfig(listen=("tcp:8081:interface=127.0.0.1",))
     assert (config.auth, config.redis) == (None, None)
@@ -108,10 +128,19 @@ def test_example_config_lists_every_key_of_every_section() -> None:
         assert set(known) <= keys, (kind, set(known) - keys)
 
 
-def test_example_config_check_script() -> None:
-    result = run_check("etc/wsgateway.ini")
+def test_example_config_check_script(checkout: Path) -> None:
+    result = run_check("etc/wsgateway.ini", cwd=checkout)
     assert (result.returncode, result.stderr) == (0, "")
     assert result.stdout == "etc/wsgateway.ini: OK, 2 routes, 1 upstream\n"
+
+
+def test_example_config_without_the_development_certificate(checkout: Path) -> None:
+    (checkout / "var" / "tls" / "cert.pem").unlink()
+    result = run_check("etc/wsgateway.ini", cwd=checkout)
+    assert result.returncode == 1
+    cert = checkout / "var" / "tls" / "cert.pem"
+    assert result.stderr.startswith("etc/wsgateway.ini: [gateway] listen: invalid endpoint 'ssl:8443:")
+    assert f"certKey {cert}: cannot read: No such file or directory" in result.stderr
 
 
 # ---------------------------------------------------------------- defaults
@@ -169,10 +198,13 @@ def test_config_is_frozen_hashable_and_comparable(tmp_path: Path) -> None:
     assert {first.upstreams["demo"].nodes[0]}  # nodes are hashable: usable as dict keys
 
 
-def test_importing_config_does_not_install_a_reactor() -> None:
+def test_importing_config_does_not_install_a_reactor(checkout: Path) -> None:
+    # loading the example also checks its ssl: listener through wsgateway.tls
     code = ("import sys, wsgateway.config as c; c.load('etc/wsgateway.ini', {}); "
+            "assert 'wsgateway.tls' in sys.modules; "
             "assert 'twisted.internet.reactor' not in sys.modules")
-    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=60).returncode == 0
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    assert subprocess.run([sys.executable, "-c", code], cwd=checkout, env=env, timeout=60).returncode == 0
 
 
 # ------------------------------------------------------------- value types

@@ -8,11 +8,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import time
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 from websockets.exceptions import ConnectionClosed
@@ -23,15 +26,32 @@ from conftest import ROOT, TWISTD, free_port, proxy_ini, source_env, wait_port
 BAD = sorted((ROOT / "tests" / "data" / "bad").glob("*.ini"))
 
 
-def default_config(tmp_path: Path) -> tuple[Path, int]:
-    """etc/wsgateway.ini as shipped, on free ports."""
+def default_config(tmp_path: Path) -> tuple[Path, int, int]:
+    """
+    etc/wsgateway.ini as shipped, on free ports, in the checkout's layout:
+    TMP/etc/wsgateway.ini beside TMP/var/tls/ with the self-signed
+    certificate `make run` creates -> (INI path, ws port, wss port).
+    """
     text = (ROOT / "etc" / "wsgateway.ini").read_text()
-    gw, demo, admin = free_port(), free_port(), free_port()
+    gw, demo, admin, tls = free_port(), free_port(), free_port(), free_port()
     text = text.replace("tcp:8080:", f"tcp:{gw}:").replace("tcp:8081:", f"tcp:{demo}:")
     text = text.replace("127.0.0.1:8081", f"127.0.0.1:{demo}").replace("tcp:9090:", f"tcp:{admin}:")
-    path = tmp_path / "wsgateway.ini"
+    assert "ssl:8443:" in text
+    text = text.replace("ssl:8443:", f"ssl:{tls}:")
+    subprocess.run([sys.executable, "-m", "wsgateway.selfsigned", str(tmp_path / "var" / "tls")], check=True,
+                   capture_output=True, env=source_env())
+    path = tmp_path / "etc" / "wsgateway.ini"
+    path.parent.mkdir()
     path.write_text(text)
-    return path, gw
+    return path, gw, tls
+
+
+def wss_echo_client(port: int, ca_file: Path) -> Any:
+    """wss://localhost:PORT/echo (dialled on 127.0.0.1), trusting only ``ca_file``."""
+    ctx = ssl.create_default_context(cafile=str(ca_file))
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    # close_timeout: a clean close over TLS takes the gateway's 5 s close timer
+    return connect(f"wss://localhost:{port}/echo", sock=sock, ssl=ctx, close_timeout=0.5)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +86,7 @@ def test_plain_install_twistd_lists_and_runs_the_plugin(fresh_install, tmp_path)
     assert out.returncode == 0
     assert "wsgateway" in out.stdout
 
-    config, port = default_config(tmp_path)
+    config, port, tls_port = default_config(tmp_path)
     proc = subprocess.Popen(
         [str(twistd), "-n", "--pidfile=", "wsgateway", "--config", str(config)],
         cwd=tmp_path,
@@ -79,6 +99,9 @@ def test_plain_install_twistd_lists_and_runs_the_plugin(fresh_install, tmp_path)
         with connect(f"ws://127.0.0.1:{port}/echo") as ws:
             ws.send("through a plain install")
             assert ws.recv(timeout=5) == "through a plain install"
+        with wss_echo_client(tls_port, tmp_path / "var" / "tls" / "cert.pem") as ws:
+            ws.send("through a plain install, over tls")
+            assert ws.recv(timeout=5) == "through a plain install, over tls"
     finally:
         proc.terminate()
         proc.wait(20)
@@ -86,13 +109,18 @@ def test_plain_install_twistd_lists_and_runs_the_plugin(fresh_install, tmp_path)
 
 
 def test_default_config_serves_echo_and_chat_out_of_the_box(tmp_path, start_gateway):
-    config, port = default_config(tmp_path)
-    gw = start_gateway(config.read_text(), port=port)
+    config, port, tls_port = default_config(tmp_path)
+    # start_gateway writes the INI into tmp_path itself: point it at var/tls/ directly
+    tls_dir = tmp_path / "var" / "tls"
+    gw = start_gateway(config.read_text().replace("../var/tls/", f"{tls_dir}/"), port=port)
     with connect(f"{gw.url}/echo") as ws:
         ws.send("hello")
         assert ws.recv(timeout=5) == "hello"
         ws.send(b"\x01\x02")
         assert ws.recv(timeout=5) == b"\x01\x02"
+    with wss_echo_client(tls_port, tls_dir / "cert.pem") as ws:
+        ws.send("hello over tls")
+        assert ws.recv(timeout=5) == "hello over tls"
     with connect(f"{gw.url}/chat/lobby") as alice, connect(f"{gw.url}/chat/lobby") as bob:
         # join notices first: alice sees her own and bob's, bob sees his own
         assert json.loads(alice.recv(timeout=5))["event"] == "join"

@@ -14,7 +14,9 @@ import os
 import signal
 import socket
 import ssl
+import stat
 import subprocess
+import sys
 import threading
 import warnings
 from collections.abc import Callable
@@ -23,6 +25,7 @@ from typing import Any
 
 import pytest
 import trustme
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from websockets.sync.client import ClientConnection, connect
 
@@ -313,6 +316,57 @@ def test_bad_tls_files_stop_twistd_before_it_listens(problem, tmp_path, ca):
     assert "Traceback" not in out.stderr
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+# -- the development certificate ----------------------------------------------------
+
+
+def selfsigned(folder: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "wsgateway.selfsigned", str(folder)], capture_output=True,
+                          text=True, env=source_env(), timeout=60)
+
+
+def test_selfsigned_creates_a_private_key_and_a_certificate_once(tmp_path):
+    folder = tmp_path / "var" / "tls"
+    made = selfsigned(folder)
+    assert made.returncode == 0, made.stderr
+    key, cert = folder / "key.pem", folder / "cert.pem"
+    assert f"wrote {key}" in made.stdout
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    certificate = x509.load_pem_x509_certificate(cert.read_bytes())
+    private = serialization.load_pem_private_key(key.read_bytes(), None)
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert certificate.public_key().public_bytes(*spki) == private.public_key().public_bytes(*spki)
+    sans = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {str(n.value) for n in sans} == {"localhost", "127.0.0.1", "::1"}
+    assert certificate.issuer == certificate.subject
+
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (key, cert)}
+    again = selfsigned(folder)
+    assert again.returncode == 0 and "kept" in again.stdout
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (key, cert)} == before
+
+
+def test_selfsigned_never_overwrites_half_a_pair(tmp_path):
+    folder = tmp_path / "tls"
+    folder.mkdir()
+    (folder / "key.pem").write_text("an operator's key\n")
+    out = selfsigned(folder)
+    assert out.returncode == 1
+    assert "not overwriting" in out.stderr
+    assert (folder / "key.pem").read_text() == "an operator's key\n"
+    assert not (folder / "cert.pem").exists()
+
+
+def test_selfsigned_certificate_serves_wss_for_localhost_and_127_0_0_1(tmp_path, make_upstream, start_gateway):
+    folder = tmp_path / "tls"
+    assert selfsigned(folder).returncode == 0
+    up = make_upstream()
+    gw = start_gateway(tls_ini(up.node, ssl_listen(folder / "key.pem", folder / "cert.pem")))
+    ctx = ssl.create_default_context(cafile=str(folder / "cert.pem"))
+    for host in ("localhost", "127.0.0.1"):
+        with wss(gw.port, ctx, host=host) as ws:
+            echo(ws, f"dev certificate via {host}")
 
 
 # -- the listen syntax ----------------------------------------------------------------
