@@ -1086,3 +1086,11 @@ def test_values_can_be_built_by_hand_with_spec_defaults() -> None:
     config = GatewayConfig(path="x.ini")
     assert config.limits == Limits() and config.queue.backend == "sqlite" and config.routes == ()
     assert config.upstreams == {} and hash(config)
+
+
+def test_api_keys_file_is_checked_without_quoting_a_key(tmp_path: Path) -> None:
+    (tmp_path / "keys").write_text("# raw key pasted by mistake\nsk-live-1234 billing\n")
+    assert problems(tmp_path, "[auth]\napi_keys_file = keys\n") == [
+        "[auth] api_keys_file: 'keys' line 2: the first field must be the key's SHA-256 as 64 hex digits "
+        "(e.g. printf %s KEY | sha256sum), never the key itself"
+    ]

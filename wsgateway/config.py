@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from twisted.internet.endpoints import serverFromString
 
+from wsgateway.auth import load_api_keys
 from wsgateway.routing import PatternError, check_host, check_template, compile_pattern, template_fields
 
 __all__ = [
@@ -848,6 +849,11 @@ def _auth(loader: _Loader, sec: _Section) -> AuthConfig:
             _check_public_key(sec, public_key_file, algorithms)
         if jwks_file and sec.ok("jwks_file"):
             _check_jwks(sec, jwks_file)
+        if api_keys_file and sec.ok("api_keys_file"):
+            try:
+                load_api_keys(api_keys_file)
+            except (ValueError, OSError) as e:
+                sec.error("api_keys_file", f"{os.path.basename(api_keys_file)!r} {e}")
     if jwks_ca and not jwks_url and sec.ok("jwks_url"):
         sec.error("jwks_ca", "set, but jwks_url is not")
     return AuthConfig(

@@ -27,7 +27,10 @@ from twisted.logger import Logger
 
 from wsgateway import closecodes, tls
 from wsgateway.admin import admin_site
-from wsgateway.config import GatewayConfig, UpstreamConfig
+from wsgateway.auth import Authenticator, TokenVerifier, load_api_keys, load_jwks_file, load_public_key
+from wsgateway.config import AuthConfig, GatewayConfig, UpstreamConfig
+from wsgateway.jwks import JwksFetcher
+from wsgateway.limits import ConnectionLimiter
 from wsgateway.proxy import GatewayServerFactory, UpstreamConnector, UpstreamProtocol
 from wsgateway.routing import Router
 from wsgateway.health import HealthChecker, make_probe
@@ -99,6 +102,24 @@ class UpstreamEndpoints:
         return ep
 
 
+def _authenticator(cfg: AuthConfig, reactor: Any, parent: MultiService) -> Authenticator:
+    """The [auth] keys, loaded once here (config.py has already checked that they load)."""
+    api_keys = load_api_keys(cfg.api_keys_file) if cfg.api_keys_file else None
+    if cfg.jwks_url:
+        verifier = TokenVerifier(cfg)
+        fetcher = JwksFetcher(
+            cfg.jwks_url, reactor=reactor, clock=reactor, refresh=cfg.jwks_refresh, ca_path=cfg.jwks_ca,
+            on_keys=lambda keys: setattr(verifier, "keys", keys),
+        )
+        fetcher.setServiceParent(parent)
+        return Authenticator(cfg, verifier, api_keys, fetcher.refresh_for_unknown_kid)
+    if cfg.jwks_file:
+        verifier = TokenVerifier(cfg, keys=load_jwks_file(cfg.jwks_file))
+    else:
+        verifier = TokenVerifier(cfg, public_key=load_public_key(cfg.public_key_file) if cfg.public_key_file else None)
+    return Authenticator(cfg, verifier, api_keys)
+
+
 class GatewayService(MultiService):
     """
     Root of the tree. Children start in order (demo backend, then the
@@ -129,6 +150,9 @@ class GatewayService(MultiService):
                     timeout=up.config.health_timeout,
                 )
                 HealthChecker(up.config, up.nodes, reactor, probe).setServiceParent(self)
+        self.auth = _authenticator(config.auth, reactor, self) if config.auth is not None else None
+        # one limiter for every listener: max_connections is for the whole gateway
+        self.limiter = ConnectionLimiter(config.limits.max_connections, config.limits.max_connections_per_ip)
         self.factories: list[GatewayServerFactory] = []
         self.listeners: list[Any] = []
         self.tls: list[tls.ReloadableServerTLS] = []  # one per ssl: listener, for reload()
@@ -156,6 +180,8 @@ class GatewayService(MultiService):
                 reactor=reactor,
                 clock=reactor,
                 secure=desc.split(":", 1)[0] in ("ssl", "tls"),
+                auth=self.auth,
+                limiter=self.limiter,
             )
             self.factories.append(factory)
             if tls.is_ssl(desc):
@@ -180,6 +206,11 @@ class GatewayService(MultiService):
         )
         if not USES_NVX:
             self.log.warn("Autobahn's NVX acceleration is not active: handshakes will cost more CPU")
+        if not self.config.gateway.allowed_origins:
+            self.log.warn(
+                "[gateway] allowed_origins is not set: any web page may open WebSockets here with its "
+                "visitors' cookies (cross-site WebSocket hijacking); list your sites' origins"
+            )
         # Before the listeners start: once the gateway listens, SIGHUP reloads
         # (twistd installs no SIGHUP handler, and the default one kills the process).
         self._previous_sighup = _on_signal("SIGHUP", self.reactor, self.reload)
