@@ -96,7 +96,8 @@ class JwksFetcher(Service):
         )
         self._loop = LoopingCall(self._scheduled)
         self._loop.clock = clock
-        self._inflight: Deferred[bool] | None = None
+        self._inflight: Deferred[None] | None = None
+        self._waiters: list[Deferred[bool]] = []
         self._last_kid_fetch = float("-inf")
 
     def startService(self) -> None:
@@ -113,19 +114,21 @@ class JwksFetcher(Service):
             self._inflight.cancel()
 
     def _scheduled(self) -> None:
-        self.fetch()
+        self.fetch()  # never errbacks; the result is only for waiters
 
     def fetch(self) -> Deferred[bool]:
-        """Fetch now (sharing a fetch already in flight); fires True when new keys are in place."""
-        if self._inflight is not None:
-            d: Deferred[bool] = Deferred()
-            self._inflight.addBoth(lambda r: (d.callback(r is True), r)[1])
-            return d
-        self._inflight = Deferred.fromCoroutine(self._fetch())
-        self._inflight.addTimeout(FETCH_TIMEOUT, self.clock)
-        self._inflight.addErrback(self._failed)
-        self._inflight.addBoth(self._settled)
-        return self._inflight
+        """
+        Fetch now; fires True when new keys are in place, False when the
+        fetch failed (never errbacks). Callers during a fetch share it.
+        """
+        if self._inflight is None:
+            d: Deferred[bool] = Deferred.fromCoroutine(self._fetch())
+            d.addTimeout(FETCH_TIMEOUT, self.clock)
+            d.addErrback(self._failed)
+            self._inflight = d.addCallback(self._settled)
+        waiter: Deferred[bool] = Deferred()
+        self._waiters.append(waiter)
+        return waiter
 
     async def refresh_for_unknown_kid(self) -> bool:
         """The Authenticator's hook: refetch unless one was done too recently."""
@@ -157,11 +160,13 @@ class JwksFetcher(Service):
         self.log.warn(
             "could not fetch the JWKS from {url}: {error}; keeping {state} and retrying",
             url=self.url,
-            error=f.getErrorMessage() or f.type.__name__,
+            error=f.getErrorMessage() or repr(f.value),
             state="the cached keys" if self.keys is not None else "no keys (tokens are refused)",
         )
         return False
 
-    def _settled(self, result: Any) -> Any:
+    def _settled(self, result: bool) -> None:
         self._inflight = None
-        return result
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            w.callback(result)
