@@ -123,9 +123,11 @@ class JwksFetcher(Service):
         """
         if self._inflight is None:
             d: Deferred[bool] = Deferred.fromCoroutine(self._fetch())
+            # set before the callbacks: a fetch that fails at once settles synchronously
+            self._inflight = d  # type: ignore[assignment]
             d.addTimeout(FETCH_TIMEOUT, self.clock)
             d.addErrback(self._failed)
-            self._inflight = d.addCallback(self._settled)
+            d.addCallback(self._settled)
         waiter: Deferred[bool] = Deferred()
         self._waiters.append(waiter)
         return waiter
