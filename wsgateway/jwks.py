@@ -96,7 +96,7 @@ class JwksFetcher(Service):
         )
         self._loop = LoopingCall(self._scheduled)
         self._loop.clock = clock
-        self._inflight: Deferred[None] | None = None
+        self._inflight: Deferred[bool] | None = None
         self._waiters: list[Deferred[bool]] = []
         self._last_kid_fetch = float("-inf")
 
@@ -121,15 +121,16 @@ class JwksFetcher(Service):
         Fetch now; fires True when new keys are in place, False when the
         fetch failed (never errbacks). Callers during a fetch share it.
         """
+        waiter: Deferred[bool] = Deferred()
+        # before the fetch starts: one that fails at once settles synchronously
+        self._waiters.append(waiter)
         if self._inflight is None:
             d: Deferred[bool] = Deferred.fromCoroutine(self._fetch())
-            # set before the callbacks: a fetch that fails at once settles synchronously
-            self._inflight = d  # type: ignore[assignment]
-            d.addTimeout(FETCH_TIMEOUT, self.clock)
+            # marked before the callbacks, which run at once if it already failed
+            self._inflight = d
+            d.addTimeout(FETCH_TIMEOUT, self.clock)  # cancels the request itself
             d.addErrback(self._failed)
             d.addCallback(self._settled)
-        waiter: Deferred[bool] = Deferred()
-        self._waiters.append(waiter)
         return waiter
 
     async def refresh_for_unknown_kid(self) -> bool:
