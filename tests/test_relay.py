@@ -60,6 +60,12 @@ class FakeTransport(StringTransport):
         self.events.append(("lose",))
         super().loseConnection()
 
+    def unregisterProducer(self) -> None:
+        # like Twisted's TCP and TLS transports: a no-op without a producer
+        # (StringTransport raises)
+        self.producer = None
+        self.streaming = None
+
     def abortConnection(self) -> None:
         self.abort_calls += 1
         self.events.append(("abort",))

@@ -74,10 +74,7 @@ def trusting(*cas: trustme.CA) -> ssl.SSLContext:
 def wss(port: int, ctx: ssl.SSLContext, path: str = "/", host: str = "localhost") -> ClientConnection:
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     try:
-        # close_timeout: after a clean close handshake over TLS the gateway
-        # drops TCP only when its close timer fires (5 s, with or without
-        # wsgateway.tls); closing is not what these tests are about.
-        return connect(f"wss://{host}:{port}{path}", sock=sock, ssl=ctx, open_timeout=10, close_timeout=0.5,
+        return connect(f"wss://{host}:{port}{path}", sock=sock, ssl=ctx, open_timeout=10, close_timeout=10,
                        compression=None)
     except BaseException:
         sock.close()
@@ -203,6 +200,19 @@ def test_clients_offering_only_tls_1_0_or_1_1_are_refused(version, tls_gateway, 
     with pytest.raises(ssl.SSLError):
         handshake(tls_gateway.port, version)
     assert tls_gateway.proc.poll() is None
+
+
+def test_a_clean_close_over_tls_ends_the_connection_at_once(tls_gateway, ca):
+    # Twisted's TLS transport holds its close_notify while a producer is
+    # registered; the relay used to leave the other leg registered, so the
+    # connection lasted until its 5 s close timer aborted it.
+    with wss(tls_gateway.port, trusting(ca), "/closing") as ws:
+        echo(ws, "bye")
+    assert wait_for(lambda: "closed " in tls_gateway.log(), 10)
+    line = next(line for line in tls_gateway.log().splitlines() if "closed " in line)
+    assert "code=1000 closed_by=client" in line
+    duration = float(line.split("duration=")[1].split()[0])
+    assert duration < 4.0, line  # the close timer (5 s) did not have to fire
 
 
 def test_tls_1_2_and_1_3_are_accepted(tls_gateway):

@@ -116,6 +116,17 @@ class _Overflow:
         pass
 
 
+
+def _lose(transport: Any) -> None:
+    """
+    loseConnection, after unregistering the other leg as its producer: a TLS
+    transport (Twisted's TLSMemoryBIOProtocol) does not send its close_notify
+    while a producer is registered, so a wss:// client would wait for our
+    close until the close timer aborted the connection.
+    """
+    transport.unregisterProducer()
+    transport.loseConnection()
+
 class Relay:
     """
     One proxied connection after both handshakes.
@@ -287,14 +298,14 @@ class Relay:
         self.client.write(chunk)
         self._budget_client = budget - len(chunk)
         if self._budget_client == 0 and self._lose_client_after:
-            self.client.loseConnection()
+            _lose(self.client)
 
     def _owed_to_upstream(self, out: bytes, budget: int) -> None:
         chunk = out if len(out) <= budget else out[:budget]
         self.upstream.write(chunk)
         self._budget_upstream = budget - len(chunk)
         if self._budget_upstream == 0 and self._lose_upstream_after:
-            self.upstream.loseConnection()
+            _lose(self.upstream)
 
     @property
     def messages_c2u(self) -> int:
@@ -343,7 +354,7 @@ class Relay:
                 # the upstream is going away (restart, overload): complete its
                 # close handshake and find another leg; the client sees nothing
                 self.upstream.write(encode_close(code, "", mask=True))
-                self.upstream.loseConnection()
+                _lose(self.upstream)
                 self._start_reconnect(vanished=False)
                 return False
             self.close_from_upstream = True
@@ -498,7 +509,7 @@ class Relay:
         if self._budget_client:
             self._lose_client_after = True
         else:
-            self.client.loseConnection()
+            _lose(self.client)
 
     def _lose_upstream(self) -> None:
         if self.upstream_lost:
@@ -506,7 +517,7 @@ class Relay:
         if self._budget_upstream:
             self._lose_upstream_after = True
         else:
-            self.upstream.loseConnection()
+            _lose(self.upstream)
 
     def _start_close_timer(self) -> None:
         if self._close_call is None and self._close_timeout > 0:
@@ -668,7 +679,7 @@ class Relay:
             self._stop_reconnecting()
         if self.mirror is not None:
             # it had the client's close too, if there was one; no waiting for it
-            self.mirror.loseConnection()
+            _lose(self.mirror)
         for name in ("_close_call", "_ping_call", "_pong_call", "_idle_call", "_expiry_call"):
             call = getattr(self, name)
             if call is not None and call.active():
