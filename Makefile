@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 # Debian packages the test suite needs (command -> package)
 SYSDEPS ?=
 
-.PHONY: run test check devcert bench sysdeps clean
+.PHONY: run test check devcert bench bench-auth sysdeps clean
 
 run: $(BIN)/.installed devcert
 	$(BIN)/twistd -n --pidfile= wsgateway --config $(CONFIG)
@@ -59,6 +59,15 @@ bench: $(BIN)/.installed
 	  GATEWAY_CMD="$(CURDIR)/$(BIN)/twistd -n --pidfile= wsgateway --config $(CURDIR)/bench/gateway.ini" \
 	  GATEWAY_URL=ws://127.0.0.1:9500/ws REPS=$${REPS:-3} \
 	  bash ../shared/bench/run.sh $${TARGETS:-direct nginx1 gin twisted-relay gateway}
+
+# Handshakes (scenario e) with HS256 JWT authentication on, against the same peers.
+bench-auth: $(BIN)/.installed
+	TOKEN=$$($(BIN)/python -c "import jwt, time; print(jwt.encode({'sub': 'bench', 'exp': int(time.time()) + 86400}, \
+	  'wsgateway-bench-only-secret-0123456789', algorithm='HS256'))") && \
+	PATH="$(CURDIR)/$(BIN):$$PATH" TWISTD=$(CURDIR)/$(BIN)/twistd PYTHON=$(CURDIR)/$(BIN)/python \
+	  GATEWAY_CMD="$(CURDIR)/$(BIN)/twistd -n --pidfile= wsgateway --config $(CURDIR)/bench/gateway-auth.ini" \
+	  GATEWAY_URL="ws://127.0.0.1:9500/ws?access_token=$$TOKEN" REPS=$${REPS:-3} SCENARIOS=e \
+	  bash ../shared/bench/run.sh $${TARGETS:-nginx1 twisted-relay gateway}
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info var

@@ -307,6 +307,10 @@ class TokenVerifier:
     def verify(self, token: str) -> Identity:
         if not self.algorithms:
             raise AuthFailed(closecodes.UNAUTHORIZED, "JWTs are not accepted here")
+        if self._static is not None:
+            # one key for every pinned algorithm: PyJWT checks the header's alg
+            # against the list itself (the header is parsed once, not twice)
+            return self._decode(token, self._static, self.algorithms)
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
@@ -315,20 +319,21 @@ class TokenVerifier:
         if not isinstance(alg, str) or alg not in self.algorithms:
             raise AuthFailed(closecodes.UNAUTHORIZED, "algorithm not allowed")
         key: Any
-        if self._static is not None:
-            key = self._static
-        elif self.keys is not None:
+        if self.keys is not None:
             kid = header.get("kid")
             key = self.keys.key_for(kid if isinstance(kid, str) else None, alg)  # may raise UnknownKey
         else:
             # a jwks_url whose first fetch has not landed: the Authenticator's
             # refetch is the way out
             raise UnknownKey(header.get("kid"))
+        return self._decode(token, key, (alg,))
+
+    def _decode(self, token: str, key: Any, algorithms: Sequence[str]) -> Identity:
         try:
             claims = jwt.decode(
                 token,
                 key=key,
-                algorithms=[alg],
+                algorithms=list(algorithms),
                 audience=self.cfg.audience,
                 issuer=self.cfg.issuer,
                 leeway=self.cfg.leeway,
