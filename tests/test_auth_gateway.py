@@ -15,6 +15,8 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
+from conftest import proxy_ini, wait_for
+
 SECRET = "k" * 32
 API_KEY = "svc-key-3f9a0c1d2e"
 
@@ -128,3 +130,12 @@ def test_a_debug_log_holds_no_credential(gateway: tuple[Any, Any]) -> None:
     assert '"closed' in log or "closed" in log
     for secret in (tok, tok.split(".")[2], SECRET, API_KEY, "c00k1e"):
         assert secret not in log
+
+
+def test_no_origin_list_is_warned_about_at_start(gateway: tuple[Any, Any], start_gateway: Any,
+                                                 make_upstream: Any) -> None:
+    listed, _up = gateway
+    unlisted = start_gateway(proxy_ini(make_upstream().node))
+    assert wait_for(lambda: "allowed_origins is not set" in unlisted.log())
+    assert "cross-site WebSocket hijacking" in unlisted.log()
+    assert "allowed_origins is not set" not in listed.log()
