@@ -109,35 +109,30 @@ def start_gateway(tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
     started: list[Gateway] = []
 
     def start(body: str, *, port: int | None = None, scheme_port: int | None = None, env: dict[str, str] | None = None) -> Gateway:
-        port = port or free_port()
-        ini = tmp_path / f"gw-{len(started)}.ini"
-        ini.write_text(textwrap.dedent(body).replace("{port}", str(port)))
-        log_path = tmp_path / f"gw-{len(started)}.log"
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(
-                [TWISTD, "-n", "--pidfile=", "wsgateway", "--config", str(ini)],
-                cwd=tmp_path,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=source_env(**(env or {})),
-            )
-        gw = Gateway(port=port, proc=proc, log_path=log_path, ini_path=ini)
-        started.append(gw)
-        try:
-            wait_port(scheme_port or port, proc=proc)
-        except Exception:
-            gw.stop()
-            raise RuntimeError(f"gateway did not start:\n{gw.log()}") from None
-        return gw
+        return spawn_gateway(tmp_path, textwrap.dedent(body), env=env, name=f"gw-{len(started)}", port=port,
+                             scheme_port=scheme_port, on_spawn=started.append)
 
     yield start
     for gw in started:
         gw.stop()
 
 
-def spawn_gateway(tmpdir: Path, body: str, *, env: dict[str, str] | None = None, name: str = "gw") -> Gateway:
-    """Like ``start_gateway``, for module- and session-scoped fixtures; the caller stops it."""
-    port = free_port()
+def spawn_gateway(
+    tmpdir: Path,
+    body: str,
+    *,
+    env: dict[str, str] | None = None,
+    name: str = "gw",
+    port: int | None = None,
+    scheme_port: int | None = None,
+    on_spawn: Callable[[Gateway], object] | None = None,
+) -> Gateway:
+    """
+    Like ``start_gateway``, for module- and session-scoped fixtures; the
+    caller stops it. ``{port}`` in the body becomes the gateway's port;
+    ``scheme_port`` is the port to wait for when that is another listener.
+    """
+    port = port or free_port()
     ini = tmpdir / f"{name}.ini"
     ini.write_text(body.replace("{port}", str(port)))
     log_path = tmpdir / f"{name}.log"
@@ -150,8 +145,10 @@ def spawn_gateway(tmpdir: Path, body: str, *, env: dict[str, str] | None = None,
             env=source_env(**(env or {})),
         )
     gw = Gateway(port=port, proc=proc, log_path=log_path, ini_path=ini)
+    if on_spawn is not None:
+        on_spawn(gw)
     try:
-        wait_port(port, proc=proc)
+        wait_port(scheme_port or port, proc=proc)
     except Exception:
         gw.stop()
         raise RuntimeError(f"gateway did not start:\n{gw.log()}") from None
