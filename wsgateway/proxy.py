@@ -49,6 +49,7 @@ from wsgateway.limits import ConnectionLimiter, client_ip
 from wsgateway.origins import OriginPolicy
 from wsgateway.relay import Leg, Relay
 from wsgateway.routing import Router, TemplateError, has_dot_segments, upstream_target
+from wsgateway.stats import Connection, GatewayStats
 from wsgateway.upstream import Node, Upstream, UpstreamError, UpstreamRefused, UpstreamRequest
 
 _autobahn.install()
@@ -487,6 +488,7 @@ class GatewayServerFactory(WebSocketServerFactory):
         secure: bool = False,
         auth: Authenticator | None = None,
         limiter: ConnectionLimiter | None = None,
+        stats: GatewayStats | None = None,
     ) -> None:
         super().__init__(reactor=reactor, server=None)
         self.config = config
@@ -499,6 +501,7 @@ class GatewayServerFactory(WebSocketServerFactory):
         self.limiter = limiter or ConnectionLimiter(
             config.limits.max_connections, config.limits.max_connections_per_ip
         )
+        self.stats = stats or GatewayStats()
         self.origins = OriginPolicy(config.gateway.allowed_origins)
         self._route_origins = {
             r.name: OriginPolicy(r.allowed_origins) for r in config.routes if r.allowed_origins is not None
@@ -665,6 +668,17 @@ class GatewayServerFactory(WebSocketServerFactory):
             else 0,
         )
         self.relays.add(relay)
+        self.stats.opened(Connection(
+            conn_id=proto.conn_id,
+            route=route.name if route is not None else "",
+            upstream=(route.upstream or "") if route is not None else "",
+            node=proto.node.url if proto.node else "",
+            peer=proto.peer,
+            trace_id=proto.trace_id,
+            subject=identity.subject if identity is not None else None,
+            started=relay.started,
+            relay=relay,
+        ))
         self._log.debug(
             "open {conn_id} route={route} node={node} peer={peer} trace_id={trace_id}",
             conn_id=proto.conn_id,
@@ -748,6 +762,7 @@ class GatewayServerFactory(WebSocketServerFactory):
 
     def _relay_done(self, proto: ConnInfo, relay: Relay) -> None:
         self.relays.discard(relay)
+        self.stats.closed(relay, relay.close_code)
         if proto.ip is not None:
             self.limiter.release(proto.ip)
             proto.ip = None
@@ -774,6 +789,7 @@ class GatewayServerFactory(WebSocketServerFactory):
         )
 
     def handshake_refused(self, proto: GatewayServerProtocol, status: int) -> None:
+        self.stats.handshake(proto.route.name if proto.route else None, status)
         if status >= 500:
             self._log.warn(
                 "refused {peer} with {status} on route {route}",

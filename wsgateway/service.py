@@ -33,6 +33,7 @@ from wsgateway.jwks import JwksFetcher
 from wsgateway.limits import ConnectionLimiter
 from wsgateway.proxy import GatewayServerFactory, UpstreamConnector, UpstreamProtocol
 from wsgateway.routing import Router
+from wsgateway.stats import GatewayStats
 from wsgateway.health import HealthChecker, make_probe
 from wsgateway.upstream import Node, Upstream, UpstreamRequest
 
@@ -153,6 +154,7 @@ class GatewayService(MultiService):
         self.auth = _authenticator(config.auth, reactor, self) if config.auth is not None else None
         # one limiter for every listener: max_connections is for the whole gateway
         self.limiter = ConnectionLimiter(config.limits.max_connections, config.limits.max_connections_per_ip)
+        self.stats = GatewayStats()
         self.factories: list[GatewayServerFactory] = []
         self.listeners: list[Any] = []
         self.tls: list[tls.ReloadableServerTLS] = []  # one per ssl: listener, for reload()
@@ -182,6 +184,7 @@ class GatewayService(MultiService):
                 secure=desc.split(":", 1)[0] in ("ssl", "tls"),
                 auth=self.auth,
                 limiter=self.limiter,
+                stats=self.stats,
             )
             self.factories.append(factory)
             if tls.is_ssl(desc):
