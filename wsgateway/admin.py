@@ -1,41 +1,100 @@
 # -*- test-case-name: tests.test_admin -*-
 """
-The admin port (SPEC section 6), as far as it goes so far: ``/healthz``
-and ``/readyz``. Metrics, the dashboard and the token-protected
-``/admin/*`` API come with the operations issue.
+The admin port (SPEC section 6): ``/healthz``, ``/readyz``, ``/metrics``,
+the dashboard at ``/``, and the bearer-token ``/admin/*`` JSON API.
+
+Every resource reads the gateway through a ``GatewayView`` at request time,
+never a copy taken at startup: a SIGHUP reload swaps routes and upstreams.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
+from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from wsgateway.config import RouteConfig
 from wsgateway.health import eligible_nodes
+from wsgateway.logs import LEVELS
+from wsgateway.stats import C2U, U2C, GatewayStats
 from wsgateway.upstream import Upstream
 
+MAX_BODY = 64 * 1024  # admin requests are tiny JSON documents
 
-class _JSON(Resource):
+
+class GatewayView(Protocol):
+    """What the admin port needs of the running gateway (GatewayService provides it)."""
+
+    @property
+    def routes(self) -> Sequence[RouteConfig]: ...
+
+    @property
+    def upstreams(self) -> Mapping[str, Upstream[Any]]: ...
+
+    stats: GatewayStats
+    draining: bool
+
+    def listening(self) -> bool: ...
+
+    def now(self) -> float: ...
+
+    def set_log_level(self, level: str) -> None: ...
+
+
+class JSONResource(Resource):
     isLeaf = True
 
-    def answer(self, request: Request, status: int, body: dict[str, Any]) -> bytes:
+    def answer(self, request: Request, status: int, body: Any) -> bytes:
         request.setResponseCode(status)
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"cache-control", b"no-store")
         return json.dumps(body, indent=1).encode("utf-8") + b"\n"
 
+    def error(self, request: Request, status: int, message: str) -> bytes:
+        return self.answer(request, status, {"error": message})
 
-class Healthz(_JSON):
+
+class Healthz(JSONResource):
     """200 while the process runs: for liveness probes."""
 
     def render_GET(self, request: Request) -> bytes:
         return self.answer(request, 200, {"status": "ok"})
 
 
-class Readyz(_JSON):
+def upstreams_view(view: GatewayView) -> dict[str, Any]:
+    now = view.now()
+    return {
+        name: {"ready": bool(eligible_nodes(up.nodes, now)), "balance": up.config.balance, "nodes": up.snapshot()}
+        for name, up in view.upstreams.items()
+    }
+
+
+def routes_view(view: GatewayView) -> list[dict[str, Any]]:
+    active = view.stats.active()
+    traffic = view.stats.traffic()
+    out = []
+    for r in view.routes:
+        t = traffic.get(r.name)
+        out.append({
+            "name": r.name,
+            "path": r.path,
+            "host": r.host,
+            "mode": r.mode,
+            "upstream": r.upstream,
+            "auth": r.auth,
+            "connections": active.get(r.name, 0),
+            "messages": {C2U: t.messages[C2U] if t else 0, U2C: t.messages[U2C] if t else 0},
+            "bytes": {C2U: t.bytes[C2U] if t else 0, U2C: t.bytes[U2C] if t else 0},
+        })
+    return out
+
+
+class Readyz(JSONResource):
     """
     200 ``ready`` when the gateway listens and every upstream has a node a
     new connection may use; else 503 ``unready``, or ``draining`` once a
@@ -43,38 +102,172 @@ class Readyz(_JSON):
     ejected, draining) and the reason of its last failure.
     """
 
-    def __init__(
-        self, upstreams: dict[str, Upstream[Any]], listening: Callable[[], bool], draining: Callable[[], bool], now: Callable[[], float]
-    ) -> None:
+    def __init__(self, view: GatewayView) -> None:
         super().__init__()
-        self._upstreams = upstreams
-        self._listening = listening
-        self._draining = draining
-        self._now = now
+        self.view = view
 
     def render_GET(self, request: Request) -> bytes:
-        now = self._now()
-        upstreams = {}
-        all_have_nodes = True
-        for name, up in self._upstreams.items():
-            usable = bool(eligible_nodes(up.nodes, now))
-            all_have_nodes &= usable
-            upstreams[name] = {"ready": usable, "nodes": up.snapshot()}
-        if self._draining():
+        upstreams = upstreams_view(self.view)
+        if self.view.draining:
             status = "draining"
-        elif self._listening() and all_have_nodes:
+        elif self.view.listening() and all(u["ready"] for u in upstreams.values()):
             status = "ready"
         else:
             status = "unready"
         return self.answer(request, 200 if status == "ready" else 503, {"status": status, "upstreams": upstreams})
 
 
-def admin_site(
-    upstreams: dict[str, Upstream[Any]], *, listening: Callable[[], bool], draining: Callable[[], bool], now: Callable[[], float]
-) -> Site:
+class AdminAPI(Resource):
+    """
+    ``/admin/*``: every request needs ``Authorization: Bearer TOKEN``,
+    compared in constant time; 401 otherwise (with no hint which part was
+    wrong). Without a configured token this tree is not mounted at all.
+    """
+
+    log = Logger()
+
+    def __init__(self, view: GatewayView, token: str) -> None:
+        super().__init__()
+        self.view = view
+        self._token = token.encode()
+        self._handlers: dict[tuple[bytes, tuple[bytes, ...]], Callable[[Request, tuple[bytes, ...]], Any]] = {}
+        self.route(b"GET", (b"routes",), lambda req, _: routes_view(self.view))
+        self.route(b"GET", (b"upstreams",), lambda req, _: upstreams_view(self.view))
+        self.route(b"GET", (b"connections",), self._connections)
+        self.route(b"PUT", (b"log-level",), self._log_level)
+        self.route(b"POST", (b"upstreams", b"*", b"drain"), self._drain)
+        self.route(b"POST", (b"upstreams", b"*", b"undrain"), self._undrain)
+
+    def route(self, method: bytes, path: tuple[bytes, ...], handler: Callable[[Request, tuple[bytes, ...]], Any]) -> None:
+        """Add an endpoint; ``*`` in ``path`` matches one segment, handed to the handler."""
+        self._handlers[(method, path)] = handler
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        return self
+
+    def render(self, request: Request) -> bytes:
+        leaf = JSONResource()
+        if not self._authorized(request):
+            request.setHeader(b"www-authenticate", b'Bearer realm="wsgateway-admin"')
+            return leaf.error(request, 401, "a valid admin bearer token is required")
+        segments = tuple(s for s in request.postpath if s)
+        found = self._find(request.method, segments)
+        if found is None:
+            known = any(self._find(m, segments) for m in (b"GET", b"PUT", b"POST"))
+            if known:
+                return leaf.error(request, 405, "method not allowed")
+            return leaf.error(request, 404, "no such admin endpoint")
+        handler, args = found
+        try:
+            result = handler(request, args)
+        except _Refused as e:
+            return leaf.error(request, e.status, e.message)
+        return leaf.answer(request, 200, result)
+
+    def _authorized(self, request: Request) -> bool:
+        scheme, _, value = (request.getHeader(b"authorization") or "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), self._token)
+
+    def _find(
+        self, method: bytes, segments: tuple[bytes, ...]
+    ) -> tuple[Callable[[Request, tuple[bytes, ...]], Any], tuple[bytes, ...]] | None:
+        for (m, pattern), handler in self._handlers.items():
+            if m != method or len(pattern) != len(segments):
+                continue
+            args = []
+            for want, got in zip(pattern, segments):
+                if want == b"*":
+                    args.append(got)
+                elif want != got:
+                    break
+            else:
+                return handler, tuple(args)
+        return None
+
+    def _connections(self, request: Request, _: tuple[bytes, ...]) -> Any:
+        route = request.args.get(b"route", [None])[0]
+        now = self.view.now()
+        return [
+            {
+                "conn_id": c.conn_id,
+                "route": c.route,
+                "upstream": c.upstream,
+                "node": c.node,
+                "peer": c.peer,
+                "trace_id": c.trace_id,
+                "subject": c.subject,
+                "age": round(now - c.started, 3),
+                "messages": {C2U: c.relay.messages_c2u, U2C: c.relay.messages_u2c},
+                "bytes": {C2U: c.relay.bytes_c2u, U2C: c.relay.bytes_u2c},
+            }
+            for c in self.view.stats.connections(route.decode() if route else None)
+        ]
+
+    def _log_level(self, request: Request, _: tuple[bytes, ...]) -> Any:
+        body = json_body(request)
+        level = body.get("level")
+        if level not in LEVELS:
+            raise _Refused(400, f"level must be one of {', '.join(LEVELS)}")
+        self.view.set_log_level(level)
+        self.log.info("log level set to {level} through the admin API", level=level)
+        return {"level": level}
+
+    def _node(self, request: Request, name: bytes) -> Any:
+        up = self.view.upstreams.get(name.decode("utf-8", "replace"))
+        if up is None:
+            raise _Refused(404, "no such upstream")
+        node_url = json_body(request).get("node")
+        node = next((n for n in up.nodes if n.url == node_url), None)
+        if node is None:
+            raise _Refused(404, f"no such node in upstream {up.name}")
+        return up, node
+
+    def _drain(self, request: Request, args: tuple[bytes, ...]) -> Any:
+        up, node = self._node(request, args[0])
+        up.drain(node.url)
+        self.log.info("node {node} of {upstream} drained through the admin API", node=node.url, upstream=up.name)
+        return {"upstream": up.name, "node": node.url, "draining": True, "active": node.active}
+
+    def _undrain(self, request: Request, args: tuple[bytes, ...]) -> Any:
+        up, node = self._node(request, args[0])
+        up.undrain(node.url)
+        self.log.info("node {node} of {upstream} back in service", node=node.url, upstream=up.name)
+        return {"upstream": up.name, "node": node.url, "draining": False, "active": node.active}
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def json_body(request: Request) -> dict[str, Any]:
+    """The request's JSON object; 400 for anything else, 413 over MAX_BODY."""
+    data = request.content.read(MAX_BODY + 1) if request.content is not None else b""
+    if len(data) > MAX_BODY:
+        raise _Refused(413, "request body too large")
+    try:
+        body = json.loads(data or b"{}")
+    except ValueError:
+        raise _Refused(400, "the body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise _Refused(400, "the body must be a JSON object")
+    return body
+
+
+def admin_site(view: GatewayView, *, token: str | None, extra: Mapping[bytes, Resource] | None = None) -> Site:
+    """
+    The admin port's tree. ``extra`` mounts further top-level resources
+    (``metrics``, the dashboard) built by their own modules.
+    """
     root = Resource()
     root.putChild(b"healthz", Healthz())
-    root.putChild(b"readyz", Readyz(upstreams, listening, draining, now))
+    root.putChild(b"readyz", Readyz(view))
+    if token:
+        root.putChild(b"admin", AdminAPI(view, token))
+    for name, resource in (extra or {}).items():
+        root.putChild(name, resource)
     site = Site(root)
     site.displayTracebacks = False
     site.noisy = False

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 import signal
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 import autobahn
@@ -25,10 +26,10 @@ from twisted.internet.endpoints import (
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 
-from wsgateway import closecodes, tls
+from wsgateway import closecodes, logs, tls
 from wsgateway.admin import admin_site
 from wsgateway.auth import Authenticator, TokenVerifier, load_api_keys, load_jwks_file, load_public_key
-from wsgateway.config import AuthConfig, GatewayConfig, UpstreamConfig
+from wsgateway.config import AuthConfig, GatewayConfig, RouteConfig, UpstreamConfig
 from wsgateway.jwks import JwksFetcher
 from wsgateway.limits import ConnectionLimiter
 from wsgateway.proxy import GatewayServerFactory, UpstreamConnector, UpstreamProtocol
@@ -161,12 +162,7 @@ class GatewayService(MultiService):
         self._previous_sighup: Any = None
         self.draining = False
         if config.admin is not None:
-            site = admin_site(
-                self.upstreams,
-                listening=lambda: bool(self.listeners) and all(svc.running for svc in self.listeners),
-                draining=lambda: self.draining,
-                now=reactor.seconds,
-            )
+            site = admin_site(self, token=config.admin.token or None)
             for desc in config.admin.listen:
                 strports.service(desc, site, reactor=reactor).setServiceParent(self)
         if config.demo is not None:
@@ -195,6 +191,21 @@ class GatewayService(MultiService):
                 listener = strports.service(desc, factory, reactor=reactor)
             listener.setServiceParent(self)
             self.listeners.append(listener)
+
+    # -- what the admin port reads (admin.GatewayView) ----------------------
+
+    @property
+    def routes(self) -> Sequence[RouteConfig]:
+        return self.config.routes
+
+    def listening(self) -> bool:
+        return bool(self.listeners) and all(svc.running for svc in self.listeners)
+
+    def now(self) -> float:
+        return float(self.reactor.seconds())
+
+    def set_log_level(self, level: str) -> None:
+        logs.set_level(level)
 
     def startService(self) -> None:
         self.log.info(
