@@ -229,13 +229,16 @@ def upstream_headers(
     forward_auth: bool = False,
     extra_identity: frozenset[str] = frozenset(),
     added: Mapping[str, str] | None = None,
+    trace: tuple[str, str] | None = None,
 ) -> tuple[dict[str, str], str, str]:
     """
     Build the header set for the upstream handshake.
 
     ``client`` has lower-case names (Autobahn's parse). ``extra_identity`` holds
     further lower-case names the gateway owns (the forward_claims headers);
-    ``added`` the values the gateway sets for them. Returns the headers, the
+    ``added`` the values the gateway sets for them; ``trace`` the
+    (traceparent, trace-id) pair already made for this connection by
+    ``traceparent()``, else one is made here. Returns the headers, the
     request id and the trace id.
 
     Raises L{HeaderInjection} when a header that would be written (a
@@ -273,7 +276,7 @@ def upstream_headers(
         out["X-Forwarded-Host"] = host
     rid = request_id(client.get("x-request-id"))
     out["X-Request-ID"] = rid
-    tp, trace_id = traceparent(client.get("traceparent"))
+    tp, trace_id = trace or traceparent(client.get("traceparent"))
     out["Traceparent"] = tp
     if added:
         out.update(added)

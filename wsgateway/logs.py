@@ -21,6 +21,7 @@ from twisted.logger import (
     ILogObserver,
     LogLevel,
     LogLevelFilterPredicate,
+    Logger,
     formatEvent,
     formatTime,
     textFileLogObserver,
@@ -94,6 +95,35 @@ class JSONLinesObserver:
             out["traceback"] = failure.getTraceback()
         self._stream.write(json.dumps(out, default=str) + "\n")
         self._stream.flush()
+
+
+class ConnLogger:
+    """
+    A Logger for one connection's events: each carries the connection's
+    fields (``conn_id``, ``trace_id``, ``route``, ``peer``), so every line
+    about a connection can be joined to its access line and its trace.
+    """
+
+    __slots__ = ("_log", "_fields")
+
+    def __init__(self, log: Logger, fields: dict[str, Any]) -> None:
+        self._log = log
+        self._fields = fields
+
+    def _emit(self, level: LogLevel, fmt: str, kw: dict[str, Any]) -> None:
+        self._log.emit(level, "{conn_id} " + fmt, **{**self._fields, **kw})
+
+    def debug(self, fmt: str, **kw: Any) -> None:
+        self._emit(LogLevel.debug, fmt, kw)
+
+    def info(self, fmt: str, **kw: Any) -> None:
+        self._emit(LogLevel.info, fmt, kw)
+
+    def warn(self, fmt: str, **kw: Any) -> None:
+        self._emit(LogLevel.warn, fmt, kw)
+
+    def error(self, fmt: str, **kw: Any) -> None:
+        self._emit(LogLevel.error, fmt, kw)
 
 
 # twistd imports its --logger by dotted name, after our options were parsed:

@@ -50,6 +50,7 @@ from wsgateway.origins import OriginPolicy
 from wsgateway.relay import Leg, Relay
 from wsgateway.routing import Router, TemplateError, has_dot_segments, upstream_target
 from wsgateway.stats import Connection, GatewayStats
+from wsgateway.tracing import NoTracer, OtelTracer
 from wsgateway.upstream import Node, Upstream, UpstreamError, UpstreamRefused, UpstreamRequest
 
 _autobahn.install()
@@ -264,6 +265,7 @@ class ConnInfo:
     peer: str
     trace_id: str
     ip: str | None = None  # counted by the limiter until the relay is done
+    span: Any = None
 
 
 # Autobahn's refusal reasons quote request text (a duplicated bearer
@@ -305,6 +307,7 @@ class GatewayServerProtocol(WebSocketServerProtocol):
     upstream: Upstream[UpstreamProtocol] | None = None
     upstream_request: UpstreamRequest | None = None
     trace_id = ""
+    span: Any = None  # the connection's OpenTelemetry span, when tracing exports
     identity: Identity | None = None
     # the client IP counted by the factory's limiter until the relay takes over
     admitted_ip: str | None = None
@@ -369,12 +372,19 @@ class GatewayServerProtocol(WebSocketServerProtocol):
                 status=e.status,
                 route=self.route.name if self.route else "-",
                 why=e.why,
+                conn_id=self.conn_id,
+                trace_id=self.trace_id,
             )
             headers = [("WWW-Authenticate", _BEARER_CHALLENGE)] if e.status == closecodes.UNAUTHORIZED else []
             self._deny = (e.status, headers)
             raise ConnectionDeny(e.status, closecodes.reason_phrase(e.status)) from None
         except HeaderInjection:
-            self._log.info("refused {peer} with 400: control characters in the request", peer=self.peer)
+            self._log.info(
+                "refused {peer} with 400: control characters in the request",
+                peer=self.peer,
+                conn_id=self.conn_id,
+                trace_id=self.trace_id,
+            )
             self._deny = (closecodes.BAD_REQUEST, [])
             raise ConnectionDeny(closecodes.BAD_REQUEST, "Bad Request") from None
         except ConnectionDeny as e:
@@ -388,7 +398,7 @@ class GatewayServerProtocol(WebSocketServerProtocol):
             raise ConnectionDeny(closecodes.UNAVAILABLE, "Service Unavailable") from None
         except Exception:
             # Fail closed, with a fixed text: never an accept, never the exception's words.
-            self._log.failure("handshake of {conn_id} failed", conn_id=self.conn_id)
+            self._log.failure("handshake of {conn_id} failed", conn_id=self.conn_id, trace_id=self.trace_id)
             self._deny = (closecodes.INTERNAL_SERVER_ERROR, [])
             raise ConnectionDeny(closecodes.INTERNAL_SERVER_ERROR, "Internal Server Error") from None
 
@@ -456,6 +466,10 @@ class GatewayServerProtocol(WebSocketServerProtocol):
                 self.upstream.release(self.node)
             if not self.upstream_leg.lost:
                 self.upstream_leg.transport.loseConnection()
+        if self.span is not None:
+            # no relay took the connection over: its span ends here
+            self.factory.tracer.end(self.span, {"wsgateway.conn_id": self.conn_id}, error="client left during the handshake")
+            self.span = None
         super().connectionLost(reason)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
@@ -489,6 +503,7 @@ class GatewayServerFactory(WebSocketServerFactory):
         auth: Authenticator | None = None,
         limiter: ConnectionLimiter | None = None,
         stats: GatewayStats | None = None,
+        tracer: NoTracer | OtelTracer | None = None,
     ) -> None:
         super().__init__(reactor=reactor, server=None)
         self.config = config
@@ -502,6 +517,7 @@ class GatewayServerFactory(WebSocketServerFactory):
             config.limits.max_connections, config.limits.max_connections_per_ip
         )
         self.stats = stats or GatewayStats()
+        self.tracer = tracer or NoTracer()
         self.origins = OriginPolicy(config.gateway.allowed_origins)
         self._route_origins = {
             r.name: OriginPolicy(r.allowed_origins) for r in config.routes if r.allowed_origins is not None
@@ -551,6 +567,10 @@ class GatewayServerFactory(WebSocketServerFactory):
         # Lines Autobahn split differently from a proxy in front of us (a NEL
         # byte inside a value) could smuggle in a forged X-Forwarded-For.
         check_request_head(proto.http_request_data)
+        # The trace is known from the first check on, so every line about
+        # this connection (refusals included) carries its trace_id.
+        proto.span, trace = self.tracer.start(request.headers.get("traceparent"))
+        proto.trace_id = trace[1]
         target = proto.http_request_uri
         if has_dot_segments(target):
             raise ConnectionDeny(closecodes.BAD_REQUEST, "Bad Request")
@@ -603,6 +623,7 @@ class GatewayServerFactory(WebSocketServerFactory):
             forward_auth=route.forward_auth,
             extra_identity=self._owned_headers,
             added=claim_headers(identity, self.config.auth.forward_claims) if self.config.auth else None,
+            trace=trace,
         )
         upstream = self.upstreams[route.upstream]
         ucfg = upstream.config
@@ -639,8 +660,9 @@ class GatewayServerFactory(WebSocketServerFactory):
     def start_relay(self, proto: GatewayServerProtocol, leg: UpstreamProtocol) -> Relay:
         limits = self.config.limits
         info = ConnInfo(proto.conn_id, proto.route, proto.node, proto.upstream, proto.peer, proto.trace_id,
-                        proto.admitted_ip)
+                        proto.admitted_ip, proto.span)
         proto.admitted_ip = None
+        proto.span = None
         identity = proto.identity
         close_at = None
         if identity is not None and identity.expires is not None and self.config.auth is not None:
@@ -663,6 +685,8 @@ class GatewayServerFactory(WebSocketServerFactory):
             reconnect=reconnect,
             messages_per_second=limits.messages_per_second,
             close_at=close_at,
+            log_fields={"conn_id": proto.conn_id, "trace_id": proto.trace_id,
+                        "route": route.name if route is not None else "", "peer": proto.peer},
             reconnect_buffer=self.upstreams[route.upstream].config.reconnect_buffer
             if route is not None and route.upstream
             else 0,
@@ -718,7 +742,7 @@ class GatewayServerFactory(WebSocketServerFactory):
             raise UpstreamError(closecodes.UPSTREAM_FAILED, "the new upstream leg chose another subprotocol")
         info.node = node
         self._log.info(
-            "{conn_id} reconnected to {node}", conn_id=info.conn_id, node=node.url
+            "{conn_id} reconnected to {node}", conn_id=info.conn_id, node=node.url, trace_id=info.trace_id
         )
         new_leg = relay.upstream_reconnected(leg.transport)
         if not adopt(leg, new_leg):
@@ -763,6 +787,18 @@ class GatewayServerFactory(WebSocketServerFactory):
     def _relay_done(self, proto: ConnInfo, relay: Relay) -> None:
         self.relays.discard(relay)
         self.stats.closed(relay, relay.close_code)
+        if proto.span is not None:
+            self.tracer.end(proto.span, {
+                "wsgateway.route": proto.route.name if proto.route else None,
+                "wsgateway.upstream": proto.route.upstream if proto.route else None,
+                "wsgateway.node": proto.node.url if proto.node else None,
+                "wsgateway.conn_id": proto.conn_id,
+                "websocket.close_code": relay.close_code,
+                "websocket.closed_by": relay.closed_by,
+                "wsgateway.messages_in": relay.messages_c2u,
+                "wsgateway.messages_out": relay.messages_u2c,
+            })
+            proto.span = None
         if proto.ip is not None:
             self.limiter.release(proto.ip)
             proto.ip = None
@@ -790,12 +826,21 @@ class GatewayServerFactory(WebSocketServerFactory):
 
     def handshake_refused(self, proto: GatewayServerProtocol, status: int) -> None:
         self.stats.handshake(proto.route.name if proto.route else None, status)
+        if proto.span is not None:
+            self.tracer.end(proto.span, {
+                "wsgateway.route": proto.route.name if proto.route else None,
+                "wsgateway.conn_id": proto.conn_id,
+                "http.response.status_code": status,
+            }, error=f"refused with {status}")
+            proto.span = None
         if status >= 500:
             self._log.warn(
                 "refused {peer} with {status} on route {route}",
                 peer=proto.peer,
                 status=status,
                 route=proto.route.name if proto.route else "-",
+                conn_id=proto.conn_id,
+                trace_id=proto.trace_id or None,
             )
 
 

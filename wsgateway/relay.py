@@ -28,6 +28,7 @@ from zope.interface import implementer
 from wsgateway import closecodes
 from wsgateway.frames import OP_CLOSE, OP_PING, OP_PONG, FrameScanner, encode_close, encode_frame, parse_close
 from wsgateway.limits import TokenBucket
+from wsgateway.logs import ConnLogger
 
 # Upstream closes after which on_upstream_close = reconnect finds another
 # leg: going away, service restart, try again later (and 1006, a vanished one).
@@ -155,13 +156,17 @@ class Relay:
         reconnect_buffer: int = 0,
         messages_per_second: float = 0,
         close_at: float | None = None,
+        log_fields: dict[str, Any] | None = None,
     ) -> None:
         """
         ``messages_per_second`` (0 = off) limits client messages with a token
         bucket of twice that burst (SPEC ``[limits]``); ``close_at`` is a time
         on ``clock`` (a token's ``exp``) at which the connection is closed
-        with 1008 "token expired".
+        with 1008 "token expired". ``log_fields`` (conn_id, trace_id...) go
+        into every line this relay logs.
         """
+        if log_fields is not None:
+            self.log = ConnLogger(Relay.log, log_fields)  # type: ignore[assignment]
         self.client = client
         self.upstream = upstream
         self._clock = clock

@@ -35,6 +35,7 @@ from wsgateway.limits import ConnectionLimiter
 from wsgateway.proxy import GatewayServerFactory, UpstreamConnector, UpstreamProtocol
 from wsgateway.routing import Router
 from wsgateway.stats import GatewayStats
+from wsgateway.tracing import make_tracer
 from wsgateway.health import HealthChecker, make_probe
 from wsgateway.upstream import Node, Upstream, UpstreamRequest
 
@@ -156,6 +157,7 @@ class GatewayService(MultiService):
         # one limiter for every listener: max_connections is for the whole gateway
         self.limiter = ConnectionLimiter(config.limits.max_connections, config.limits.max_connections_per_ip)
         self.stats = GatewayStats()
+        self.tracer = make_tracer()
         self.factories: list[GatewayServerFactory] = []
         self.listeners: list[Any] = []
         self.tls: list[tls.ReloadableServerTLS] = []  # one per ssl: listener, for reload()
@@ -181,6 +183,7 @@ class GatewayService(MultiService):
                 auth=self.auth,
                 limiter=self.limiter,
                 stats=self.stats,
+                tracer=self.tracer,
             )
             self.factories.append(factory)
             if tls.is_ssl(desc):
@@ -271,6 +274,7 @@ class GatewayService(MultiService):
         # 3. the rest (demo backend)
         rest = [svc for svc in self if svc not in self.listeners]
         await DeferredList([Deferred.fromCoroutine(_maybe(svc.stopService())) for svc in rest])
+        self.tracer.shutdown()  # flushes spans still batched for export
         self.running = 0
         # Last, so a SIGHUP during the drain still reloads instead of killing us.
         if self._previous_sighup is not None:
