@@ -107,14 +107,20 @@ class Readyz(JSONResource):
         self.view = view
 
     def render_GET(self, request: Request) -> bytes:
-        upstreams = upstreams_view(self.view)
-        if self.view.draining:
-            status = "draining"
-        elif self.view.listening() and all(u["ready"] for u in upstreams.values()):
-            status = "ready"
-        else:
-            status = "unready"
+        status, upstreams = readiness(self.view)
         return self.answer(request, 200 if status == "ready" else 503, {"status": status, "upstreams": upstreams})
+
+
+def readiness(view: GatewayView) -> tuple[str, dict[str, Any]]:
+    """The gateway's status as /readyz (and the dashboard) report it, with ``upstreams_view``."""
+    upstreams = upstreams_view(view)
+    if view.draining:
+        status = "draining"
+    elif view.listening() and all(u["ready"] for u in upstreams.values()):
+        status = "ready"
+    else:
+        status = "unready"
+    return status, upstreams
 
 
 class AdminAPI(Resource):
@@ -125,6 +131,7 @@ class AdminAPI(Resource):
     """
 
     log = Logger()
+    isLeaf = True  # dispatches on request.postpath itself
 
     def __init__(self, view: GatewayView, token: str) -> None:
         super().__init__()
@@ -141,9 +148,6 @@ class AdminAPI(Resource):
     def route(self, method: bytes, path: tuple[bytes, ...], handler: Callable[[Request, tuple[bytes, ...]], Any]) -> None:
         """Add an endpoint; ``*`` in ``path`` matches one segment, handed to the handler."""
         self._handlers[(method, path)] = handler
-
-    def getChild(self, path: bytes, request: Request) -> Resource:
-        return self
 
     def render(self, request: Request) -> bytes:
         leaf = JSONResource()
@@ -165,8 +169,8 @@ class AdminAPI(Resource):
         return leaf.answer(request, 200, result)
 
     def _authorized(self, request: Request) -> bool:
-        scheme, _, value = (request.getHeader(b"authorization") or "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), self._token)
+        scheme, _, value = (request.getHeader(b"authorization") or b"").partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(value.strip(), self._token)
 
     def _find(
         self, method: bytes, segments: tuple[bytes, ...]
@@ -208,8 +212,9 @@ class AdminAPI(Resource):
         level = body.get("level")
         if level not in LEVELS:
             raise _Refused(400, f"level must be one of {', '.join(LEVELS)}")
+        # logged before the switch, so raising the level still leaves a trace of it
+        self.log.info("log level set to {new_level} through the admin API", new_level=level)
         self.view.set_log_level(level)
-        self.log.info("log level set to {level} through the admin API", level=level)
         return {"level": level}
 
     def _node(self, request: Request, name: bytes) -> Any:
