@@ -32,6 +32,7 @@ from wsgateway.auth import Authenticator, TokenVerifier, load_api_keys, load_jwk
 from wsgateway.config import AuthConfig, GatewayConfig, RouteConfig, UpstreamConfig
 from wsgateway.jwks import JwksFetcher
 from wsgateway.limits import ConnectionLimiter
+from wsgateway.metrics import GatewayMetrics, MetricsResource
 from wsgateway.proxy import GatewayServerFactory, UpstreamConnector, UpstreamProtocol
 from wsgateway.routing import Router
 from wsgateway.stats import GatewayStats
@@ -139,8 +140,11 @@ class GatewayService(MultiService):
         self.router = Router(config.routes)
         endpoints = UpstreamEndpoints(reactor, dict(config.upstreams))
         connector = UpstreamConnector(reactor, endpoints)
+        # reads routes, upstreams and stats through self at each scrape
+        self.metrics = GatewayMetrics(self, upstreams=config.upstreams)
         self.upstreams: dict[str, Upstream[UpstreamProtocol]] = {
-            name: Upstream(cfg, reactor, connector.connect) for name, cfg in config.upstreams.items()
+            name: Upstream(cfg, reactor, connector.connect, observer=self.metrics)
+            for name, cfg in config.upstreams.items()
         }
         for up in self.upstreams.values():
             if up.config.health_check != "none":
@@ -164,7 +168,9 @@ class GatewayService(MultiService):
         self._previous_sighup: Any = None
         self.draining = False
         if config.admin is not None:
-            site = admin_site(self, token=config.admin.token or None)
+            site = admin_site(
+                self, token=config.admin.token or None, extra={b"metrics": MetricsResource(self.metrics.registry)}
+            )
             for desc in config.admin.listen:
                 strports.service(desc, site, reactor=reactor).setServiceParent(self)
         if config.demo is not None:
@@ -244,8 +250,10 @@ class GatewayService(MultiService):
             self.log.info("SIGHUP: no ssl: listener, nothing to reload")
             return
         self.log.info("SIGHUP: reloading the TLS certificates of {n} ssl: listener(s)", n=len(self.tls))
+        ok = True
         for reloadable in self.tls:
-            reloadable.reload()  # logs its own outcome, never raises
+            ok = reloadable.reload() and ok  # logs its own outcome, never raises
+        self.metrics.reload_result(ok)
 
     def stopService(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._stop())

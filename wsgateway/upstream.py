@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.interfaces import IReactorTime
@@ -91,6 +91,18 @@ class UpstreamRequest:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+class ConnectObserver(Protocol):
+    """
+    What ``Upstream.connect`` reports as it goes, for metrics
+    (``metrics.GatewayMetrics`` is one): a successful attempt's handshake
+    time, and each attempt after a connection's first.
+    """
+
+    def upstream_connected(self, upstream: str, seconds: float) -> None: ...
+
+    def upstream_retry(self, upstream: str) -> None: ...
+
+
 def backoff_delay(attempt: int, initial: float, maximum: float, rng: random.Random) -> float:
     """Exponential backoff with full jitter (AWS architecture blog): U(0, min(max, initial * 2**attempt))."""
     return rng.uniform(0, min(maximum, initial * (2**attempt)))
@@ -107,6 +119,7 @@ class Upstream(Generic[P]):
         *,
         strategy: Strategy | None = None,
         rng: random.Random | None = None,
+        observer: ConnectObserver | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -118,7 +131,8 @@ class Upstream(Generic[P]):
         self.outliers = OutlierDetector(
             clock.seconds, lambda: [n.health for n in self.nodes if not n.draining], upstream=self.name
         )
-        self.retried = 0  # extra attempts made, for the retries metric
+        self.retried = 0  # extra attempts made
+        self._observer = observer
 
     def node(self, url: str) -> Node | None:
         for n in self.nodes:
@@ -194,6 +208,8 @@ class Upstream(Generic[P]):
         for attempt in range(cfg.retries + 1):
             if attempt:
                 self.retried += 1
+                if self._observer is not None:
+                    self._observer.upstream_retry(self.name)
                 await self._sleep(backoff_delay(attempt - 1, cfg.backoff_initial, cfg.backoff_max, self._rng))
             node = order[attempt % len(order)]
             node.active += 1
@@ -225,7 +241,10 @@ class Upstream(Generic[P]):
                     error=_describe(last_error),
                 )
                 continue
-            self._strategy.observe(node, self._clock.seconds() - started)
+            elapsed = self._clock.seconds() - started
+            self._strategy.observe(node, elapsed)
+            if self._observer is not None:
+                self._observer.upstream_connected(self.name, elapsed)
             self.outliers.succeeded(node.health)
             return node, proto
         assert last_error is not None
