@@ -639,6 +639,7 @@ class GatewayServerFactory(WebSocketServerFactory):
             protocols=protocols,
             origin=request.origin,
             useragent=request.headers.get("user-agent"),
+            trace_id=proto.trace_id,
         )
         # Autobahn writes these itself, unchecked
         for name, value in (("Origin", ureq.origin), ("User-Agent", ureq.useragent)):

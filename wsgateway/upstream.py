@@ -89,6 +89,7 @@ class UpstreamRequest:
     origin: str | None = None
     useragent: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    trace_id: str = ""  # for the log lines about this connection's attempts
 
 
 class ConnectObserver(Protocol):
@@ -239,6 +240,7 @@ class Upstream(Generic[P]):
                     node=node.url,
                     attempt=attempt + 1,
                     error=_describe(last_error),
+                    trace_id=request.trace_id or None,
                 )
                 continue
             elapsed = self._clock.seconds() - started
