@@ -220,6 +220,20 @@ def test_tls_1_2_and_1_3_are_accepted(tls_gateway):
     assert handshake(tls_gateway.port, ssl.TLSVersion.TLSv1_3) == "TLSv1.3"
 
 
+def test_clients_offering_alpn_get_http_1_1(tls_gateway):
+    # Browsers and curl offer ALPN; with no protocol configured, Twisted failed
+    # every such handshake with an "internal error" alert (tests/test_browser.py
+    # caught it: Chromium's wss:// never connected).
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["h2", "http/1.1"])
+    with socket.create_connection(("127.0.0.1", tls_gateway.port), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+            assert tls.selected_alpn_protocol() == "http/1.1"
+    assert "SSL error" not in tls_gateway.log()
+
+
 # -- SIGHUP: new certificates for new connections ---------------------------------
 
 

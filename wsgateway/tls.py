@@ -197,7 +197,11 @@ def load_options(listen: SSLListen) -> tuple[CertificateOptions, x509.Certificat
 
 def _certificate_options(key: Any, leaf: x509.Certificate, chain: list[x509.Certificate],
                          dh: Any) -> CertificateOptions:
-    common: dict[str, Any] = {"dhParameters": dh, "raiseMinimumTo": MINIMUM_TLS_VERSION}
+    # ALPN: browsers and curl offer it (a browser's wss:// offers http/1.1). Twisted
+    # (26.10) answers every offer, and with no protocol of ours it fails the
+    # handshake with an "internal error" alert: name the one we speak.
+    common: dict[str, Any] = {"dhParameters": dh, "raiseMinimumTo": MINIMUM_TLS_VERSION,
+                              "acceptableProtocols": [b"http/1.1"]}
     try:
         # Recent pyOpenSSL takes cryptography's objects (and deprecates its own wrappers) ...
         options = CertificateOptions(privateKey=key, certificate=leaf,  # type: ignore[arg-type]  # hints lag
