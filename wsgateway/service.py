@@ -26,7 +26,7 @@ from twisted.internet.endpoints import (
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 
-from wsgateway import closecodes, logs, tls
+from wsgateway import closecodes, dashboard, logs, tls
 from wsgateway.admin import admin_site
 from wsgateway.auth import Authenticator, TokenVerifier, load_api_keys, load_jwks_file, load_public_key
 from wsgateway.config import AuthConfig, GatewayConfig, RouteConfig, UpstreamConfig
@@ -168,8 +168,11 @@ class GatewayService(MultiService):
         self._previous_sighup: Any = None
         self.draining = False
         if config.admin is not None:
+            # the dashboard at / (and /demo with the demo backend)
+            pages = dashboard.resources(self, config.gateway.listen if config.demo is not None else None)
             site = admin_site(
-                self, token=config.admin.token or None, extra={b"metrics": MetricsResource(self.metrics.registry)}
+                self, token=config.admin.token or None,
+                extra={b"metrics": MetricsResource(self.metrics.registry), **pages},
             )
             for desc in config.admin.listen:
                 strports.service(desc, site, reactor=reactor).setServiceParent(self)
