@@ -11,8 +11,9 @@ CONFIG ?= etc/wsgateway.ini
 TLS_DIR ?= var/tls
 SOURCES := setup.cfg pyproject.toml $(shell find wsgateway twisted -name '*.py' 2>/dev/null)
 PYTEST_ARGS ?=
-# Debian packages the test suite needs (command -> package)
-SYSDEPS ?=
+# Debian packages the test suite needs (command -> package): chromium for
+# tests/test_browser.py (Playwright drives it; it downloads no browser of its own)
+SYSDEPS ?= chromium=chromium
 
 .PHONY: run test check devcert bench bench-auth sysdeps clean
 
@@ -49,7 +50,7 @@ sysdeps:
 	  command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then echo "installing Debian packages:$$missing"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	  else echo "missing Debian packages:$$missing -- run: sudo apt-get install$$missing"; exit 1; fi; fi
 
 # Benchmark: the gateway against a direct connection, nginx, the Gin
