@@ -11,6 +11,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from wsgateway.config import FrozenMap, GatewayConfig, GatewaySection, NodeConfig, RouteConfig, UpstreamConfig
+from wsgateway.limits import ConnectionLimiter
 from wsgateway.proxy import GatewayServerFactory
 from wsgateway.routing import Router
 
@@ -153,3 +154,14 @@ def test_adopt_finds_the_protocol_behind_tcp_tls_and_endpoint_wrappers():
     proto = Protocol()
     proto.transport = object()
     assert not adopt(proto, leg)
+
+
+def test_listeners_share_the_limiter_they_are_given_even_while_it_is_empty():
+    # An idle ConnectionLimiter is falsy (its __len__ is 0): "limiter or a new
+    # one" gave each listener a limiter of its own, so max_connections was
+    # per listener, and the service's limiter counted nothing.
+    f, clock = factory()
+    shared = ConnectionLimiter(1, 1)
+    a = GatewayServerFactory(f.config, f.router, {}, reactor=clock, clock=clock, limiter=shared)
+    b = GatewayServerFactory(f.config, f.router, {}, reactor=clock, clock=clock, limiter=shared)
+    assert a.limiter is shared and b.limiter is shared

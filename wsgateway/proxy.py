@@ -513,7 +513,8 @@ class GatewayServerFactory(WebSocketServerFactory):
         self.secure = secure
         self.auth = auth
         # shared by every listener, so the limits hold for the whole gateway
-        self.limiter = limiter or ConnectionLimiter(
+        # (not ``limiter or ...``: a limiter with no connection is falsy, its __len__ is 0)
+        self.limiter = limiter if limiter is not None else ConnectionLimiter(
             config.limits.max_connections, config.limits.max_connections_per_ip
         )
         self.stats = stats or GatewayStats()
