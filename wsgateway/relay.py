@@ -392,6 +392,26 @@ class Relay:
         self._close_client(code, reason)
         self._close_upstream(code, reason)
 
+    def drain(self, code: int = closecodes.GOING_AWAY, reason: str = "server shutting down") -> None:
+        """
+        The shutdown close (SPEC section 9): 1001 to the client only. Its
+        frames keep flowing upstream until its close answer, which is passed
+        on upstream behind them: nothing the client sent before it saw our
+        close is lost (``close`` would shut the upstream at once, dropping
+        what is still on the wire from the client). The client's answer ends
+        both legs as for a close it began; one that never answers is cut off
+        by the close timer, and the upstream then gets 1001 all the same.
+        """
+        if self.done or self.closed_by is not None:
+            return  # already closing, for its own reasons
+        self.closed_by = GATEWAY
+        self.close_code = code
+        self.close_reason = reason
+        if self.reconnecting:
+            # no upstream to pass anything to: what is held cannot be delivered
+            self._stop_reconnecting()
+        self._close_client(code, reason)
+
     def _close_client(self, code: int, reason: str) -> None:
         if self.closed_to_client or self.client_lost:
             return
@@ -532,7 +552,14 @@ class Relay:
         self._close_call = None
         if not self.client_lost:
             self.client.abortConnection()
-        if not self.upstream_lost:
+        if self.upstream_lost:
+            return
+        if not (self.closed_to_upstream or self.close_from_upstream or self.c2u.in_frame):
+            # a client that never answered drain()'s close: the upstream,
+            # which has had no close yet, gets one rather than a dropped TCP
+            self._close_upstream(closecodes.GOING_AWAY, "client gone")
+            _lose(self.upstream)
+        else:
             self.upstream.abortConnection()
 
     # -- reconnect ---------------------------------------------------------

@@ -6,6 +6,7 @@ The service tree: listeners, the demo backend, and an ordered, graceful stop.
 from __future__ import annotations
 
 import ipaddress
+import random
 import signal
 import threading
 from collections.abc import Sequence
@@ -26,7 +27,7 @@ from twisted.internet.endpoints import (
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 
-from wsgateway import closecodes, dashboard, logs, tls
+from wsgateway import dashboard, logs, tls
 from wsgateway.admin import admin_site
 from wsgateway.auth import Authenticator, TokenVerifier, load_api_keys, load_jwks_file, load_public_key
 from wsgateway.config import AuthConfig, GatewayConfig, RouteConfig, UpstreamConfig
@@ -34,11 +35,30 @@ from wsgateway.jwks import JwksFetcher
 from wsgateway.limits import ConnectionLimiter
 from wsgateway.metrics import GatewayMetrics, MetricsResource
 from wsgateway.proxy import GatewayServerFactory, UpstreamConnector, UpstreamProtocol
+from wsgateway.relay import Relay
 from wsgateway.routing import Router
 from wsgateway.stats import GatewayStats
 from wsgateway.tracing import make_tracer
 from wsgateway.health import HealthChecker, make_probe
 from wsgateway.upstream import Node, Upstream, UpstreamRequest
+
+# The 1001s of a shutdown are spread over this fraction of shutdown_timeout
+# (see drain_schedule); the rest of it is for the last close handshakes.
+DRAIN_SPREAD = 0.5
+
+
+def drain_schedule(count: int, *, shutdown_timeout: float, rng: random.Random) -> list[float]:
+    """
+    When each of ``count`` connections gets its 1001, in seconds after
+    drain_grace: uniformly at random over the first half of
+    shutdown_timeout. Clients told all at once reconnect all at once, to
+    whichever nodes are left (a thundering herd); spread out, they arrive
+    as a steady stream. Envoy's "gradual" drain strategy does the same over
+    its drain time. The second half leaves the last ones told time to finish
+    their close handshake before whatever remains is cut off.
+    """
+    spread = max(shutdown_timeout, 0.0) * DRAIN_SPREAD
+    return [rng.uniform(0.0, spread) if spread else 0.0 for _ in range(count)]
 
 
 def _trust_root(cfg: UpstreamConfig) -> Any:
@@ -133,10 +153,11 @@ class GatewayService(MultiService):
 
     log = Logger()
 
-    def __init__(self, config: GatewayConfig, reactor: Any) -> None:
+    def __init__(self, config: GatewayConfig, reactor: Any, *, rng: random.Random | None = None) -> None:
         super().__init__()
         self.config = config
         self.reactor = reactor
+        self._rng = rng or random.Random()  # the drain's jitter
         self.router = Router(config.routes)
         endpoints = UpstreamEndpoints(reactor, dict(config.upstreams))
         connector = UpstreamConnector(reactor, endpoints)
@@ -261,27 +282,56 @@ class GatewayService(MultiService):
     def stopService(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._stop())
 
+    def _relays(self) -> list[Relay]:
+        return [r for f in self.factories for r in f.relays]
+
+    async def _drain(self, timeout: float) -> None:
+        """
+        1001 to every open connection, each at its own moment
+        (``drain_schedule``); ``Relay.drain`` lets through what a client
+        sent before it saw the close. Whatever is still open ``timeout``
+        seconds from now is cut off.
+        """
+        relays = self._relays()
+        delays = drain_schedule(len(relays), shutdown_timeout=timeout, rng=self._rng)
+        calls = [self.reactor.callLater(delay, relay.drain) for relay, delay in zip(relays, delays)]
+        told = set(relays)
+        deadline = self.reactor.seconds() + timeout
+        while self.reactor.seconds() < deadline:
+            live = self._relays()
+            if not live:
+                break
+            for relay in live:
+                if relay not in told:
+                    # its handshake was in flight when the listeners stopped
+                    told.add(relay)
+                    relay.drain()
+            await _sleep(self.reactor, 0.05)
+        for call in calls:
+            if call.active():
+                call.cancel()
+        for relay in self._relays():
+            relay.client.abortConnection()
+            if relay.upstream is not None:  # None while reconnecting
+                relay.upstream.abortConnection()
+
     async def _stop(self) -> None:
         # /readyz says draining from here on (the admin port stays up till the end)
         self.draining = True
         # 1. stop accepting
         await gatherResults([svc.stopService() for svc in self.listeners], consumeErrors=True)
         gw = self.config.gateway
-        relays = [r for f in self.factories for r in f.relays]
-        if relays:
-            self.log.info("draining {n} connections", n=len(relays))
+        open_now = len(self._relays())
+        if open_now:
+            self.log.info(
+                "draining {n} connections: 1001 to each at a random moment {grace} to {last} s from now; "
+                "whatever is still open {end} s from now is cut off",
+                n=open_now, grace=gw.drain_grace, last=gw.drain_grace + gw.shutdown_timeout * DRAIN_SPREAD,
+                end=gw.drain_grace + gw.shutdown_timeout,
+            )
             await _sleep(self.reactor, gw.drain_grace)
-            # 2. tell everyone, then give them shutdown_timeout to finish
-            for f in self.factories:
-                for r in list(f.relays):
-                    r.close(closecodes.GOING_AWAY, "server shutting down")
-            deadline = self.reactor.seconds() + gw.shutdown_timeout
-            while any(f.relays for f in self.factories) and self.reactor.seconds() < deadline:
-                await _sleep(self.reactor, 0.05)
-            for f in self.factories:
-                for r in list(f.relays):
-                    r.client.abortConnection()
-                    r.upstream.abortConnection()
+            # 2. tell everyone, spread out, then give them shutdown_timeout to finish
+            await self._drain(gw.shutdown_timeout)
         # 3. the rest (demo backend)
         rest = [svc for svc in self if svc not in self.listeners]
         await DeferredList([Deferred.fromCoroutine(_maybe(svc.stopService())) for svc in rest])
