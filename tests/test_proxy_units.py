@@ -5,12 +5,21 @@ Autobahn traps that must never reach a client.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
-from wsgateway.config import FrozenMap, GatewayConfig, GatewaySection, NodeConfig, RouteConfig, UpstreamConfig
+from wsgateway.config import (
+    FrozenMap,
+    GatewayConfig,
+    GatewaySection,
+    Limits,
+    NodeConfig,
+    RouteConfig,
+    UpstreamConfig,
+)
 from wsgateway.limits import ConnectionLimiter
 from wsgateway.proxy import GatewayServerFactory
 from wsgateway.routing import Router
@@ -165,3 +174,15 @@ def test_listeners_share_the_limiter_they_are_given_even_while_it_is_empty():
     a = GatewayServerFactory(f.config, f.router, {}, reactor=clock, clock=clock, limiter=shared)
     b = GatewayServerFactory(f.config, f.router, {}, reactor=clock, clock=clock, limiter=shared)
     assert a.limiter is shared and b.limiter is shared
+
+
+def test_reconfigure_changes_what_new_connections_get():
+    f, clock = factory()
+    route = RouteConfig(name="other", path="/other", upstream="u", allowed_origins=("https://a.example",))
+    config = replace(f.config, routes=(route,), limits=Limits(max_message_size=1234, write_buffer=4096))
+    router = Router(config.routes)
+    f.reconfigure(config, router, {}, None)
+    assert (f.config, f.router, f.upstreams, f.auth) == (config, router, {}, None)
+    assert f.maxMessagePayloadSize == f.maxFramePayloadSize == 1234  # Autobahn's, for new protocols
+    assert f.write_buffer == 4096
+    assert set(f._route_origins) == {"other"}

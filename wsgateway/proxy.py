@@ -506,12 +506,8 @@ class GatewayServerFactory(WebSocketServerFactory):
         tracer: NoTracer | OtelTracer | None = None,
     ) -> None:
         super().__init__(reactor=reactor, server=None)
-        self.config = config
-        self.router = router
-        self.upstreams = upstreams
         self.clock = clock
         self.secure = secure
-        self.auth = auth
         # shared by every listener, so the limits hold for the whole gateway
         # (not ``limiter or ...``: a limiter with no connection is falsy, its __len__ is 0)
         self.limiter = limiter if limiter is not None else ConnectionLimiter(
@@ -519,6 +515,26 @@ class GatewayServerFactory(WebSocketServerFactory):
         )
         self.stats = stats or GatewayStats()
         self.tracer = tracer or NoTracer()
+        self.relays: set[Relay] = set()
+        self.reconfigure(config, router, upstreams, auth)
+
+    def reconfigure(
+        self,
+        config: GatewayConfig,
+        router: Router,
+        upstreams: dict[str, Upstream[UpstreamProtocol]],
+        auth: Authenticator | None,
+    ) -> None:
+        """
+        What new connections use from here on (a SIGHUP reload). Open
+        connections keep what they were given; a handshake in progress
+        finishes with what it started with. The limiter is shared by every
+        listener: its limits are the service's to change.
+        """
+        self.config = config
+        self.router = router
+        self.upstreams = upstreams
+        self.auth = auth
         self.origins = OriginPolicy(config.gateway.allowed_origins)
         self._route_origins = {
             r.name: OriginPolicy(r.allowed_origins) for r in config.routes if r.allowed_origins is not None
@@ -527,7 +543,6 @@ class GatewayServerFactory(WebSocketServerFactory):
         self._owned_headers = frozenset(
             [h.lower() for _, h in config.auth.forward_claims] if config.auth else []
         ) | (auth.credential_headers if auth is not None else frozenset())
-        self.relays: set[Relay] = set()
         # The token parameter is never forwarded (SPEC section 1), with or
         # without an [auth] section: a client may send one regardless.
         self.token_param = (config.auth or AuthConfig()).query_param or None
@@ -568,6 +583,10 @@ class GatewayServerFactory(WebSocketServerFactory):
         # Lines Autobahn split differently from a proxy in front of us (a NEL
         # byte inside a value) could smuggle in a forged X-Forwarded-For.
         check_request_head(proto.http_request_data)
+        # A reload may swap the factory's config at any await below: this
+        # handshake keeps the one it started with.
+        config, upstreams = self.config, self.upstreams
+        token_param, owned_headers = self.token_param, self._owned_headers
         # The trace is known from the first check on, so every line about
         # this connection (refusals included) carries its trace_id.
         proto.span, trace = self.tracer.start(request.headers.get("traceparent"))
@@ -586,7 +605,7 @@ class GatewayServerFactory(WebSocketServerFactory):
         if route.mode != "proxy" or route.upstream is None:
             # broadcast routes arrive with the broker
             raise ConnectionDeny(closecodes.UNAVAILABLE, "Service Unavailable")
-        trusted = self.config.gateway.trusted_proxies
+        trusted = config.gateway.trusted_proxies
         peer_ip = _peer_ip(proto.transport)
         ip = client_ip(peer_ip, request.headers.get("x-forwarded-for"), trusted) if trusted else peer_ip
         refused = self.limiter.admit(ip)
@@ -609,7 +628,7 @@ class GatewayServerFactory(WebSocketServerFactory):
                 request_path=target,
                 strip_prefix=route.strip_prefix,
                 upstream_path=route.upstream_path,
-                drop_query_param=self.token_param,
+                drop_query_param=token_param,
                 claims=claims,
                 headers=request.headers,
             )
@@ -622,11 +641,11 @@ class GatewayServerFactory(WebSocketServerFactory):
             secure=self.secure,
             trusted_proxies=trusted,
             forward_auth=route.forward_auth,
-            extra_identity=self._owned_headers,
-            added=claim_headers(identity, self.config.auth.forward_claims) if self.config.auth else None,
+            extra_identity=owned_headers,
+            added=claim_headers(identity, config.auth.forward_claims) if config.auth else None,
             trace=trace,
         )
-        upstream = self.upstreams[route.upstream]
+        upstream = upstreams[route.upstream]
         ucfg = upstream.config
         key = (
             hash_key(ucfg.balance, peer_ip=ip, claims=claims, headers=request.headers)
@@ -672,8 +691,10 @@ class GatewayServerFactory(WebSocketServerFactory):
             close_at = identity.expires + self.config.auth.leeway
         route = proto.route
         reconnect = None
-        if route is not None and route.on_upstream_close == "reconnect" and proto.upstream_request is not None:
-            reconnect = self._reconnector(info, self.upstreams[route.upstream or ""], proto.upstream_request, leg)
+        upstream = proto.upstream  # the one this connection came from, even if a reload has replaced it since
+        if route is not None and route.on_upstream_close == "reconnect" and upstream is not None \
+                and proto.upstream_request is not None:
+            reconnect = self._reconnector(info, upstream, proto.upstream_request, leg)
         relay = Relay(
             proto.transport,
             leg.transport,
@@ -689,9 +710,7 @@ class GatewayServerFactory(WebSocketServerFactory):
             close_at=close_at,
             log_fields={"conn_id": proto.conn_id, "trace_id": proto.trace_id,
                         "route": route.name if route is not None else "", "peer": proto.peer},
-            reconnect_buffer=self.upstreams[route.upstream].config.reconnect_buffer
-            if route is not None and route.upstream
-            else 0,
+            reconnect_buffer=upstream.config.reconnect_buffer if upstream is not None else 0,
         )
         self.relays.add(relay)
         self.stats.opened(Connection(
@@ -760,7 +779,9 @@ class GatewayServerFactory(WebSocketServerFactory):
         touch the primary: connect failures are logged at debug level, what
         it sends is discarded, and a slow mirror is cut off by the relay.
         """
-        mirror = self.upstreams[name]
+        mirror = self.upstreams.get(name)
+        if mirror is None:
+            return  # removed by a reload during this connection's handshake
 
         def opened(result: tuple[Node, UpstreamProtocol]) -> None:
             node, leg = result

@@ -1,11 +1,11 @@
 # -*- test-case-name: tests.test_daemon -*-
 """
-The service tree: listeners, the demo backend, and an ordered, graceful stop.
+The service tree: listeners, the demo backend, SIGHUP reloads and an
+ordered, graceful stop.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import random
 import signal
 import threading
@@ -16,31 +16,19 @@ import autobahn
 from autobahn.websocket import USES_NVX
 from twisted.application import strports
 from twisted.application.service import MultiService
-from twisted.internet import ssl
 from twisted.internet.defer import Deferred, DeferredList, gatherResults
-from twisted.internet.endpoints import (
-    HostnameEndpoint,
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-    wrapClientTLS,
-)
-from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 
-from wsgateway import dashboard, logs, tls
+from wsgateway import dashboard, logs, tls, wiring
 from wsgateway.admin import admin_site
-from wsgateway.auth import Authenticator, TokenVerifier, load_api_keys, load_jwks_file, load_public_key
-from wsgateway.config import AuthConfig, GatewayConfig, RouteConfig, UpstreamConfig
-from wsgateway.jwks import JwksFetcher
+from wsgateway.config import ConfigError, GatewayConfig, RouteConfig, load
 from wsgateway.limits import ConnectionLimiter
 from wsgateway.metrics import GatewayMetrics, MetricsResource
-from wsgateway.proxy import GatewayServerFactory, UpstreamConnector, UpstreamProtocol
+from wsgateway.proxy import GatewayServerFactory, UpstreamProtocol
 from wsgateway.relay import Relay
-from wsgateway.routing import Router
 from wsgateway.stats import GatewayStats
 from wsgateway.tracing import make_tracer
-from wsgateway.health import HealthChecker, make_probe
-from wsgateway.upstream import Node, Upstream, UpstreamRequest
+from wsgateway.upstream import Upstream
 
 # The 1001s of a shutdown are spread over this fraction of shutdown_timeout
 # (see drain_schedule); the rest of it is for the last close handshakes.
@@ -61,89 +49,6 @@ def drain_schedule(count: int, *, shutdown_timeout: float, rng: random.Random) -
     return [rng.uniform(0.0, spread) if spread else 0.0 for _ in range(count)]
 
 
-def _trust_root(cfg: UpstreamConfig) -> Any:
-    if not cfg.tls_ca:
-        return None  # optionsForClientTLS then uses the platform's trust store
-    with open(cfg.tls_ca, "rb") as f:
-        pem = f.read()
-    marker = b"-----BEGIN CERTIFICATE-----"
-    certs = [ssl.Certificate.loadPEM(marker + part) for part in pem.split(marker)[1:]]
-    return ssl.trustRootFromCertificates(certs)
-
-
-def _client_certificate(cfg: UpstreamConfig) -> Any:
-    if not (cfg.tls_cert and cfg.tls_key):
-        return None
-    with open(cfg.tls_cert, "rb") as c, open(cfg.tls_key, "rb") as k:
-        return ssl.PrivateCertificate.loadPEM(c.read() + b"\n" + k.read())
-
-
-class UpstreamEndpoints:
-    """Client endpoints per node: plain TCP for IP literals, TLS verified against tls_ca by host name."""
-
-    def __init__(self, reactor: Any, upstreams: dict[str, UpstreamConfig]) -> None:
-        self._reactor = reactor
-        self._tls: dict[str, Any] = {}
-        self._cache: dict[tuple[str, float], IStreamClientEndpoint] = {}
-        for up in upstreams.values():
-            trust = None
-            cert = None
-            for node in up.nodes:
-                if node.scheme == "wss":
-                    if trust is None and cert is None:
-                        trust, cert = _trust_root(up), _client_certificate(up)
-                    kwargs: dict[str, Any] = {}
-                    if trust is not None:
-                        kwargs["trustRoot"] = trust
-                    if cert is not None:
-                        kwargs["clientCertificate"] = cert
-                    self._tls[node.url] = ssl.optionsForClientTLS(node.host, **kwargs)
-
-    def __call__(self, node: Node, timeout: float) -> IStreamClientEndpoint:
-        # Endpoints hold no connection state: one per node and timeout serves every attempt.
-        key = (node.url, timeout)
-        ep = self._cache.get(key)
-        if ep is None:
-            ep = self._cache[key] = self._build(node, timeout)
-        return ep
-
-    def _build(self, node: Node, timeout: float) -> IStreamClientEndpoint:
-        cfg = node.config
-        try:
-            version = ipaddress.ip_address(cfg.host).version
-        except ValueError:
-            version = 0
-        ep: IStreamClientEndpoint
-        if version == 4:
-            ep = TCP4ClientEndpoint(self._reactor, cfg.host, cfg.port, timeout=timeout)
-        elif version == 6:
-            ep = TCP6ClientEndpoint(self._reactor, cfg.host, cfg.port, timeout=timeout)
-        else:
-            ep = HostnameEndpoint(self._reactor, cfg.host, cfg.port, timeout=timeout)
-        tls = self._tls.get(node.url)
-        if tls is not None:
-            ep = wrapClientTLS(tls, ep)
-        return ep
-
-
-def _authenticator(cfg: AuthConfig, reactor: Any, parent: MultiService) -> Authenticator:
-    """The [auth] keys, loaded once here (config.py has already checked that they load)."""
-    api_keys = load_api_keys(cfg.api_keys_file) if cfg.api_keys_file else None
-    if cfg.jwks_url:
-        verifier = TokenVerifier(cfg)
-        fetcher = JwksFetcher(
-            cfg.jwks_url, reactor=reactor, clock=reactor, refresh=cfg.jwks_refresh, ca_path=cfg.jwks_ca,
-            on_keys=lambda keys: setattr(verifier, "keys", keys),
-        )
-        fetcher.setServiceParent(parent)
-        return Authenticator(cfg, verifier, api_keys, fetcher.refresh_for_unknown_kid)
-    if cfg.jwks_file:
-        verifier = TokenVerifier(cfg, keys=load_jwks_file(cfg.jwks_file))
-    else:
-        verifier = TokenVerifier(cfg, public_key=load_public_key(cfg.public_key_file) if cfg.public_key_file else None)
-    return Authenticator(cfg, verifier, api_keys)
-
-
 class GatewayService(MultiService):
     """
     Root of the tree. Children start in order (demo backend, then the
@@ -153,32 +58,24 @@ class GatewayService(MultiService):
 
     log = Logger()
 
-    def __init__(self, config: GatewayConfig, reactor: Any, *, rng: random.Random | None = None) -> None:
+    def __init__(
+        self, config: GatewayConfig, reactor: Any, *, config_path: str | None = None, rng: random.Random | None = None
+    ) -> None:
         super().__init__()
-        self.config = config
         self.reactor = reactor
+        # what SIGHUP re-reads (tap.py passes it absolute: twistd may chdir)
+        self.config_path = config_path or config.path
         self._rng = rng or random.Random()  # the drain's jitter
-        self.router = Router(config.routes)
-        endpoints = UpstreamEndpoints(reactor, dict(config.upstreams))
-        connector = UpstreamConnector(reactor, endpoints)
         # reads routes, upstreams and stats through self at each scrape
         self.metrics = GatewayMetrics(self, upstreams=config.upstreams)
-        self.upstreams: dict[str, Upstream[UpstreamProtocol]] = {
-            name: Upstream(cfg, reactor, connector.connect, observer=self.metrics)
-            for name, cfg in config.upstreams.items()
-        }
-        for up in self.upstreams.values():
-            if up.config.health_check != "none":
-                probe = make_probe(
-                    up.config.health_check,
-                    endpoints=endpoints,
-                    ws_connect=lambda node, path, timeout, c=connector: c.connect(
-                        node, UpstreamRequest(resource=path, headers={}), timeout
-                    ),
-                    timeout=up.config.health_timeout,
-                )
-                HealthChecker(up.config, up.nodes, reactor, probe).setServiceParent(self)
-        self.auth = _authenticator(config.auth, reactor, self) if config.auth is not None else None
+        # routes, upstreams (with their health checks) and auth: what a reload replaces
+        self._wiring = wiring.build(config, reactor, observer=self.metrics)
+        self.config = config
+        self.router = self._wiring.router
+        self.upstreams: dict[str, Upstream[UpstreamProtocol]] = self._wiring.upstreams
+        self.auth = self._wiring.auth
+        for svc in self._wiring.services():
+            svc.setServiceParent(self)
         # one limiter for every listener: max_connections is for the whole gateway
         self.limiter = ConnectionLimiter(config.limits.max_connections, config.limits.max_connections_per_ip)
         self.stats = GatewayStats()
@@ -265,19 +162,95 @@ class GatewayService(MultiService):
 
     def reload(self) -> None:
         """
-        SIGHUP's work, run in the reactor thread. For now it re-reads the
-        certificate files of every ssl: listener (new connections get the new
-        certificate, open ones are untouched; a bad file keeps the old one).
-        Re-reading the whole INI (SPEC section 9) is to be added here.
+        SIGHUP's work (SPEC section 9), run in the reactor thread: re-read
+        the INI (``reload_config``), then the certificate files of every
+        ssl: listener (each keeps its old certificate if its files are bad).
+        Open connections are never touched.
         """
-        if not self.tls:
-            self.log.info("SIGHUP: no ssl: listener, nothing to reload")
+        if self.draining:
+            self.log.info("SIGHUP during the shutdown drain: nothing reloaded")
             return
-        self.log.info("SIGHUP: reloading the TLS certificates of {n} ssl: listener(s)", n=len(self.tls))
-        ok = True
+        ok = self.reload_config()
         for reloadable in self.tls:
             ok = reloadable.reload() and ok  # logs its own outcome, never raises
-        self.metrics.reload_result(ok)
+        self.metrics.reload_result(ok)  # wsgateway_config_reloads_total{result}
+
+    def reload_config(self) -> bool:
+        """
+        Re-read the config file. A valid one replaces routes, upstreams,
+        auth keys, limits, origins and the log level for new connections,
+        all in this one reactor turn: everything is built first, then the
+        references are swapped, so a failure changes nothing. Settings bound
+        at start (listeners, the admin port, the log format...) keep their
+        running values, with a warning naming them. An invalid file is
+        rejected whole: each problem is logged, the old config stays.
+        """
+        path = self.config_path
+        try:
+            new = load(path)
+        except ConfigError as e:
+            for line in e.errors:
+                self.log.error("{problem}", problem=line)
+            self.log.error(
+                "reload of {path} rejected: {count} error(s), each logged above; still running the previous "
+                "configuration. Fix the file, then send SIGHUP again",
+                path=path, count=len(e.errors),
+            )
+            return False
+        running = self._wiring.config
+        restart = wiring.restart_needed(running, new)
+        effective = wiring.keep_running_values(running, new)
+        try:
+            built = wiring.build(effective, self.reactor, self._wiring, observer=self.metrics)
+        except Exception:
+            self.log.failure("reload of {path} rejected: the new configuration could not be built; still running "
+                             "the previous one", path=path)
+            return False
+        previous = self._swap(built)
+        if restart:
+            self.log.warn(
+                "reload of {path}: {keys} changed, which takes a restart; still using the running value(s)",
+                path=path, keys=", ".join(restart),
+            )
+        kept = built.kept_from(previous)
+        self.log.info(
+            "reloaded {path}: {routes} routes, {upstreams} upstreams ({kept} kept as they were, {fresh} new or "
+            "changed, {removed} removed); log level {new_level}",
+            path=path,
+            routes=len(effective.routes),
+            upstreams=len(built.upstreams),
+            kept=len(kept),
+            fresh=len(built.upstreams) - len(kept),
+            removed=len([n for n in previous.upstreams if n not in built.upstreams]),
+            new_level=effective.log.level,
+        )
+        if effective.log.level != running.log.level:
+            # after the line above, so a reload to "warn" still leaves a trace
+            # of itself. Only on a change in the file: a level set through
+            # the admin API survives reloads that do not touch it.
+            logs.set_level(effective.log.level)
+        return True
+
+    def _swap(self, built: wiring.Wiring) -> wiring.Wiring:
+        """Make ``built`` what new connections use; returns what it replaced. Nothing here can fail half-way."""
+        previous = self._wiring
+        keep = set(map(id, built.services()))
+        for svc in previous.services():
+            if id(svc) not in keep:
+                svc.disownServiceParent()  # stops it: a replaced health checker or JWKS fetcher
+        for svc in built.services():
+            if svc.parent is None:
+                svc.setServiceParent(self)  # starts it: the service is running
+        limits = built.config.limits
+        self.limiter.configure(limits.max_connections, limits.max_connections_per_ip)
+        for factory in self.factories:
+            factory.reconfigure(built.config, built.router, built.upstreams, built.auth)
+        self._wiring = built
+        self.config = built.config
+        self.router = built.router
+        self.upstreams = built.upstreams
+        self.auth = built.auth
+        return previous
 
     def stopService(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._stop())

@@ -7,6 +7,7 @@ The only module that touches the global reactor.
 
 from __future__ import annotations
 
+import os
 import sys
 
 from twisted.application.service import IService
@@ -50,4 +51,5 @@ def makeService(options: Options) -> IService:
 
     from wsgateway.service import GatewayService
 
-    return GatewayService(options.loaded, reactor)
+    # absolute: SIGHUP re-reads it, and twistd may have changed directory by then (--rundir)
+    return GatewayService(options.loaded, reactor, config_path=os.path.abspath(options["config"]))
