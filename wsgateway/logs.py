@@ -143,6 +143,21 @@ def configured_observer() -> ILogObserver:
     return _configured()
 
 
+# The files observer_factory opened, for reopen().
+_files: list[LogFile] = []
+
+
+def reopen() -> int:
+    """
+    Reopen every log file this process writes (SIGUSR1, after logrotate has
+    moved them away): new lines go to a new file at the configured path.
+    Returns how many were reopened.
+    """
+    for f in _files:
+        f.reopen()
+    return len(_files)
+
+
 def observer_factory(
     *, level: str, fmt: str, file: str, node_id: str, twistd_logfile: str | None, daemon: bool
 ) -> Callable[[], ILogObserver]:
@@ -156,7 +171,12 @@ def observer_factory(
         if target is None or target == "-":
             stream = sys.stdout
         else:
-            stream = LogFile.fromFullPath(target)  # type: ignore[assignment]
+            # Rotation is logrotate's (etc/logrotate.d/wsgateway), not
+            # LogFile's own every 1 MB, which would rename the file under
+            # logrotate's feet; SIGUSR1 reopens it (reopen above).
+            logfile = LogFile.fromFullPath(target, rotateLength=None)
+            _files.append(logfile)
+            stream = logfile  # type: ignore[assignment]
         observer = JSONLinesObserver(stream, node_id) if fmt == "json" else textFileLogObserver(stream)
         set_level(level)
         return FilteringLogObserver(observer, [PREDICATE])

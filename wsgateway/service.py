@@ -84,6 +84,7 @@ class GatewayService(MultiService):
         self.listeners: list[Any] = []
         self.tls: list[tls.ReloadableServerTLS] = []  # one per ssl: listener, for reload()
         self._previous_sighup: Any = None
+        self._previous_sigusr1: Any = None
         self.draining = False
         if config.admin is not None:
             # the dashboard at / (and /demo with the demo backend)
@@ -158,7 +159,15 @@ class GatewayService(MultiService):
         # Before the listeners start: once the gateway listens, SIGHUP reloads
         # (twistd installs no SIGHUP handler, and the default one kills the process).
         self._previous_sighup = _on_signal("SIGHUP", self.reactor, self.reload)
+        # SIGUSR1 (logrotate's postrotate) reopens the log file; its default
+        # action would end the process, and twistd handles it only for a log
+        # file of its own making, not for our --logger.
+        self._previous_sigusr1 = _on_signal("SIGUSR1", self.reactor, self.reopen_logs)
         super().startService()
+
+    def reopen_logs(self) -> None:
+        count = logs.reopen()
+        self.log.info("SIGUSR1: reopened {count} log file(s)", count=count)
 
     def reload(self) -> None:
         """
@@ -314,6 +323,9 @@ class GatewayService(MultiService):
         if self._previous_sighup is not None:
             _restore_signal("SIGHUP", self._previous_sighup)
             self._previous_sighup = None
+        if self._previous_sigusr1 is not None:
+            _restore_signal("SIGUSR1", self._previous_sigusr1)
+            self._previous_sigusr1 = None
         # twistd re-raises the stopping signal at exit (so SIGTERM ends in
         # status -15); after an orderly drain SPEC section 9 wants status 0.
         if getattr(self.reactor, "_exitSignal", None) is not None:
