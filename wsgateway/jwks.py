@@ -135,10 +135,13 @@ class JwksFetcher(Service):
 
     async def refresh_for_unknown_kid(self) -> bool:
         """The Authenticator's hook: refetch unless one was done too recently."""
-        now = self.clock.seconds()
-        if self._inflight is None and now - self._last_kid_fetch < UNKNOWN_KID_INTERVAL:
-            return False
-        self._last_kid_fetch = now
+        if self._inflight is None:
+            # only a fetch this starts counts against the limit: one already
+            # in flight (the first, at start) is joined for free
+            now = self.clock.seconds()
+            if now - self._last_kid_fetch < UNKNOWN_KID_INTERVAL:
+                return False
+            self._last_kid_fetch = now
         return bool(await self.fetch())
 
     async def _fetch(self) -> bool:
