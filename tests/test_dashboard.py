@@ -17,6 +17,7 @@ from twisted.internet.task import Clock
 from twisted.web.resource import NoResource
 from twisted.web.test.requesthelper import DummyRequest
 
+from wsgateway.broker import InProcessBroker
 from wsgateway.admin import admin_site
 from wsgateway.config import NodeConfig, RouteConfig, UpstreamConfig
 from wsgateway.dashboard import DashboardJSON, dashboard_page, demo_page, demo_target, resources
@@ -48,6 +49,7 @@ class View:
     stats: GatewayStats = field(default_factory=GatewayStats)
     draining: bool = False
     clock: Clock = field(default_factory=Clock)
+    broker: Any = field(default_factory=lambda: InProcessBroker("gw-test", clock=Clock()))
 
     def listening(self) -> bool:
         return True

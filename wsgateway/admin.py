@@ -9,14 +9,17 @@ never a copy taken at startup: a SIGHUP reload swaps routes and upstreams.
 
 from __future__ import annotations
 
+import base64
 import hmac
 import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from wsgateway.config import RouteConfig
 from wsgateway.health import eligible_nodes
@@ -38,6 +41,7 @@ class GatewayView(Protocol):
 
     stats: GatewayStats
     draining: bool
+    broker: Any  # broker.InProcessBroker | broker.RedisBroker
 
     def listening(self) -> bool: ...
 
@@ -108,7 +112,9 @@ class Readyz(JSONResource):
 
     def render_GET(self, request: Request) -> bytes:
         status, upstreams = readiness(self.view)
-        return self.answer(request, 200 if status == "ready" else 503, {"status": status, "upstreams": upstreams})
+        return self.answer(request, 200 if status in ("ready", "degraded") else 503,
+                           {"status": status, "broker": "up" if self.view.broker.ready else "down",
+                            "upstreams": upstreams})
 
 
 def readiness(view: GatewayView) -> tuple[str, dict[str, Any]]:
@@ -116,10 +122,14 @@ def readiness(view: GatewayView) -> tuple[str, dict[str, Any]]:
     upstreams = upstreams_view(view)
     if view.draining:
         status = "draining"
-    elif view.listening() and all(u["ready"] for u in upstreams.values()):
-        status = "ready"
-    else:
+    elif not (view.listening() and all(u["ready"] for u in upstreams.values())):
         status = "unready"
+    elif not view.broker.ready:
+        # proxying works, broadcast does not (Redis is away): still 200,
+        # so a load balancer keeps sending the proxied traffic
+        status = "degraded"
+    else:
+        status = "ready"
     return status, upstreams
 
 
@@ -144,6 +154,9 @@ class AdminAPI(Resource):
         self.route(b"PUT", (b"log-level",), self._log_level)
         self.route(b"POST", (b"upstreams", b"*", b"drain"), self._drain)
         self.route(b"POST", (b"upstreams", b"*", b"undrain"), self._undrain)
+        self.route(b"POST", (b"publish",), self._publish)
+        self.route(b"GET", (b"channels",), lambda req, _: self.view.broker.channels())
+        self.route(b"GET", (b"channels", b"*"), self._channel)
 
     def route(self, method: bytes, path: tuple[bytes, ...], handler: Callable[[Request, tuple[bytes, ...]], Any]) -> None:
         """Add an endpoint; ``*`` in ``path`` matches one segment, handed to the handler."""
@@ -166,7 +179,25 @@ class AdminAPI(Resource):
             result = handler(request, args)
         except _Refused as e:
             return leaf.error(request, e.status, e.message)
-        return leaf.answer(request, 200, result)
+        if not isinstance(result, Deferred):
+            return leaf.answer(request, 200, result)
+
+        def done(value: Any) -> None:
+            if not request.finished and not request._disconnected:
+                request.write(leaf.answer(request, 200, value))
+                request.finish()
+
+        def failed(f: Failure) -> None:
+            e = f.value
+            status, message = (e.status, e.message) if isinstance(e, _Refused) else (503, "broker unavailable")
+            if not isinstance(e, _Refused):
+                self.log.info("admin request failed: {error}", error=f.getErrorMessage())
+            if not request.finished and not request._disconnected:
+                request.write(leaf.error(request, status, message))
+                request.finish()
+
+        result.addCallbacks(done, failed)
+        return NOT_DONE_YET
 
     def _authorized(self, request: Request) -> bool:
         scheme, _, value = (request.getHeader(b"authorization") or b"").partition(b" ")
@@ -238,6 +269,32 @@ class AdminAPI(Resource):
         up.undrain(node.url)
         self.log.info("node {node} of {upstream} back in service", node=node.url, upstream=up.name)
         return {"upstream": up.name, "node": node.url, "draining": False, "active": node.active}
+
+
+    def _publish(self, request: Request, _: tuple[bytes, ...]) -> Any:
+        """SPEC section 4: ``{"channel": "...", "message": "...", "binary": false}``; binary messages in base64."""
+        body = json_body(request)
+        channel, message, binary = body.get("channel"), body.get("message"), body.get("binary", False)
+        if not isinstance(channel, str) or not channel or not isinstance(message, str) or not isinstance(binary, bool):
+            raise _Refused(400, 'expected {"channel": "...", "message": "...", "binary": false}')
+        if binary:
+            try:
+                payload = base64.b64decode(message, validate=True)
+            except ValueError:
+                raise _Refused(400, "a binary message must be base64") from None
+        else:
+            payload = message.encode("utf-8", "surrogatepass")
+        if not self.view.broker.ready:
+            raise _Refused(503, "broker unavailable")
+        d = self.view.broker.publish(channel, payload, binary, origin=None)
+        return d.addCallback(lambda _: {"channel": channel, "published": True, "bytes": len(payload)})
+
+    def _channel(self, request: Request, args: tuple[bytes, ...]) -> Any:
+        """Who is on a channel, across the cluster (presence)."""
+        name = args[0].decode("utf-8", "replace")  # twisted.web has percent-decoded the segment
+        return self.view.broker.presence(name).addCallback(
+            lambda entries: {"channel": name, "connections": list(entries)}
+        )
 
 
 class _Refused(Exception):

@@ -16,12 +16,18 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from autobahn.websocket.protocol import WebSocketProtocol
+from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
-from twisted.internet.interfaces import IPushProducer
 
 from wsgateway import closecodes
+from wsgateway.limits import TokenBucket
 
 SLOW_CONSUMER = "slow consumer"
+OPEN = WebSocketProtocol.STATE_OPEN
+TRY_AGAIN_LATER = 1013  # RFC 6455 registry: "Try Again Later"
 
 
 @implementer(IPushProducer)
@@ -119,3 +125,88 @@ class Subscription:
         for channel in self.channels:
             self.broker.unsubscribe(channel, self)
         self.channels = ()
+
+
+class ChannelSession:
+    """
+    A client of a ``mode = broadcast`` route: what it sends is published to
+    its channel (``client_publish``), what the channel carries is delivered
+    to it through its Outbox. Autobahn keeps the connection (pings, close,
+    UTF-8 checks); this object only connects it to the broker.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        proto: Any,
+        broker: Any,
+        channel: str,
+        *,
+        conn_id: str,
+        user: str | None,
+        client_publish: bool,
+        slow_consumer: str,
+        queue_limit: int,
+        messages_per_second: float,
+        clock: IReactorTime,
+        on_drop: Callable[[int], None] | None = None,
+    ) -> None:
+        self.proto = proto
+        self.broker = broker
+        self.channel = channel
+        self.conn_id = conn_id
+        self.client_publish = client_publish
+        self.clock = clock
+        # named like a relay's counters, for stats and the access line
+        self.messages_c2u = self.messages_u2c = self.bytes_c2u = self.bytes_u2c = 0
+        self.bucket = (
+            TokenBucket(messages_per_second, max(2.0 * messages_per_second, 1.0), clock.seconds())
+            if messages_per_second > 0
+            else None
+        )
+        self.outbox = Outbox(self._send, self._close, limit=queue_limit, policy=slow_consumer, on_drop=on_drop)
+        proto.transport.registerProducer(self.outbox, True)
+        self.subscription = Subscription(broker, self.outbox, (channel,))
+        broker.join(channel, conn_id, user)
+
+    def _send(self, payload: bytes, binary: bool) -> None:
+        self.messages_u2c += 1
+        self.bytes_u2c += len(payload)
+        self.proto.sendMessage(payload, binary)
+
+    def _close(self, code: int, reason: str) -> None:
+        self.log.info("{conn_id} closing client: {code} {reason}", conn_id=self.conn_id, code=code, reason=reason)
+        if self.proto.state == OPEN:
+            # not sendClose: Autobahn lets applications send only 1000 and
+            # 3000-4999, and these are the gateway's own protocol-level codes
+            self.proto.sendCloseFrame(code, reason.encode(), isReply=False)
+
+    def message(self, payload: bytes, binary: bool) -> None:
+        """A whole message from the client."""
+        if self.outbox.closed:
+            return
+        if self.bucket is not None and not self.bucket.take(self.clock.seconds()):
+            self.outbox.closed = True
+            self._close(closecodes.POLICY_VIOLATION, closecodes.REASON_RATE_LIMIT)
+            return
+        if not self.client_publish:
+            return  # a listen-only channel: what clients send goes nowhere (README)
+        self.messages_c2u += 1
+        self.bytes_c2u += len(payload)
+        self.broker.publish(self.channel, payload, binary, origin=self.subscription).addErrback(self._not_published)
+
+    def _not_published(self, f: Failure) -> None:
+        # Redis is down or lagging: say so rather than lose the message
+        # quietly; the client reconnects and gets 503 until the broker is back.
+        self.log.info("{conn_id} could not publish to {channel}: {error}", conn_id=self.conn_id,
+                      channel=self.channel, error=f.getErrorMessage())
+        if not self.outbox.closed:
+            self.outbox.closed = True
+            self._close(TRY_AGAIN_LATER, "broadcast unavailable")
+
+    def ended(self) -> None:
+        """The connection is gone: leave the channel."""
+        self.outbox.stopProducing()
+        self.subscription.cancel()
+        self.broker.leave(self.channel, self.conn_id)

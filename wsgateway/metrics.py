@@ -40,6 +40,7 @@ from prometheus_client import disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
+from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
@@ -278,3 +279,25 @@ class MetricsResource(Resource):
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
         request.setHeader(b"cache-control", b"no-store")
         return body
+
+
+class BrokerMetrics:
+    """The broker's observer: channel traffic into the gateway's metrics and log."""
+
+    log = Logger()
+
+    def __init__(self, metrics: GatewayMetrics) -> None:
+        self._metrics = metrics
+
+    def broker_published(self, channel: str, deliveries: int) -> None:
+        # once per message published here, whatever the number of subscribers
+        self._metrics.broadcast_published()
+
+    def broker_received(self, channel: str, deliveries: int, outside: bool) -> None:
+        pass  # counted by the node that published it
+
+    def broker_dropped(self, channel: str, reason: str) -> None:
+        self.log.debug("broker dropped a message for {channel}: {reason}", channel=channel, reason=reason)
+
+    def broker_state(self, up: bool) -> None:
+        pass  # the broker logs its own ups and downs, once each

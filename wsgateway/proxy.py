@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -35,6 +35,7 @@ from twisted.python.failure import Failure
 from wsgateway import _autobahn, closecodes
 from wsgateway.auth import AuthFailed, Authenticator, Credentials, Identity, check_roles, claim_headers
 from wsgateway.balance import hash_key
+from wsgateway.broadcast import ChannelSession
 from wsgateway.config import AuthConfig, GatewayConfig, RouteConfig
 from wsgateway.health import describe_error
 from wsgateway.headers import (
@@ -48,7 +49,14 @@ from wsgateway.headers import (
 from wsgateway.limits import ConnectionLimiter, client_ip
 from wsgateway.origins import OriginPolicy
 from wsgateway.relay import Leg, Relay
-from wsgateway.routing import Router, TemplateError, has_dot_segments, upstream_target
+from wsgateway.routing import (
+    Router,
+    TemplateError,
+    has_dot_segments,
+    query_params,
+    render_template,
+    upstream_target,
+)
 from wsgateway.stats import Connection, GatewayStats
 from wsgateway.tracing import NoTracer, OtelTracer
 from wsgateway.upstream import Node, Upstream, UpstreamError, UpstreamRefused, UpstreamRequest
@@ -309,6 +317,11 @@ class GatewayServerProtocol(WebSocketServerProtocol):
     trace_id = ""
     span: Any = None  # the connection's OpenTelemetry span, when tracing exports
     identity: Identity | None = None
+    channel: str | None = None  # broadcast routes: the channel, once the handshake chose it
+    channel_config: Any = None
+    session: ChannelSession | None = None
+    close_code: int | None = None
+    opened_at = 0.0
     # the client IP counted by the factory's limiter until the relay takes over
     admitted_ip: str | None = None
 
@@ -337,6 +350,10 @@ class GatewayServerProtocol(WebSocketServerProtocol):
         relay = self.relay
         if relay is not None:
             relay.client_data(data)
+            return
+        if self.session is not None:
+            # a broadcast connection: Autobahn reads its frames
+            self._dataReceived(data)
             return
         if self._head_done:
             # Frames sent before our 101 (pipelining) wait for the relay;
@@ -423,6 +440,13 @@ class GatewayServerProtocol(WebSocketServerProtocol):
         self.dropConnection(abort=False)
 
     def onOpen(self) -> None:
+        if self.channel is not None:
+            if not self._lost:
+                self.session = self.factory.start_channel(self)
+                # frames that came with the request: Autobahn reads them right after onOpen
+                self.data, self._early = self.data + self._early, b""
+                self.transport.resumeProducing()
+            return
         up = self.upstream_leg
         if self._lost or up is None:
             return
@@ -466,17 +490,25 @@ class GatewayServerProtocol(WebSocketServerProtocol):
                 self.upstream.release(self.node)
             if not self.upstream_leg.lost:
                 self.upstream_leg.transport.loseConnection()
-        if self.span is not None:
+        if self.span is not None and self.session is None:
             # no relay took the connection over: its span ends here
             self.factory.tracer.end(self.span, {"wsgateway.conn_id": self.conn_id}, error="client left during the handshake")
             self.span = None
         super().connectionLost(reason)
+        if self.session is not None:
+            # after Autobahn's onClose, which tells the close code
+            self.session.ended()
+            self.factory.channel_done(self)
+            self.session = None
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        pass
+        # only broadcast connections get here: relayed ones never reach Autobahn
+        if self.session is not None:
+            self.session.message(payload, isBinary)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        pass
+        # broadcast connections only: the code of whoever closed first
+        self.close_code = self.localCloseCode if self.closedByMe else code
 
 
 class GatewayServerFactory(WebSocketServerFactory):
@@ -504,6 +536,7 @@ class GatewayServerFactory(WebSocketServerFactory):
         limiter: ConnectionLimiter | None = None,
         stats: GatewayStats | None = None,
         tracer: NoTracer | OtelTracer | None = None,
+        broker: Any = None,
     ) -> None:
         super().__init__(reactor=reactor, server=None)
         self.clock = clock
@@ -515,6 +548,7 @@ class GatewayServerFactory(WebSocketServerFactory):
         )
         self.stats = stats or GatewayStats()
         self.tracer = tracer or NoTracer()
+        self.broker = broker  # broadcast routes refuse with 503 without one
         self.relays: set[Relay] = set()
         self.reconfigure(config, router, upstreams, auth)
 
@@ -602,9 +636,6 @@ class GatewayServerFactory(WebSocketServerFactory):
         # Autobahn gives "" when the request has no Origin header
         if not self._route_origins.get(route.name, self.origins).allows(request.origin or None):
             raise AuthFailed(closecodes.FORBIDDEN, "origin not allowed")
-        if route.mode != "proxy" or route.upstream is None:
-            # broadcast routes arrive with the broker
-            raise ConnectionDeny(closecodes.UNAVAILABLE, "Service Unavailable")
         trusted = config.gateway.trusted_proxies
         peer_ip = _peer_ip(proto.transport)
         ip = client_ip(peer_ip, request.headers.get("x-forwarded-for"), trusted) if trusted else peer_ip
@@ -622,6 +653,8 @@ class GatewayServerFactory(WebSocketServerFactory):
             check_roles(identity, route.roles)
             proto.identity = identity
         claims = identity.claims if identity is not None else None
+        if route.mode != "proxy" or route.upstream is None:
+            return self._open_channel(proto, route, match, request, claims, protocols, config, token_param)
         try:
             resource = upstream_target(
                 match,
@@ -677,6 +710,99 @@ class GatewayServerFactory(WebSocketServerFactory):
         proto.upstream = upstream
         proto.upstream_leg = leg
         return leg.websocket_protocol_in_use
+
+    def _open_channel(
+        self,
+        proto: GatewayServerProtocol,
+        route: RouteConfig,
+        match: Any,
+        request: ConnectionRequest,
+        claims: Mapping[str, Any] | None,
+        protocols: tuple[str, ...],
+        config: GatewayConfig,
+        token_param: str | None,
+    ) -> str | None:
+        """A broadcast route: no upstream; Autobahn keeps the connection, the broker feeds it."""
+        broker = self.broker
+        if broker is None or not broker.ready or route.channel is None:
+            raise ConnectionDeny(closecodes.UNAVAILABLE, "Service Unavailable")
+        try:
+            proto.channel = render_template(
+                route.channel,
+                captures=match.captures,
+                claims=claims,
+                query=query_params(proto.http_request_uri, drop=token_param),
+                headers=request.headers,
+            )
+        except TemplateError:
+            raise ConnectionDeny(closecodes.BAD_REQUEST, "Bad Request") from None
+        limits = config.limits
+        # set before the 101 goes out: Autobahn starts its pings then
+        proto.autoPingInterval = limits.ping_interval
+        proto.autoPingTimeout = limits.ping_timeout
+        proto.closeHandshakeTimeout = 5
+        proto.channel_config = (route, limits)
+        # the gateway is the endpoint here: it takes the first subprotocol offered
+        # (browsers fail a handshake whose offered subprotocols get no answer)
+        return protocols[0] if protocols else None
+
+    def start_channel(self, proto: GatewayServerProtocol) -> ChannelSession:
+        route, limits = proto.channel_config
+        identity = proto.identity
+        session = ChannelSession(
+            proto,
+            self.broker,
+            proto.channel or "",
+            conn_id=proto.conn_id,
+            user=identity.subject if identity is not None else None,
+            client_publish=route.client_publish,
+            slow_consumer=route.slow_consumer,
+            queue_limit=limits.write_buffer,
+            messages_per_second=limits.messages_per_second,
+            clock=self.clock,
+        )
+        proto.opened_at = self.clock.seconds()
+        self.stats.opened(Connection(
+            conn_id=proto.conn_id, route=route.name, upstream="", node="", peer=proto.peer,
+            trace_id=proto.trace_id, subject=identity.subject if identity is not None else None,
+            started=proto.opened_at, relay=session,
+        ))
+        self._log.debug("{conn_id} joined channel {channel} on route {route}", conn_id=proto.conn_id,
+                        channel=proto.channel, route=route.name, trace_id=proto.trace_id)
+        return session
+
+    def channel_done(self, proto: GatewayServerProtocol) -> None:
+        session = proto.session
+        if session is None:
+            return
+        self.stats.closed(session, proto.close_code)
+        if proto.span is not None:
+            self.tracer.end(proto.span, {
+                "wsgateway.route": proto.route.name if proto.route else None,
+                "wsgateway.channel": proto.channel,
+                "wsgateway.conn_id": proto.conn_id,
+                "websocket.close_code": proto.close_code,
+                "wsgateway.messages_in": session.messages_c2u,
+                "wsgateway.messages_out": session.messages_u2c,
+            })
+            proto.span = None
+        self._log.info(
+            "closed {conn_id} route={route} channel={channel} peer={peer} trace_id={trace_id} code={code} "
+            "duration={duration:.3f} messages_in={msgs_in} messages_out={msgs_out} bytes_in={bytes_in} "
+            "bytes_out={bytes_out} dropped={dropped}",
+            conn_id=proto.conn_id,
+            route=proto.route.name if proto.route else "",
+            channel=proto.channel,
+            peer=proto.peer,
+            trace_id=proto.trace_id,
+            code=proto.close_code,
+            duration=self.clock.seconds() - proto.opened_at,
+            msgs_in=session.messages_c2u,
+            msgs_out=session.messages_u2c,
+            bytes_in=session.bytes_c2u,
+            bytes_out=session.bytes_u2c,
+            dropped=session.outbox.dropped,
+        )
 
     def start_relay(self, proto: GatewayServerProtocol, leg: UpstreamProtocol) -> Relay:
         limits = self.config.limits

@@ -23,7 +23,8 @@ from wsgateway import dashboard, logs, tls, wiring
 from wsgateway.admin import admin_site
 from wsgateway.config import ConfigError, GatewayConfig, RouteConfig, load
 from wsgateway.limits import ConnectionLimiter
-from wsgateway.metrics import GatewayMetrics, MetricsResource
+from wsgateway.broker import make_broker
+from wsgateway.metrics import BrokerMetrics, GatewayMetrics, MetricsResource
 from wsgateway.proxy import GatewayServerFactory, UpstreamProtocol
 from wsgateway.relay import Relay
 from wsgateway.stats import GatewayStats
@@ -80,6 +81,11 @@ class GatewayService(MultiService):
         self.limiter = ConnectionLimiter(config.limits.max_connections, config.limits.max_connections_per_ip)
         self.stats = GatewayStats()
         self.tracer = make_tracer()
+        # channels: in process, or shared through Redis; a child before the
+        # listeners, so it starts first and stops after the drain
+        self.broker = make_broker(config.redis, config.gateway.node_id, reactor=reactor,
+                                  observer=BrokerMetrics(self.metrics))
+        self.broker.setServiceParent(self)
         self.factories: list[GatewayServerFactory] = []
         self.listeners: list[Any] = []
         self.tls: list[tls.ReloadableServerTLS] = []  # one per ssl: listener, for reload()
@@ -112,6 +118,7 @@ class GatewayService(MultiService):
                 limiter=self.limiter,
                 stats=self.stats,
                 tracer=self.tracer,
+                broker=self.broker,
             )
             self.factories.append(factory)
             if tls.is_ssl(desc):

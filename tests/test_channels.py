@@ -1,0 +1,232 @@
+"""
+Broadcast routes through real gateway processes: two nodes sharing a real
+redis-server, the admin API's publish and presence, Redis dying mid-run,
+and a slow subscriber that must not hold back the room.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import ClientConnection, connect
+
+from conftest import free_port, wait_for
+from redis_fixture import RedisServer, running_redis
+
+TOKEN = "channels-admin-token"
+SECRET = "c" * 32
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    with running_redis(tmp_path / "redis") as server:
+        yield server
+
+
+def node_ini(node_id: str, admin: int, echo: str, redis_url: str = "", limits: str = "") -> str:
+    redis = f"[redis]\n        url = {redis_url}\n        prefix = t" if redis_url else ""
+    return f"""
+        [gateway]
+        node_id = {node_id}
+        listen = tcp:{{port}}:interface=127.0.0.1
+
+        [admin]
+        listen = tcp:{admin}:interface=127.0.0.1
+        token = {TOKEN}
+
+        [auth]
+        secret = {SECRET}
+
+        [limits]
+        {limits}
+
+        [log]
+        format = text
+        level = info
+
+        {redis}
+
+        [upstream:echo]
+        nodes = {echo}
+
+        [route:room]
+        path = /room/{{room}}
+        mode = broadcast
+        channel = room:{{room}}
+        auth = none
+
+        [route:me]
+        path = /me
+        mode = broadcast
+        channel = user:{{claims.sub}}
+        client_publish = no
+
+        [route:proxy]
+        path = /proxy/**
+        upstream = echo
+        auth = none
+        """
+
+
+def admin(port: int, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method,
+                                 data=json.dumps(body).encode() if body is not None else None)
+    req.add_header("Authorization", f"Bearer {TOKEN}")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+class Listener:
+    """A websockets client whose messages a thread collects."""
+
+    def __init__(self, url: str, **kwargs: Any) -> None:
+        self.ws: ClientConnection = connect(url, open_timeout=10, **kwargs)
+        self.got: list[Any] = []
+        self.closed: tuple[int, str] | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            for msg in self.ws:
+                self.got.append(msg)
+        except ConnectionClosed:
+            pass
+        rcvd = self.ws.protocol.close_rcvd
+        self.closed = (rcvd.code, rcvd.reason) if rcvd is not None else (1006, "")
+
+
+@pytest.fixture
+def two_nodes(redis_server: RedisServer, start_gateway: Any, make_upstream: Any) -> tuple[Any, int, Any, int]:
+    echo = make_upstream().node
+    a_admin, b_admin = free_port(), free_port()
+    a = start_gateway(node_ini("gw-a", a_admin, echo, redis_server.url))
+    b = start_gateway(node_ini("gw-b", b_admin, echo, redis_server.url))
+    for port in (a_admin, b_admin):
+        assert wait_for(lambda p=port: admin(p, "GET", "/readyz")[1].get("status") == "ready", 10)
+    return a, a_admin, b, b_admin
+
+
+def test_a_room_across_two_nodes_gets_every_message_once_in_order(two_nodes: tuple[Any, int, Any, int]) -> None:
+    a, a_admin, b, _b_admin = two_nodes
+    clients = [Listener(f"{gw.url}/room/lobby") for gw in (a, b) for _ in range(20)]
+    # presence: all 40 are on the channel, across both nodes
+    assert wait_for(lambda: len(admin(a_admin, "GET", "/admin/channels/room:lobby")[1]["connections"]) == 40, 10)
+    nodes = {e["node"] for e in admin(a_admin, "GET", "/admin/channels/room:lobby")[1]["connections"]}
+    assert nodes == {"gw-a", "gw-b"}
+    for n in range(200):
+        sender = (n * 7) % 40  # varied senders on both nodes
+        clients[sender].ws.send(f"{sender}:{n}")
+    sent_by = {i: [f"{i}:{n}" for n in range(200) if (n * 7) % 40 == i] for i in range(40)}
+    expected = {i: 200 - len(sent_by[i]) for i in range(40)}
+    assert wait_for(lambda: all(len(c.got) >= expected[i] for i, c in enumerate(clients)), 20)
+    time.sleep(0.3)  # anything extra (a duplicate, an echo) would arrive by now
+    for i, c in enumerate(clients):
+        assert len(c.got) == expected[i], i
+        assert len(set(c.got)) == len(c.got)  # exactly once
+        assert not any(m.startswith(f"{i}:") for m in c.got)  # no echo to the sender
+        for sender in range(40):
+            theirs = [m for m in c.got if m.startswith(f"{sender}:")]
+            assert theirs == ([] if sender == i else sent_by[sender])  # per-sender order
+    for c in clients:
+        c.ws.close()
+    assert wait_for(lambda: admin(a_admin, "GET", "/admin/channels/room:lobby")[1]["connections"] == [], 10)
+    with urllib.request.urlopen(f"http://127.0.0.1:{a_admin}/metrics", timeout=5) as r:
+        metrics = r.read().decode()
+    published_a = sum(1 for n in range(200) if (n * 7) % 40 < 20)
+    assert f"wsgateway_broadcast_messages_total {float(published_a)}" in metrics
+
+
+def test_admin_publish_on_one_node_reaches_a_user_on_the_other(two_nodes: tuple[Any, int, Any, int]) -> None:
+    a, a_admin, b, _b_admin = two_nodes
+    tok = jwt.encode({"sub": "u42", "exp": int(time.time()) + 300}, SECRET, algorithm="HS256")
+    me = Listener(f"{b.url}/me", additional_headers={"Authorization": f"Bearer {tok}"})
+    other = Listener(f"{b.url}/me", additional_headers={
+        "Authorization": "Bearer " + jwt.encode({"sub": "u7", "exp": int(time.time()) + 300}, SECRET,
+                                                algorithm="HS256")})
+    assert wait_for(lambda: len(admin(a_admin, "GET", "/admin/channels/user:u42")[1]["connections"]) == 1, 10)
+    entry = admin(a_admin, "GET", "/admin/channels/user:u42")[1]["connections"][0]
+    assert (entry["node"], entry["user"]) == ("gw-b", "u42")
+    assert admin(a_admin, "POST", "/admin/publish", {"channel": "user:u42", "message": "hello u42"}) == (
+        200, {"channel": "user:u42", "published": True, "bytes": 9})
+    assert admin(a_admin, "POST", "/admin/publish", {"channel": "user:u42", "message": "AAEC/w==", "binary": True})[0] == 200
+    assert wait_for(lambda: me.got == ["hello u42", b"\x00\x01\x02\xff"], 10), me.got
+    # client_publish = no: what the user sends goes nowhere
+    me.ws.send("not for anyone")
+    time.sleep(0.3)
+    assert other.got == [] and me.got == ["hello u42", b"\x00\x01\x02\xff"]
+    assert admin(a_admin, "POST", "/admin/publish", {"channel": "x"})[0] == 400
+    assert admin(a_admin, "POST", "/admin/publish", {"channel": "x", "message": "%%", "binary": True})[0] == 400
+
+
+def test_redis_dying_leaves_proxying_alone_and_broadcast_comes_back(
+    two_nodes: tuple[Any, int, Any, int], redis_server: RedisServer
+) -> None:
+    a, a_admin, b, _b_admin = two_nodes
+    sub = Listener(f"{b.url}/room/r1")
+    pub = Listener(f"{a.url}/room/r1")
+    assert wait_for(lambda: len(admin(a_admin, "GET", "/admin/channels/room:r1")[1]["connections"]) == 2, 10)
+    proxied = connect(f"{a.url}/proxy/x", open_timeout=5)
+    redis_server.kill()
+    assert wait_for(lambda: admin(a_admin, "GET", "/readyz") == (200, admin(a_admin, "GET", "/readyz")[1])
+                    and admin(a_admin, "GET", "/readyz")[1]["status"] == "degraded", 10)
+    # proxying, old and new connections, is untouched
+    proxied.send("still here")
+    assert proxied.recv(timeout=5) == "still here"
+    with connect(f"{a.url}/proxy/y", open_timeout=5) as ws:
+        ws.send("new")
+        assert ws.recv(timeout=5) == "new"
+    # a new broadcast client is refused while the broker is down
+    with pytest.raises(InvalidStatus) as info:
+        connect(f"{a.url}/room/r1", open_timeout=5)
+    assert info.value.response.status_code == 503
+    redis_server.start()
+    assert wait_for(lambda: admin(a_admin, "GET", "/readyz")[1]["status"] == "ready", 15)
+    # the subscriber that stayed connected gets messages again (its node resubscribed)
+    assert wait_for(lambda: (pub.ws.send("after"), "after" in sub.got)[1] if not pub.closed else False, 15), (
+        sub.got, pub.closed)
+    proxied.close()
+    assert "redis" in a.log().lower()
+
+
+def test_a_slow_subscriber_is_closed_and_the_room_goes_on(redis_server: RedisServer, start_gateway: Any,
+                                                         make_upstream: Any) -> None:
+    port = free_port()
+    # write_buffer = 1M (the default) bounds each subscriber's queue
+    gw = start_gateway(node_ini("gw-s", port, make_upstream().node))
+    fast = Listener(f"{gw.url}/room/big")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", gw.port))
+    slow = connect(f"{gw.url}/room/big", sock=sock, max_queue=1, open_timeout=5)  # never read by us
+    publisher = connect(f"{gw.url}/room/big", open_timeout=5)
+    chunk = b"x" * 65536
+    for i in range(200):
+        publisher.send(chunk[:-4] + i.to_bytes(4, "big"))
+    assert wait_for(lambda: len(fast.got) == 200, 30), len(fast.got)
+    assert [int.from_bytes(m[-4:], "big") for m in fast.got] == list(range(200))
+    got = 0
+    with pytest.raises(ConnectionClosed) as info:
+        while True:
+            slow.recv(timeout=10)
+            got += 1
+    assert info.value.rcvd is not None
+    assert (info.value.rcvd.code, info.value.rcvd.reason) == (1008, "slow consumer")
+    assert got < 200
+    publisher.close()
+    fast.ws.close()
+    assert wait_for(lambda: "dropped=" in gw.log() and "code=1008" in gw.log(), 10), gw.log()
