@@ -76,6 +76,11 @@ def node_ini(node_id: str, admin: int, echo: str, redis_url: str = "", limits: s
         path = /proxy/**
         upstream = echo
         auth = none
+
+        [route:inbox]
+        path = /inbox/**
+        upstream = echo
+        subscribe = user:{{claims.sub}} news
         """
 
 
@@ -230,3 +235,27 @@ def test_a_slow_subscriber_is_closed_and_the_room_goes_on(redis_server: RedisSer
     publisher.close()
     fast.ws.close()
     assert wait_for(lambda: "dropped=" in gw.log() and "code=1008" in gw.log(), 10), gw.log()
+
+
+def test_a_proxied_client_gets_pushes_from_any_node_between_upstream_messages(
+    two_nodes: tuple[Any, int, Any, int]
+) -> None:
+    a, a_admin, b, _b_admin = two_nodes
+    tok = jwt.encode({"sub": "u9", "exp": int(time.time()) + 300}, SECRET, algorithm="HS256")
+    with connect(f"{b.url}/inbox/x", additional_headers={"Authorization": f"Bearer {tok}"}, open_timeout=5) as ws:
+        assert wait_for(lambda: len(admin(a_admin, "GET", "/admin/channels/user:u9")[1]["connections"]) == 1, 10)
+        ws.send("echo me")
+        assert ws.recv(timeout=5) == "echo me"
+        assert admin(a_admin, "POST", "/admin/publish", {"channel": "user:u9", "message": "push 1"})[0] == 200
+        assert admin(a_admin, "POST", "/admin/publish", {"channel": "news", "message": "AQI=", "binary": True})[0] == 200
+        assert ws.recv(timeout=5) == "push 1"
+        assert ws.recv(timeout=5) == b"\x01\x02"
+        # the proxied conversation goes on around the pushes
+        big = "y" * 300_000  # several frames' worth from the upstream while pushes arrive
+        ws.send(big)
+        for i in range(5):
+            admin(a_admin, "POST", "/admin/publish", {"channel": "user:u9", "message": f"p{i}"})
+        got = [ws.recv(timeout=5) for _ in range(6)]
+        assert big in got and [m for m in got if m != big] == [f"p{i}" for i in range(5)]
+    assert wait_for(lambda: admin(a_admin, "GET", "/admin/channels/user:u9")[1]["connections"] == [], 10)
+    assert "messages_out=9" in b.log()

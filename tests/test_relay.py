@@ -1153,3 +1153,34 @@ def test_expiry_while_reconnecting_stops_the_reconnect() -> None:
     h.clock.advance(0)
     h.relay.client_connection_lost()
     h.assert_finished()
+
+
+# -- pushes --------------------------------------------------------------------
+
+
+def test_a_push_waits_for_the_end_of_a_fragmented_upstream_message() -> None:
+    h = make()
+    h.relay.upstream_data(u_frame(OP_TEXT, b"part1", fin=False))
+    frame2 = u_frame(OP_CONT, b"part2-and-more", fin=True)
+    h.relay.upstream_data(frame2[:5])  # mid-frame too
+    h.relay.push(b"pushed", False)
+    h.relay.push(b"\x00\x01", True)
+    h.relay.upstream_data(frame2[5:])
+    frames = parse_frames(h.client.value())
+    assert [(f.opcode, f.fin, f.payload) for f in frames] == [
+        (OP_TEXT, False, b"part1"),
+        (OP_CONT, True, b"part2-and-more"),
+        (OP_TEXT, True, b"pushed"),
+        (OP_BINARY, True, b"\x00\x01"),
+    ]
+    assert h.relay.messages_u2c == 3
+
+
+def test_a_push_at_a_message_boundary_goes_out_at_once_and_not_after_close() -> None:
+    h = make()
+    h.relay.push(b"now", False)
+    assert [(f.opcode, f.payload) for f in parse_frames(h.client.value())] == [(OP_TEXT, b"now")]
+    h.relay.close(1001, "bye")
+    before = h.client.value()
+    h.relay.push(b"late", False)
+    assert h.client.value() == before

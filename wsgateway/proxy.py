@@ -35,7 +35,7 @@ from twisted.python.failure import Failure
 from wsgateway import _autobahn, closecodes
 from wsgateway.auth import AuthFailed, Authenticator, Credentials, Identity, check_roles, claim_headers
 from wsgateway.balance import hash_key
-from wsgateway.broadcast import ChannelSession
+from wsgateway.broadcast import ChannelSession, Outbox, Subscription
 from wsgateway.config import AuthConfig, GatewayConfig, RouteConfig
 from wsgateway.health import describe_error
 from wsgateway.headers import (
@@ -274,6 +274,7 @@ class ConnInfo:
     trace_id: str
     ip: str | None = None  # counted by the limiter until the relay is done
     span: Any = None
+    pushes: Subscription | None = None
 
 
 # Autobahn's refusal reasons quote request text (a duplicated bearer
@@ -319,6 +320,7 @@ class GatewayServerProtocol(WebSocketServerProtocol):
     identity: Identity | None = None
     channel: str | None = None  # broadcast routes: the channel, once the handshake chose it
     channel_config: Any = None
+    push_channels: tuple[str, ...] = ()
     session: ChannelSession | None = None
     close_code: int | None = None
     opened_at = 0.0
@@ -655,6 +657,16 @@ class GatewayServerFactory(WebSocketServerFactory):
         claims = identity.claims if identity is not None else None
         if route.mode != "proxy" or route.upstream is None:
             return self._open_channel(proto, route, match, request, claims, protocols, config, token_param)
+        if route.subscribe:
+            # pushes to this proxied client, e.g. user:{claims.sub}
+            try:
+                query = query_params(target, drop=token_param)
+                proto.push_channels = tuple(
+                    render_template(t, captures=match.captures, claims=claims, query=query, headers=request.headers)
+                    for t in route.subscribe
+                )
+            except TemplateError:
+                raise ConnectionDeny(closecodes.BAD_REQUEST, "Bad Request") from None
         try:
             resource = upstream_target(
                 match,
@@ -839,6 +851,13 @@ class GatewayServerFactory(WebSocketServerFactory):
             reconnect_buffer=upstream.config.reconnect_buffer if upstream is not None else 0,
         )
         self.relays.add(relay)
+        if proto.push_channels and self.broker is not None and route is not None:
+            outbox = Outbox(relay.push, relay.slow_consumer, limit=limits.write_buffer, policy=route.slow_consumer)
+            relay.attach_outbox(outbox)
+            info.pushes = Subscription(self.broker, outbox, proto.push_channels)
+            user = identity.subject if identity is not None else None
+            for channel in proto.push_channels:
+                self.broker.join(channel, proto.conn_id, user)
         self.stats.opened(Connection(
             conn_id=proto.conn_id,
             route=route.name if route is not None else "",
@@ -935,6 +954,12 @@ class GatewayServerFactory(WebSocketServerFactory):
 
     def _relay_done(self, proto: ConnInfo, relay: Relay) -> None:
         self.relays.discard(relay)
+        if proto.pushes is not None:
+            proto.pushes.outbox.stopProducing()
+            for channel in proto.pushes.channels:
+                self.broker.leave(channel, proto.conn_id)
+            proto.pushes.cancel()
+            proto.pushes = None
         self.stats.closed(relay, relay.close_code)
         if proto.span is not None:
             self.tracer.end(proto.span, {

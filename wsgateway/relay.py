@@ -15,6 +15,7 @@ the other.
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -26,7 +27,17 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from wsgateway import closecodes
-from wsgateway.frames import OP_CLOSE, OP_PING, OP_PONG, FrameScanner, encode_close, encode_frame, parse_close
+from wsgateway.frames import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    FrameScanner,
+    encode_close,
+    encode_frame,
+    parse_close,
+)
 from wsgateway.limits import TokenBucket
 from wsgateway.logs import ConnLogger
 
@@ -77,6 +88,28 @@ class _Reader:
 
     def resumeProducing(self) -> None:
         self._transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+@implementer(IPushProducer)
+class _Both:
+    """The client transport's producer when pushes share it: the upstream's reader and the push outbox."""
+
+    __slots__ = ("_reader", "_outbox")
+
+    def __init__(self, reader: _Reader, outbox: Any) -> None:
+        self._reader = reader
+        self._outbox = outbox
+
+    def pauseProducing(self) -> None:
+        self._reader.pauseProducing()
+        self._outbox.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._reader.resumeProducing()
+        self._outbox.resumeProducing()
 
     def stopProducing(self) -> None:
         pass
@@ -297,6 +330,8 @@ class Relay:
             self._budget_client = 0
         if u2c.error is not None:
             self._upstream_violation(*u2c.error)
+        elif self._pushes:
+            self._flush_pushes()
 
     def _owed_to_client(self, out: bytes, budget: int) -> None:
         chunk = out if len(out) <= budget else out[:budget]
@@ -318,7 +353,7 @@ class Relay:
 
     @property
     def messages_u2c(self) -> int:
-        return self.u2c.messages
+        return self.u2c.messages + self.messages_pushed
 
     # -- control frames --------------------------------------------------
 
@@ -443,6 +478,56 @@ class Relay:
         else:
             self._budget_upstream = self.c2u.owed
         self._start_close_timer()
+
+    # -- pushes (a proxy route's ``subscribe`` channels) ---------------------
+
+    _pushes: deque[bytes] | None = None  # frames waiting for the end of an upstream message
+    messages_pushed = 0
+
+    def push(self, payload: bytes, binary: bool) -> None:
+        """
+        A message from a channel this client is subscribed to. It goes out
+        between the upstream's messages, never inside one: a data frame may
+        not interleave with another message's fragments (RFC 6455 5.4).
+        """
+        if self.done or self.closed_to_client or self.client_lost:
+            return
+        self.messages_pushed += 1
+        frame = encode_frame(OP_BINARY if binary else OP_TEXT, payload, mask=False)
+        u2c = self.u2c
+        if self._pushes or u2c.in_frame or u2c.in_message:
+            if self._pushes is None:
+                self._pushes = deque()
+            self._pushes.append(frame)
+            return
+        out = u2c.inject(frame)
+        if out:
+            self.client.write(out)
+
+    def _flush_pushes(self) -> None:
+        pushes = self._pushes
+        u2c = self.u2c
+        while pushes and not (u2c.in_frame or u2c.in_message) and not self.closed_to_client:
+            out = u2c.inject(pushes.popleft())
+            if out:
+                self.client.write(out)
+
+    _outbox: Any = None
+
+    def attach_outbox(self, outbox: Any) -> None:
+        """Let ``outbox`` (broadcast.Outbox) hear when the client's socket is full."""
+        self._outbox = outbox
+        self.client.unregisterProducer()
+        self.client.registerProducer(self._client_producer(self.upstream), True)
+
+    def _client_producer(self, upstream: Any) -> Any:
+        reader = _Reader(upstream)
+        return reader if self._outbox is None else _Both(reader, self._outbox)
+
+    def slow_consumer(self, code: int, reason: str) -> None:
+        """The push queue overflowed (slow_consumer = close): as for a client that broke a rule."""
+        if not self.done and self.closed_by is None:
+            self._client_violation(code, reason)
 
     def _client_violation(self, code: int, reason: str) -> None:
         self.log.info("closing client: {code} {reason}", code=code, reason=reason)
@@ -616,7 +701,7 @@ class Relay:
         self.u2c = FrameScanner(masked=False, max_message_size=0, on_control=self._from_upstream)
         set_write_buffer(transport, self._write_buffer)
         self.client.unregisterProducer()
-        self.client.registerProducer(_Reader(transport), True)
+        self.client.registerProducer(self._client_producer(transport), True)
         transport.registerProducer(_Reader(self.client), True)
         held, self._held, self._held_size = b"".join(self._held), [], 0
         if held:
