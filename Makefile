@@ -63,7 +63,7 @@ bench: $(BIN)/.installed
 
 # Broadcast fan-out: 1 publisher, 1 000 subscribers on one gateway process, then on two sharing Redis.
 bench-fanout: $(BIN)/.installed-test sysdeps
-	$(BIN)/python bench/fanout.py --subscribers $${SUBSCRIBERS:-1000} --rate $${RATE:-50} --seconds $${SECONDS:-5}
+	$(BIN)/python bench/fanout.py --subscribers $${SUBSCRIBERS:-1000} --rate $${RATE:-50} --seconds $${DURATION:-5}
 
 # Handshakes (scenario e) with HS256 JWT authentication on, against the same peers.
 bench-auth: $(BIN)/.installed
