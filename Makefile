@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 # tests/test_browser.py (Playwright drives it; it downloads no browser of its own)
 SYSDEPS ?= chromium=chromium redis-server=redis-server
 
-.PHONY: run test check devcert bench bench-auth bench-fanout sysdeps clean
+.PHONY: run test check devcert bench bench-auth bench-ops bench-fanout sysdeps clean
 
 run: $(BIN)/.installed devcert
 	$(BIN)/twistd -n --pidfile= wsgateway --config $(CONFIG)
@@ -60,6 +60,13 @@ bench: $(BIN)/.installed
 	  GATEWAY_CMD="$(CURDIR)/$(BIN)/twistd -n --pidfile= wsgateway --config $(CURDIR)/bench/gateway.ini" \
 	  GATEWAY_URL=ws://127.0.0.1:9500/ws REPS=$${REPS:-3} \
 	  bash ../shared/bench/run.sh $${TARGETS:-direct nginx1 gin twisted-relay gateway}
+
+# Scenario b with the admin port (metrics) on and JSON logs at info, beside the plain gateway.
+bench-ops: $(BIN)/.installed
+	PATH="$(CURDIR)/$(BIN):$$PATH" TWISTD=$(CURDIR)/$(BIN)/twistd PYTHON=$(CURDIR)/$(BIN)/python \
+	  GATEWAY_CMD="$(CURDIR)/$(BIN)/twistd -n --pidfile= wsgateway --config $(CURDIR)/bench/gateway-ops.ini" \
+	  GATEWAY_URL=ws://127.0.0.1:9500/ws REPS=$${REPS:-3} SCENARIOS=$${SCENARIOS:-b} \
+	  bash ../shared/bench/run.sh $${TARGETS:-twisted-relay gateway}
 
 # Broadcast fan-out: 1 publisher, 1 000 subscribers on one gateway process, then on two sharing Redis.
 bench-fanout: $(BIN)/.installed-test sysdeps
