@@ -772,6 +772,26 @@ def _gateway(loader: _Loader, sec: _Section) -> GatewaySection:
     )
 
 
+# Listen kinds a parent process can bind and hand to its workers (wsgateway.workers).
+WORKER_LISTEN_KINDS = ("tcp", "tcp6", "ssl")
+
+
+def _check_workers(sec: _Section, gateway: GatewaySection, routes: Sequence[RouteConfig], has_redis: bool) -> None:
+    """``workers`` > 1: what separate processes cannot share."""
+    count = gateway.workers
+    shared = [r.name for r in routes if r.mode == "broadcast" or r.subscribe]
+    if shared and not has_redis:
+        names = ", ".join(f"[route:{name}]" for name in shared)
+        sec.error("workers", f"{count} worker processes need a [redis] section for channels: {names} "
+                             f"{'uses' if len(shared) == 1 else 'use'} broadcast or subscribe, and the in-process "
+                             "broker cannot reach the clients of other workers; add [redis] or set workers = 1")
+    if sec.ok("listen"):
+        for desc in gateway.listen:
+            if desc.split(":", 1)[0].strip().lower() not in WORKER_LISTEN_KINDS:
+                sec.error("workers", f"listen entry {desc!r} cannot be shared with worker processes: with "
+                                     f"workers > 1 use {', '.join(k + ':' for k in WORKER_LISTEN_KINDS)}")
+
+
 def _admin(loader: _Loader, sec: _Section) -> AdminSection:
     def token(v: _Value) -> str | None:
         if not v.text:
@@ -1314,6 +1334,8 @@ def load(path: str, environ: Mapping[str, str] | None = None) -> GatewayConfig:
             loader.listeners.extend(_Listener(None, f"[{kind}] listen (default)", d, loader.endpoint(d)[1])
                                     for d in default)
     _report_clashes(loader.listeners)
+    if "gateway" in by_kind and single["gateway"].workers > 1:
+        _check_workers(by_kind["gateway"], single["gateway"], routes, "redis" in kinds)
     if not routes and not any(kind == "route" for kind, _, _ in sections):
         loader.record((len(parser.sections()) + 1, 0), "[gateway]: no [route:NAME] section: nothing to serve")
     errors = loader.errors()

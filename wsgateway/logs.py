@@ -71,11 +71,16 @@ def _order(level: LogLevel) -> int:
 
 @implementer(ILogObserver)
 class JSONLinesObserver:
-    """One JSON object per line with ``time``, ``level``, ``event``, ``node_id`` and connection fields."""
+    """
+    One JSON object per line with ``time``, ``level``, ``event``, ``node_id``
+    and connection fields; a worker process (``[gateway] workers`` > 1) adds
+    ``worker``, its number, and its node_id ends in ``/wN``.
+    """
 
-    def __init__(self, stream: IO[str], node_id: str) -> None:
+    def __init__(self, stream: IO[str], node_id: str, worker: int | None = None) -> None:
         self._stream = stream
         self._node_id = node_id
+        self._worker = worker
 
     def __call__(self, event: dict[str, Any]) -> None:
         level = event.get("log_level", LogLevel.info)
@@ -87,6 +92,8 @@ class JSONLinesObserver:
             "node_id": self._node_id,
             "logger": event.get("log_namespace", ""),
         }
+        if self._worker is not None:
+            out["worker"] = self._worker
         for key in FIELDS:
             if key in event:
                 out[key] = event[key]
@@ -145,6 +152,36 @@ def configured_observer() -> ILogObserver:
 
 # The files observer_factory opened, for reopen().
 _files: list[LogFile] = []
+# Where the observer writes: the parent of worker processes writes their
+# lines there too (relay), so one process owns the log file.
+_stream: IO[str] | None = None
+
+
+def relay(line: str) -> None:
+    """
+    Write one line another process formatted (a worker's, read from its
+    stdout) where this process logs, as it is: the worker already applied
+    its level filter and the same [log] format.
+    """
+    stream = _stream or sys.stdout
+    stream.write(line + "\n")
+    stream.flush()
+
+
+@implementer(ILogObserver)
+class _WorkerTagged:
+    """Text format in a worker: the system column names the worker, e.g. ``[gw-1/w2 wsgateway.proxy#info]``."""
+
+    def __init__(self, observer: ILogObserver, node_id: str) -> None:
+        self._observer = observer
+        self._node_id = node_id
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        system = event.get("log_system")
+        if system is None:  # what the text format shows without one
+            level = event.get("log_level", LogLevel.info)
+            system = f"{event.get('log_namespace', '-')}#{getattr(level, 'name', level)}"
+        self._observer({**event, "log_system": f"{self._node_id} {system}"})
 
 
 def reopen() -> int:
@@ -159,11 +196,17 @@ def reopen() -> int:
 
 
 def observer_factory(
-    *, level: str, fmt: str, file: str, node_id: str, twistd_logfile: str | None, daemon: bool
+    *, level: str, fmt: str, file: str, node_id: str, twistd_logfile: str | None, daemon: bool,
+    worker: int | None = None,
 ) -> Callable[[], ILogObserver]:
-    """The observer for twistd: ``--logfile`` wins over ``[log] file``."""
+    """
+    The observer for twistd: ``--logfile`` wins over ``[log] file``. A
+    worker process (``worker``: its number) writes to its stdout, a pipe its
+    parent reads (``relay``), and names itself in each line.
+    """
 
     def make() -> ILogObserver:
+        global _stream
         target = twistd_logfile or (file if file != "-" else None)
         if target is None and daemon:
             target = "twistd.log"  # a daemon has no stdout; twistd's own default
@@ -177,7 +220,14 @@ def observer_factory(
             logfile = LogFile.fromFullPath(target, rotateLength=None)
             _files.append(logfile)
             stream = logfile  # type: ignore[assignment]
-        observer = JSONLinesObserver(stream, node_id) if fmt == "json" else textFileLogObserver(stream)
+        _stream = stream
+        observer: ILogObserver
+        if fmt == "json":
+            observer = JSONLinesObserver(stream, node_id, worker)
+        else:
+            observer = textFileLogObserver(stream)
+            if worker is not None:
+                observer = _WorkerTagged(observer, node_id)
         set_level(level)
         return FilteringLogObserver(observer, [PREDICATE])
 

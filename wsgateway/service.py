@@ -10,7 +10,7 @@ import random
 import signal
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import autobahn
 from autobahn.websocket import USES_NVX
@@ -30,6 +30,9 @@ from wsgateway.relay import Relay
 from wsgateway.stats import GatewayStats
 from wsgateway.tracing import make_tracer
 from wsgateway.upstream import Upstream
+
+if TYPE_CHECKING:
+    from wsgateway.worker import WorkerSetup
 
 # The 1001s of a shutdown are spread over this fraction of shutdown_timeout
 # (see drain_schedule); the rest of it is for the last close handshakes.
@@ -60,10 +63,16 @@ class GatewayService(MultiService):
     log = Logger()
 
     def __init__(
-        self, config: GatewayConfig, reactor: Any, *, config_path: str | None = None, rng: random.Random | None = None
+        self, config: GatewayConfig, reactor: Any, *, config_path: str | None = None, rng: random.Random | None = None,
+        worker: WorkerSetup | None = None,
     ) -> None:
         super().__init__()
         self.reactor = reactor
+        # In a worker process ([gateway] workers > 1, wsgateway.worker): the
+        # parent's sockets, node id ".../wN", no admin port or demo backend.
+        self.worker = worker
+        if worker is not None:
+            config = worker.adapt(config)
         # what SIGHUP re-reads (tap.py passes it absolute: twistd may chdir)
         self.config_path = config_path or config.path
         self._rng = rng or random.Random()  # the drain's jitter
@@ -101,12 +110,15 @@ class GatewayService(MultiService):
             )
             for desc in config.admin.listen:
                 strports.service(desc, site, reactor=reactor).setServiceParent(self)
+        if worker is not None:
+            # what the parent reads to serve the admin port for all workers
+            worker.control_service(self, self.metrics.registry, reactor).setServiceParent(self)
         if config.demo is not None:
             from wsgateway.demo import DemoFactory
 
             for desc in config.demo.listen:
                 strports.service(desc, DemoFactory(reactor=reactor), reactor=reactor).setServiceParent(self)
-        for desc in config.gateway.listen:
+        for index, desc in enumerate(config.gateway.listen):
             factory = GatewayServerFactory(
                 config,
                 self.router,
@@ -121,7 +133,12 @@ class GatewayService(MultiService):
                 broker=self.broker,
             )
             self.factories.append(factory)
-            if tls.is_ssl(desc):
+            if worker is not None:
+                # the socket the parent bound; ssl: gets this worker's own reloadable TLS
+                listener, reloadable = worker.listener(index, desc, factory, reactor)
+                if reloadable is not None:
+                    self.tls.append(reloadable)
+            elif tls.is_ssl(desc):
                 # built by wsgateway.tls, not strports: its certificate can be swapped on SIGHUP
                 listener, reloadable = tls.server_service(desc, factory, reactor)
                 self.tls.append(reloadable)
@@ -204,6 +221,8 @@ class GatewayService(MultiService):
         path = self.config_path
         try:
             new = load(path)
+            if self.worker is not None:
+                new = self.worker.adapt(new)
         except ConfigError as e:
             for line in e.errors:
                 self.log.error("{problem}", problem=line)

@@ -49,7 +49,14 @@ class Options(usage.Options):
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
+    # absolute: SIGHUP re-reads it, and twistd may have changed directory by then (--rundir)
+    path = os.path.abspath(options["config"])
+    if options.loaded.gateway.workers > 1:
+        # a parent binding the sockets for N worker processes (wsgateway.workers)
+        from wsgateway.workers import WorkerParent
+
+        return WorkerParent(options.loaded, reactor, config_path=path)
+
     from wsgateway.service import GatewayService
 
-    # absolute: SIGHUP re-reads it, and twistd may have changed directory by then (--rundir)
-    return GatewayService(options.loaded, reactor, config_path=os.path.abspath(options["config"]))
+    return GatewayService(options.loaded, reactor, config_path=path)

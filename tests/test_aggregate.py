@@ -1,0 +1,113 @@
+"""
+wsgateway/aggregate.py: what the parent of worker processes makes of their
+answers. Pure units: metrics pages as the workers' real registries write
+them, and their JSON views.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from wsgateway.aggregate import MetricsAggregate, combine_status, merge_routes, merge_upstreams
+
+
+def page(handshakes: int, active: int, healthy: int, reloads: int, observations: list[float],
+         start: float = 100.0) -> str:
+    """A worker's /metrics, made by prometheus_client as the gateway's are."""
+    disable_created_metrics()
+    r = CollectorRegistry()
+    Counter("wsgateway_handshakes", "h", ["route", "status"], registry=r).labels("main", "101").inc(handshakes)
+    Gauge("wsgateway_connections_active", "a", ["route"], registry=r).labels("main").set(active)
+    Gauge("wsgateway_upstream_node_healthy", "n", ["upstream", "node"], registry=r).labels("b", "ws://n").set(healthy)
+    Counter("wsgateway_config_reloads", "r", ["result"], registry=r).labels("ok").inc(reloads)
+    hist = Histogram("wsgateway_upstream_connect_seconds", "c", ["upstream"], buckets=(0.01, 0.1), registry=r)
+    for value in observations:
+        hist.labels("b").observe(value)
+    Gauge("process_start_time_seconds", "s", registry=r).set(start)
+    return generate_latest(r).decode()
+
+
+def samples(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text.decode()):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(found: dict[Any, float], name: str, **labels: str) -> float:
+    return found[(name, tuple(sorted(labels.items())))]
+
+
+def test_counters_and_histograms_are_summed_gauges_by_their_rule() -> None:
+    agg = MetricsAggregate()
+    agg.update(101, page(handshakes=3, active=2, healthy=1, reloads=1, observations=[0.005, 0.05], start=200.0))
+    agg.update(102, page(handshakes=4, active=5, healthy=0, reloads=1, observations=[0.5], start=150.0))
+    own = page(handshakes=0, active=0, healthy=1, reloads=1, observations=[], start=100.0)
+    text = agg.render(own)
+    found = samples(text)
+    assert value(found, "wsgateway_handshakes_total", route="main", status="101") == 7
+    assert value(found, "wsgateway_connections_active", route="main") == 7
+    assert value(found, "wsgateway_upstream_node_healthy", upstream="b", node="ws://n") == 0  # the minimum
+    assert value(found, "wsgateway_config_reloads_total", result="ok") == 1  # the maximum: one SIGHUP
+    assert value(found, "wsgateway_upstream_connect_seconds_bucket", upstream="b", le="0.01") == 1
+    assert value(found, "wsgateway_upstream_connect_seconds_bucket", upstream="b", le="0.1") == 2
+    assert value(found, "wsgateway_upstream_connect_seconds_bucket", upstream="b", le="+Inf") == 3
+    assert value(found, "wsgateway_upstream_connect_seconds_count", upstream="b") == 3
+    assert value(found, "wsgateway_upstream_connect_seconds_sum", upstream="b") == 0.555
+    assert value(found, "process_start_time_seconds") == 100.0
+    # one family each, labels in the order the gateway writes them, buckets in order
+    out = text.decode()
+    assert out.count("# TYPE wsgateway_handshakes_total counter") == 1
+    assert 'wsgateway_handshakes_total{route="main",status="101"} 7.0' in out
+    buckets = [line.split("le=")[1][:6] for line in out.splitlines() if "_bucket" in line]
+    assert buckets == ['"0.01"', '"0.1",', '"+Inf"']
+
+
+def test_a_dead_worker_keeps_its_counters_not_its_gauges() -> None:
+    agg = MetricsAggregate()
+    agg.update(101, page(handshakes=10, active=4, healthy=1, reloads=2, observations=[0.05]))
+    agg.update(102, page(handshakes=5, active=1, healthy=1, reloads=2, observations=[]))
+    agg.retire(101)
+    agg.retire(101)  # twice changes nothing
+    agg.update(103, page(handshakes=1, active=1, healthy=1, reloads=0, observations=[0.05]))  # its replacement
+    found = samples(agg.render(""))
+    assert value(found, "wsgateway_handshakes_total", route="main", status="101") == 16  # never goes down
+    assert value(found, "wsgateway_connections_active", route="main") == 2  # only the live ones
+    assert value(found, "wsgateway_upstream_connect_seconds_count", upstream="b") == 2
+    assert value(found, "wsgateway_config_reloads_total", result="ok") == 2  # the live maximum
+
+
+def test_routes_and_upstreams_merge() -> None:
+    def route(connections: int, msgs: int) -> dict[str, Any]:
+        return {"name": "main", "path": "/**", "connections": connections,
+                "messages": {"client_to_upstream": msgs, "upstream_to_client": 0},
+                "bytes": {"client_to_upstream": msgs * 10, "upstream_to_client": 0}}
+
+    merged = merge_routes([[route(2, 3)], [route(5, 1), {**route(1, 1), "name": "new"}]])
+    assert [(r["name"], r["connections"], r["messages"]["client_to_upstream"], r["bytes"]["client_to_upstream"])
+            for r in merged] == [("main", 7, 4, 40), ("new", 1, 1, 10)]
+
+    def node(state: str, active: int, failure: str | None = None) -> dict[str, Any]:
+        return {"url": "ws://n", "active": active, "state": state, "last_failure": failure, "ejected_for": 0.0,
+                "ejections": 1}
+
+    a = {"b": {"ready": True, "balance": "round_robin", "nodes": [node("healthy", 2)]}}
+    b = {"b": {"ready": False, "balance": "round_robin", "nodes": [node("unhealthy", 3, "refused")]}}
+    [up] = merge_upstreams([a, b]).values()
+    assert up["ready"] is False
+    assert up["nodes"] == [{"url": "ws://n", "active": 5, "state": "unhealthy", "last_failure": "refused",
+                            "ejected_for": 0.0, "ejections": 2}]
+    assert a["b"]["nodes"][0]["state"] == "healthy"  # the inputs are not changed
+
+
+def test_status_of_the_whole_gateway() -> None:
+    assert combine_status(False, ["ready", "ready"]) == "ready"
+    assert combine_status(False, ["ready", "degraded"]) == "degraded"
+    assert combine_status(False, ["ready", "starting"]) == "unready"
+    assert combine_status(False, ["ready", "down"]) == "unready"
+    assert combine_status(False, []) == "unready"
+    assert combine_status(True, ["ready", "ready"]) == "draining"
