@@ -259,3 +259,18 @@ def test_a_proxied_client_gets_pushes_from_any_node_between_upstream_messages(
         assert big in got and [m for m in got if m != big] == [f"p{i}" for i in range(5)]
     assert wait_for(lambda: admin(a_admin, "GET", "/admin/channels/user:u9")[1]["connections"] == [], 10)
     assert "messages_out=9" in b.log()
+
+
+def test_starting_without_redis_proxies_and_refuses_broadcast(start_gateway: Any, make_upstream: Any) -> None:
+    port = free_port()
+    nowhere = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    gw = start_gateway(node_ini("gw-x", port, make_upstream().node, nowhere))  # starts at once, Redis or not
+    assert wait_for(lambda: admin(port, "GET", "/readyz")[1].get("status") == "degraded", 10)
+    assert admin(port, "GET", "/readyz")[0] == 200
+    with connect(f"{gw.url}/proxy/x", open_timeout=5) as ws:
+        ws.send("proxied")
+        assert ws.recv(timeout=5) == "proxied"
+    with pytest.raises(InvalidStatus) as info:
+        connect(f"{gw.url}/room/r", open_timeout=5)
+    assert info.value.response.status_code == 503
+    assert admin(port, "POST", "/admin/publish", {"channel": "room:r", "message": "x"})[0] == 503
