@@ -34,12 +34,13 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
 
 
-def node_ini(node_id: str, admin: int, echo: str, redis_url: str = "", limits: str = "") -> str:
+def node_ini(node_id: str, admin: int, echo: str, redis_url: str = "", limits: str = "", gateway: str = "") -> str:
     redis = f"[redis]\n        url = {redis_url}\n        prefix = t" if redis_url else ""
     return f"""
         [gateway]
         node_id = {node_id}
         listen = tcp:{{port}}:interface=127.0.0.1
+        {gateway}
 
         [admin]
         listen = tcp:{admin}:interface=127.0.0.1
@@ -274,3 +275,15 @@ def test_starting_without_redis_proxies_and_refuses_broadcast(start_gateway: Any
         connect(f"{gw.url}/room/r", open_timeout=5)
     assert info.value.response.status_code == 503
     assert admin(port, "POST", "/admin/publish", {"channel": "room:r", "message": "x"})[0] == 503
+
+
+def test_shutdown_tells_broadcast_clients_1001(start_gateway: Any, make_upstream: Any) -> None:
+    port = free_port()
+    gw = start_gateway(node_ini("gw-d", port, make_upstream().node,
+                                gateway="drain_grace = 0.2\n        shutdown_timeout = 2"))
+    clients = [Listener(f"{gw.url}/room/bye") for _ in range(3)]
+    assert wait_for(lambda: len(admin(port, "GET", "/admin/channels/room:bye")[1]["connections"]) == 3, 10)
+    assert gw.stop() == 0
+    for c in clients:
+        c.thread.join(10)
+        assert c.closed == (1001, "server shutting down")

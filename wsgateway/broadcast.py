@@ -205,6 +205,18 @@ class ChannelSession:
             self.outbox.closed = True
             self._close(TRY_AGAIN_LATER, "broadcast unavailable")
 
+    upstream = None  # for the shutdown drain, which handles relays and sessions alike
+
+    @property
+    def client(self) -> Any:
+        return self.proto.transport
+
+    def drain(self, code: int = closecodes.GOING_AWAY, reason: str = "server shutting down") -> None:
+        """The shutdown close (SPEC section 9): 1001, after what is already queued for the client."""
+        if not self.outbox.closed:
+            self.outbox.closed = True
+            self._close(code, reason)
+
     def ended(self) -> None:
         """The connection is gone: leave the channel."""
         self.outbox.stopProducing()

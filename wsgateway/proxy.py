@@ -551,6 +551,7 @@ class GatewayServerFactory(WebSocketServerFactory):
         self.stats = stats or GatewayStats()
         self.tracer = tracer or NoTracer()
         self.broker = broker  # broadcast routes refuse with 503 without one
+        self.sessions: set[ChannelSession] = set()  # open broadcast connections
         self.relays: set[Relay] = set()
         self.reconfigure(config, router, upstreams, auth)
 
@@ -774,6 +775,7 @@ class GatewayServerFactory(WebSocketServerFactory):
             clock=self.clock,
         )
         proto.opened_at = self.clock.seconds()
+        self.sessions.add(session)
         self.stats.opened(Connection(
             conn_id=proto.conn_id, route=route.name, upstream="", node="", peer=proto.peer,
             trace_id=proto.trace_id, subject=identity.subject if identity is not None else None,
@@ -787,6 +789,7 @@ class GatewayServerFactory(WebSocketServerFactory):
         session = proto.session
         if session is None:
             return
+        self.sessions.discard(session)
         self.stats.closed(session, proto.close_code)
         if proto.span is not None:
             self.tracer.end(proto.span, {

@@ -26,7 +26,6 @@ from wsgateway.limits import ConnectionLimiter
 from wsgateway.broker import make_broker
 from wsgateway.metrics import BrokerMetrics, GatewayMetrics, MetricsResource
 from wsgateway.proxy import GatewayServerFactory, UpstreamProtocol
-from wsgateway.relay import Relay
 from wsgateway.stats import GatewayStats
 from wsgateway.tracing import make_tracer
 from wsgateway.upstream import Upstream
@@ -290,8 +289,9 @@ class GatewayService(MultiService):
     def stopService(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._stop())
 
-    def _relays(self) -> list[Relay]:
-        return [r for f in self.factories for r in f.relays]
+    def _relays(self) -> list[Any]:
+        """Every open connection: relays and broadcast sessions (both have drain, client, upstream)."""
+        return [r for f in self.factories for group in (f.relays, f.sessions) for r in group]
 
     async def _drain(self, timeout: float) -> None:
         """
