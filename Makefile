@@ -13,7 +13,7 @@ SOURCES := setup.cfg pyproject.toml $(shell find wsgateway twisted -name '*.py' 
 PYTEST_ARGS ?=
 # Debian packages the test suite needs (command -> package): chromium for
 # tests/test_browser.py (Playwright drives it; it downloads no browser of its own)
-SYSDEPS ?= chromium=chromium redis-server=redis-server
+SYSDEPS ?= chromium=chromium redis-server=redis-server systemd-analyze=systemd
 
 .PHONY: run test check devcert bench bench-auth bench-ops bench-fanout sysdeps clean
 

@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import trustme
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from hypothesis import given
@@ -540,7 +541,6 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def tls(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    trustme = pytest.importorskip("trustme")
     folder = tmp_path_factory.mktemp("tls")
     ca = trustme.CA()
     cert = ca.issue_cert("localhost")

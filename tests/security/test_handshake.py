@@ -223,6 +223,8 @@ def test_many_slow_handshakes_are_dropped_and_do_not_block_a_prompt_client(main:
             s.close()
     assert len(dropped) == 40, f"{40 - len(dropped)} slow clients still connected after 6 s"
     times = sorted(dropped.values())
-    assert 1.5 < times[0] and times[-1] < 4.0, f"dropped after {times[0]:.2f}..{times[-1]:.2f}s, timeout is 2 s"
+    # handshake_timeout is 2 s: nobody dropped early, nobody kept long after it
+    assert times[0] > 1.5, f"first slow client dropped after {times[0]:.2f}s"
+    assert times[-1] < 4.0, f"last slow client dropped after {times[-1]:.2f}s"
     assert all(data == b"" for data in got.values()), "a slow client was sent something"
     assert main.backend.paths_with(marker) == []
