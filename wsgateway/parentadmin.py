@@ -17,6 +17,7 @@ paths as one process's, answered from the workers' private sockets.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
@@ -42,8 +43,8 @@ class _Async(JSONResource):
         super().__init__()
         self.parent = parent
 
-    async def build(self, request: Request) -> tuple[int, Any]:
-        raise NotImplementedError
+    # each subclass defines it: the coroutine that makes (status, body)
+    build: Callable[[Request], Coroutine[Any, Any, tuple[int, Any]]]
 
     def render_GET(self, request: Request) -> Any:
         def done(result: tuple[int, Any]) -> None:
