@@ -15,7 +15,6 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet import ssl
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
@@ -26,21 +25,11 @@ from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, ResponseDone
 from twisted.web.http_headers import Headers
 
 from wsgateway.auth import KeySet
+from wsgateway.tls import trust_root
 
 UNKNOWN_KID_INTERVAL = 10.0  # seconds between refetches caused by unknown kids
 FETCH_TIMEOUT = 10.0
 MAX_DOCUMENT = 1024 * 1024  # a key set is a few KiB; anything this big is wrong
-
-
-def trust_root(ca_path: str | None) -> Any:
-    """The certificates of a PEM bundle as a trust root; None = the platform's store."""
-    if not ca_path:
-        return None
-    with open(ca_path, "rb") as f:
-        pem = f.read()
-    marker = b"-----BEGIN CERTIFICATE-----"
-    certs = [ssl.Certificate.loadPEM(marker + part) for part in pem.split(marker)[1:]]
-    return ssl.trustRootFromCertificates(certs)
 
 
 class _Body(Protocol):

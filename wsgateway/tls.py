@@ -32,6 +32,7 @@ from OpenSSL import SSL, crypto
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IProtocolFactory
+from twisted.internet import ssl
 from twisted.internet.ssl import CertificateOptions, DiffieHellmanParameters, TLSVersion
 from twisted.logger import Logger
 from twisted.python.filepath import FilePath
@@ -318,3 +319,17 @@ def server_service(desc: str, factory: IProtocolFactory, reactor: Any) -> tuple[
     service = StreamServerEndpointService(endpoint, factory)
     service._raiseSynchronously = True
     return service, tls
+
+
+def trust_root(ca_path: str | None) -> Any:
+    """
+    The certificates of a PEM bundle (a ``tls_ca`` or ``jwks_ca``) as a
+    trust root for ``optionsForClientTLS``; None = the platform's store.
+    """
+    if not ca_path:
+        return None
+    with open(ca_path, "rb") as f:
+        pem = f.read()
+    marker = b"-----BEGIN CERTIFICATE-----"
+    certs = [ssl.Certificate.loadPEM(marker + part) for part in pem.split(marker)[1:]]
+    return ssl.trustRootFromCertificates(certs)

@@ -36,17 +36,8 @@ from wsgateway.health import HealthChecker, make_probe
 from wsgateway.jwks import JwksFetcher
 from wsgateway.proxy import UpstreamConnector, UpstreamProtocol
 from wsgateway.routing import Router
+from wsgateway.tls import trust_root
 from wsgateway.upstream import ConnectObserver, Node, Upstream, UpstreamRequest
-
-
-def _trust_root(cfg: UpstreamConfig) -> Any:
-    if not cfg.tls_ca:
-        return None  # optionsForClientTLS then uses the platform's trust store
-    with open(cfg.tls_ca, "rb") as f:
-        pem = f.read()
-    marker = b"-----BEGIN CERTIFICATE-----"
-    certs = [ssl.Certificate.loadPEM(marker + part) for part in pem.split(marker)[1:]]
-    return ssl.trustRootFromCertificates(certs)
 
 
 def _client_certificate(cfg: UpstreamConfig) -> Any:
@@ -69,7 +60,7 @@ class UpstreamEndpoints:
             for node in up.nodes:
                 if node.scheme == "wss":
                     if trust is None and cert is None:
-                        trust, cert = _trust_root(up), _client_certificate(up)
+                        trust, cert = trust_root(up.tls_ca), _client_certificate(up)
                     kwargs: dict[str, Any] = {}
                     if trust is not None:
                         kwargs["trustRoot"] = trust
