@@ -492,10 +492,9 @@ class GatewayServerProtocol(WebSocketServerProtocol):
                 self.upstream.release(self.node)
             if not self.upstream_leg.lost:
                 self.upstream_leg.transport.loseConnection()
-        if self.span is not None and self.session is None:
-            # no relay took the connection over: its span ends here
-            self.factory.tracer.end(self.span, {"wsgateway.conn_id": self.conn_id}, error="client left during the handshake")
-            self.span = None
+        if self.session is None:
+            # no relay took the connection over: its span (if any) ends here
+            self.factory.end_span(self, error="client left during the handshake")
         super().connectionLost(reason)
         if self.session is not None:
             # after Autobahn's onClose, which tells the close code
@@ -791,16 +790,7 @@ class GatewayServerFactory(WebSocketServerFactory):
             return
         self.sessions.discard(session)
         self.stats.closed(session, proto.close_code)
-        if proto.span is not None:
-            self.tracer.end(proto.span, {
-                "wsgateway.route": proto.route.name if proto.route else None,
-                "wsgateway.channel": proto.channel,
-                "wsgateway.conn_id": proto.conn_id,
-                "websocket.close_code": proto.close_code,
-                "wsgateway.messages_in": session.messages_c2u,
-                "wsgateway.messages_out": session.messages_u2c,
-            })
-            proto.span = None
+        self.end_span(proto, session, {"wsgateway.channel": proto.channel, "websocket.close_code": proto.close_code})
         self._log.info(
             "closed {conn_id} route={route} channel={channel} peer={peer} trace_id={trace_id} code={code} "
             "duration={duration:.3f} messages_in={msgs_in} messages_out={msgs_out} bytes_in={bytes_in} "
@@ -964,18 +954,12 @@ class GatewayServerFactory(WebSocketServerFactory):
             proto.pushes.cancel()
             proto.pushes = None
         self.stats.closed(relay, relay.close_code)
-        if proto.span is not None:
-            self.tracer.end(proto.span, {
-                "wsgateway.route": proto.route.name if proto.route else None,
-                "wsgateway.upstream": proto.route.upstream if proto.route else None,
-                "wsgateway.node": proto.node.url if proto.node else None,
-                "wsgateway.conn_id": proto.conn_id,
-                "websocket.close_code": relay.close_code,
-                "websocket.closed_by": relay.closed_by,
-                "wsgateway.messages_in": relay.messages_c2u,
-                "wsgateway.messages_out": relay.messages_u2c,
-            })
-            proto.span = None
+        self.end_span(proto, relay, {
+            "wsgateway.upstream": proto.route.upstream if proto.route else None,
+            "wsgateway.node": proto.node.url if proto.node else None,
+            "websocket.close_code": relay.close_code,
+            "websocket.closed_by": relay.closed_by,
+        })
         if proto.ip is not None:
             self.limiter.release(proto.ip)
             proto.ip = None
@@ -1001,15 +985,26 @@ class GatewayServerFactory(WebSocketServerFactory):
             mirror_dropped=relay.mirror_dropped,
         )
 
+    def end_span(
+        self, holder: Any, counted: Any = None, extra: Mapping[str, Any] | None = None, error: str | None = None
+    ) -> None:
+        """
+        End the connection's span, if tracing exports one: ``holder`` is the
+        protocol or its ConnInfo, ``counted`` the relay or broadcast session.
+        """
+        span, holder.span = holder.span, None
+        if span is None:
+            return
+        attributes = {"wsgateway.route": holder.route.name if holder.route else None,
+                      "wsgateway.conn_id": holder.conn_id, **(extra or {})}
+        if counted is not None:
+            attributes["wsgateway.messages_in"] = counted.messages_c2u
+            attributes["wsgateway.messages_out"] = counted.messages_u2c
+        self.tracer.end(span, attributes, error)
+
     def handshake_refused(self, proto: GatewayServerProtocol, status: int) -> None:
         self.stats.handshake(proto.route.name if proto.route else None, status)
-        if proto.span is not None:
-            self.tracer.end(proto.span, {
-                "wsgateway.route": proto.route.name if proto.route else None,
-                "wsgateway.conn_id": proto.conn_id,
-                "http.response.status_code": status,
-            }, error=f"refused with {status}")
-            proto.span = None
+        self.end_span(proto, extra={"http.response.status_code": status}, error=f"refused with {status}")
         if status >= 500:
             self._log.warn(
                 "refused {peer} with {status} on route {route}",
