@@ -105,6 +105,17 @@ async def test_pending_orders_by_id_and_each_connection_by_seq(make_store: MakeS
 
 
 @pytest_twisted.ensureDeferred
+async def test_pending_for_and_conn_keys_walk_connections_oldest_first(make_store: MakeStore) -> None:
+    store = await make_store()
+    await store.append([entry(2, conn="b"), entry(1, conn="a", route="orders"), entry(1, conn="b"),
+                        entry(2, conn="a", route="orders")])
+    assert await store.conn_keys() == [("chat", "b"), ("orders", "a")]
+    assert [(e.conn_key, e.seq) for e in await store.pending_for("b")] == [("b", 1), ("b", 2)]
+    assert [e.seq for e in await store.pending_for("a", limit=1)] == [1]
+    assert await store.pending_for("nobody") == []
+
+
+@pytest_twisted.ensureDeferred
 async def test_many_appends_in_one_reactor_turn_share_one_transaction(make_store: MakeStore) -> None:
     store = await make_store()
     before = store.transactions

@@ -446,6 +446,29 @@ class QueueStore(Service):
 
         return self._tx_call(read, write=False)
 
+    def pending_for(self, conn_key: str, limit: int = 500) -> Deferred[list[Entry]]:
+        """The oldest C{limit} entries of one client connection, by C{seq}."""
+
+        def read(conn: sqlite3.Connection) -> list[Entry]:
+            rows = conn.execute(
+                f"SELECT {_COLUMNS} FROM entries WHERE conn_key = ? ORDER BY seq, id LIMIT ?", (conn_key, limit)
+            )
+            return [_entry(r) for r in rows]
+
+        return self._tx_call(read, write=False)
+
+    def conn_keys(self, limit: int = 100) -> Deferred[list[tuple[str, str]]]:
+        """
+        C{(route, conn_key)} of the connections that have entries, the one
+        with the oldest entry first: what a replay pass walks through.
+        """
+
+        def read(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+            q = "SELECT route, conn_key FROM entries GROUP BY conn_key ORDER BY min(id) LIMIT ?"
+            return [(str(r), str(c)) for r, c in conn.execute(q, (limit,))]
+
+        return self._tx_call(read, write=False)
+
     def ack(self, ids: Sequence[int]) -> Deferred[int]:
         """Remove delivered entries; fires with how many were removed."""
         ids = list(ids)
