@@ -24,6 +24,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from wsgateway.config import RouteConfig
 from wsgateway.health import eligible_nodes
 from wsgateway.logs import LEVELS
+from wsgateway.queue_store import QueueUnavailable
 from wsgateway.stats import C2U, U2C, GatewayStats
 from wsgateway.upstream import Upstream
 
@@ -157,6 +158,9 @@ class AdminAPI(Resource):
         self.route(b"POST", (b"publish",), self._publish)
         self.route(b"GET", (b"channels",), lambda req, _: self.view.broker.channels())
         self.route(b"GET", (b"channels", b"*"), self._channel)
+        self.route(b"GET", (b"queue",), self._queue)
+        self.route(b"POST", (b"queue", b"replay"), self._queue_replay)
+        self.route(b"POST", (b"queue", b"purge"), self._queue_purge)
 
     def route(self, method: bytes, path: tuple[bytes, ...], handler: Callable[[Request, tuple[bytes, ...]], Any]) -> None:
         """Add an endpoint; ``*`` in ``path`` matches one segment, handed to the handler."""
@@ -189,7 +193,10 @@ class AdminAPI(Resource):
 
         def failed(f: Failure) -> None:
             e = f.value
-            status, message = (e.status, e.message) if isinstance(e, _Refused) else (503, "broker unavailable")
+            if isinstance(e, _Refused):
+                status, message = e.status, e.message
+            else:
+                status, message = 503, "queue unavailable" if f.check(QueueUnavailable) else "broker unavailable"
             if not isinstance(e, _Refused):
                 self.log.info("admin request failed: {error}", error=f.getErrorMessage())
             if not request.finished and not request._disconnected:
@@ -295,6 +302,96 @@ class AdminAPI(Resource):
         return self.view.broker.presence(name).addCallback(
             lambda entries: {"channel": name, "connections": list(entries)}
         )
+
+
+    # -- the durable queue (SPEC section 5) ------------------------------------
+
+    def _delivery(self) -> Any:
+        queue = getattr(self.view, "queue", None)
+        if queue is None:
+            raise _Refused(404, "no route has delivery = at_least_once: the durable queue is not in use")
+        return queue
+
+    def _queue(self, request: Request, _: tuple[bytes, ...]) -> Any:
+        """Depth and oldest age per route, dead letters (oldest 100, or ?route=, ?limit=)."""
+        queue = self._delivery()
+        route = request.args.get(b"route", [None])[0]
+        try:
+            limit = max(0, min(int(request.args.get(b"limit", [b"100"])[0]), 10000))
+        except ValueError:
+            raise _Refused(400, "limit must be a number") from None
+        name = route.decode("utf-8", "replace") if route else None
+        store = queue.store
+
+        async def read() -> dict[str, Any]:
+            depth = await store.depth()
+            dead = await store.dead_letters(limit, name)
+            routes = {r: v for r, v in depth.items() if name is None or r == name}
+            return {
+                "backend": type(store).__name__,
+                "depth": int(sum(v["depth"] for v in routes.values())),
+                "dead": int(sum(v["dead"] for v in routes.values())),
+                "routes": {r: {"depth": int(v["depth"]), "oldest_age": round(v["oldest_age"], 3), "dead": int(v["dead"])}
+                           for r, v in sorted(routes.items())},
+                "live_connections": len(queue.live),
+                "delivered": queue.deliverer.delivered if queue.deliverer is not None else 0,
+                "failures": queue.failures,
+                "dead_letters": [_dead_letter(d) for d in dead],
+            }
+
+        return Deferred.fromCoroutine(read())
+
+    def _queue_replay(self, request: Request, _: tuple[bytes, ...]) -> Any:
+        """
+        ``{}``: deliver what is queued now (no waiting for the next pass);
+        ``{"dead": true}`` (optionally with ``"route"`` or ``"ids"``): put
+        dead letters back in the queue first, with fresh attempts.
+        """
+        queue = self._delivery()
+        body = json_body(request)
+        route, ids, dead = body.get("route"), body.get("ids"), body.get("dead", False)
+        bad_ids = ids is not None and not (isinstance(ids, list) and all(isinstance(i, (int, str)) for i in ids))
+        if (route is not None and not isinstance(route, str)) or not isinstance(dead, bool) or bad_ids:
+            raise _Refused(400, 'expected {"dead": true, "route": "...", "ids": [...]} (all optional)')
+        store = queue.store
+
+        async def run() -> dict[str, Any]:
+            moved = 0
+            if dead or ids is not None:
+                chosen = ids
+                if chosen is None and route is not None:
+                    chosen = [d.entry.id for d in await store.dead_letters(1_000_000, route)]
+                moved = await store.replay_dead(chosen)
+                self.log.info("{n} dead letters put back in the queue through the admin API", n=moved)
+            if queue.deliverer is not None:
+                queue.deliverer.kick()
+            return {"replayed": moved, "delivering": True}
+
+        return Deferred.fromCoroutine(run())
+
+    def _queue_purge(self, request: Request, _: tuple[bytes, ...]) -> Any:
+        """``{"route": "..."}`` or ``{"all": true}``; ``"dead": true`` purges dead letters instead."""
+        queue = self._delivery()
+        body = json_body(request)
+        route, everything, dead = body.get("route"), body.get("all", False), body.get("dead", False)
+        if not isinstance(dead, bool) or not isinstance(everything, bool) or (route is None) != everything \
+                or route is not None and not isinstance(route, str):
+            raise _Refused(400, 'expected {"route": "..."} or {"all": true}, and optionally "dead": true')
+        d = queue.store.purge(route, dead=dead)
+
+        def done(n: int) -> dict[str, Any]:
+            self.log.warn("purged {n} {what} of {scope} through the admin API", n=n,
+                          what="dead letters" if dead else "queued entries", scope=route or "every route")
+            return {"purged": n, "dead": dead, "route": route}
+
+        return d.addCallback(done)
+
+
+def _dead_letter(d: Any) -> dict[str, Any]:
+    e = d.entry
+    return {"id": e.id, "entry_id": e.entry_id, "route": e.route, "conn_id": e.conn_key, "seq": e.seq,
+            "binary": e.binary, "bytes": len(e.message), "attempts": e.attempts, "first_seen": e.first_seen,
+            "reason": d.reason, "dead_at": d.dead_at}
 
 
 class _Refused(Exception):

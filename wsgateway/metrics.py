@@ -236,6 +236,15 @@ class GatewayMetrics:
             "Messages delivered from the durable queue.",
             registry=self.registry,
         )
+        self.queue_failures = Counter(
+            "wsgateway_queue_failures",
+            "Durable queue operations that failed (disk full, read-only file, Redis down), by operation; "
+            "each append failure closed a client with 1011.",
+            ["operation"],
+            registry=self.registry,
+        )
+        for operation in ("append", "read"):
+            self.queue_failures.labels(operation)
         for name in upstreams:
             self.connect_seconds.labels(name)
             self.retries.labels(name)
@@ -263,6 +272,9 @@ class GatewayMetrics:
 
     def queue_delivered_count(self, count: int = 1) -> None:
         self.queue_delivered.inc(count)
+
+    def queue_failed(self, operation: str) -> None:
+        self.queue_failures.labels(operation).inc()
 
 
 class MetricsResource(Resource):

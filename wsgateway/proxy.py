@@ -48,6 +48,8 @@ from wsgateway.headers import (
 )
 from wsgateway.limits import ConnectionLimiter, client_ip
 from wsgateway.origins import OriginPolicy
+from wsgateway.delivery import replay
+from wsgateway.durable import CONN_HEADER, SEQ_HEADER, DurableRelay, QueueLink, stored_headers
 from wsgateway.relay import Leg, Relay
 from wsgateway.routing import (
     Router,
@@ -285,6 +287,10 @@ _QUOTED = re.compile(r'"[^"]*"|\'[^\']*\'')
 _BEARER_CHALLENGE = 'Bearer realm="wsgateway"'
 
 
+# upstream failures after which an at_least_once route accepts the client and queues
+_UNREACHABLE = frozenset({closecodes.UPSTREAM_FAILED, closecodes.UNAVAILABLE, closecodes.UPSTREAM_TIMEOUT})
+
+
 def _discard(data: bytes) -> None:
     """What a mirror sends back goes nowhere."""
 
@@ -326,6 +332,8 @@ class GatewayServerProtocol(WebSocketServerProtocol):
     opened_at = 0.0
     # the client IP counted by the factory's limiter until the relay takes over
     admitted_ip: str | None = None
+    # an at_least_once route with no node reachable: accepted, its messages queued
+    degraded = False
 
     _head_timer: Any = None
 
@@ -450,10 +458,17 @@ class GatewayServerProtocol(WebSocketServerProtocol):
                 self.transport.resumeProducing()
             return
         up = self.upstream_leg
-        if self._lost or up is None:
+        if self._lost or (up is None and not self.degraded):
             return
         early, self.data, self._early = self.data + self._early, b"", b""
         relay = self.factory.start_relay(self, up)
+        if up is None:
+            # degraded: the relay queues until it has an upstream leg of its own
+            if not adopt(self, relay.client_leg):
+                self.relay = relay
+            if early:
+                relay.client_data(early)
+            return
         # From here the relay owns both connections; these handshake objects
         # are dropped (or, on an unknown transport, keep forwarding to it).
         if not adopt(self, relay.client_leg):
@@ -552,6 +567,7 @@ class GatewayServerFactory(WebSocketServerFactory):
         self.broker = broker  # broadcast routes refuse with 503 without one
         self.sessions: set[ChannelSession] = set()  # open broadcast connections
         self.relays: set[Relay] = set()
+        self.queue: Any = None  # delivery.DeliveryService, when a route is at_least_once
         self.reconfigure(config, router, upstreams, auth)
 
     def reconfigure(
@@ -690,6 +706,11 @@ class GatewayServerFactory(WebSocketServerFactory):
             added=claim_headers(identity, config.auth.forward_claims) if config.auth else None,
             trace=trace,
         )
+        durable = route.delivery == "at_least_once" and self.queue is not None
+        if durable:
+            # (conn id, seq) names each client message for an upstream that dedupes (durable.py)
+            headers[CONN_HEADER] = proto.conn_id
+            headers[SEQ_HEADER] = "1"
         upstream = upstreams[route.upstream]
         ucfg = upstream.config
         key = (
@@ -713,7 +734,19 @@ class GatewayServerFactory(WebSocketServerFactory):
         for p in protocols:
             check_subprotocol(p)
         proto.upstream_request = ureq
-        node, leg = await upstream.connect(ureq, key=key, version=version)
+        try:
+            node, leg = await upstream.connect(ureq, key=key, version=version)
+        except UpstreamError as e:
+            if not durable or e.status not in _UNREACHABLE or not self.queue.available or proto._lost:
+                raise
+            self._log.warn(
+                "no node of upstream {upstream} reachable ({why}): accepting {conn_id} and queueing its messages",
+                upstream=route.upstream, why=e.detail, conn_id=proto.conn_id, trace_id=proto.trace_id,
+            )
+            proto.degraded = True
+            proto.upstream = upstream
+            # what the upstream would have picked is unknown: the client's first offer
+            return protocols[0] if protocols else None
         if proto._lost:
             upstream.release(node)
             leg.transport.loseConnection()
@@ -809,7 +842,7 @@ class GatewayServerFactory(WebSocketServerFactory):
             dropped=session.outbox.dropped,
         )
 
-    def start_relay(self, proto: GatewayServerProtocol, leg: UpstreamProtocol) -> Relay:
+    def start_relay(self, proto: GatewayServerProtocol, leg: UpstreamProtocol | None) -> Relay:
         limits = self.config.limits
         info = ConnInfo(proto.conn_id, proto.route, proto.node, proto.upstream, proto.peer, proto.trace_id,
                         proto.admitted_ip, proto.span)
@@ -823,12 +856,20 @@ class GatewayServerFactory(WebSocketServerFactory):
         route = proto.route
         reconnect = None
         upstream = proto.upstream  # the one this connection came from, even if a reload has replaced it since
-        if route is not None and route.on_upstream_close == "reconnect" and upstream is not None \
+        durable = route is not None and route.delivery == "at_least_once" and self.queue is not None \
+            and upstream is not None and proto.upstream_request is not None
+        extra: dict[str, Any] = {}
+        agreed = leg.websocket_protocol_in_use if leg is not None else proto.websocket_protocol_in_use
+        if durable:
+            assert route is not None and upstream is not None and proto.upstream_request is not None
+            reconnect = self._reconnector(info, upstream, proto.upstream_request, agreed)
+            extra["link"] = self._queue_link(proto, route, proto.upstream_request, agreed)
+        elif route is not None and route.on_upstream_close == "reconnect" and upstream is not None \
                 and proto.upstream_request is not None:
-            reconnect = self._reconnector(info, upstream, proto.upstream_request, leg)
-        relay = Relay(
+            reconnect = self._reconnector(info, upstream, proto.upstream_request, agreed)
+        relay = (DurableRelay if durable else Relay)(
             proto.transport,
-            leg.transport,
+            leg.transport if leg is not None else None,
             clock=self.clock,
             max_message_size=limits.max_message_size,
             write_buffer=limits.write_buffer,
@@ -842,8 +883,11 @@ class GatewayServerFactory(WebSocketServerFactory):
             log_fields={"conn_id": proto.conn_id, "trace_id": proto.trace_id,
                         "route": route.name if route is not None else "", "peer": proto.peer},
             reconnect_buffer=upstream.config.reconnect_buffer if upstream is not None else 0,
+            **extra,
         )
         self.relays.add(relay)
+        if durable:
+            self.queue.live[proto.conn_id] = relay
         if proto.push_channels and self.broker is not None and route is not None:
             outbox = Outbox(relay.push, relay.slow_consumer, limit=limits.write_buffer, policy=route.slow_consumer)
             relay.attach_outbox(outbox)
@@ -872,13 +916,27 @@ class GatewayServerFactory(WebSocketServerFactory):
         )
         return relay
 
+    def _queue_link(self, proto: GatewayServerProtocol, route: RouteConfig, request: UpstreamRequest,
+                    agreed: str | None) -> QueueLink:
+        queue = self.queue
+        identity = proto.identity
+        return QueueLink(
+            store=queue.store,
+            route=route.name,
+            conn_key=proto.conn_id,
+            headers=stored_headers(request.resource, request.headers, agreed, request.origin),
+            claims=dict(identity.claims) if identity is not None and identity.claims else {},
+            trace_id=proto.trace_id or None,
+            on_delivered=queue.delivered,
+            on_failure=queue.failed,
+            retry_initial=upstream_retry_initial(proto.upstream),
+        )
+
     def _reconnector(
-        self, info: ConnInfo, upstream: Upstream[UpstreamProtocol], request: UpstreamRequest, leg: UpstreamProtocol
+        self, info: ConnInfo, upstream: Upstream[UpstreamProtocol], request: UpstreamRequest, agreed: str | None
     ) -> Callable[[Relay], Deferred[None]]:
-        agreed = leg.websocket_protocol_in_use
-        if agreed is not None:
-            # the new leg must speak what the client agreed to
-            request = replace(request, protocols=(agreed,))
+        # the new leg must speak what the client agreed to (nothing, if it agreed to nothing)
+        request = replace(request, protocols=(agreed,) if agreed is not None else ())
 
         def reconnect(relay: Relay) -> Deferred[None]:
             return Deferred.fromCoroutine(self._reconnect(relay, info, upstream, request, agreed))
@@ -892,6 +950,8 @@ class GatewayServerFactory(WebSocketServerFactory):
         if info.node is not None:
             upstream.release(info.node, vanished=relay.upstream_vanished)
             info.node = None
+        if isinstance(relay, DurableRelay):
+            request = replace(request, headers={**request.headers, **relay.leg_headers()}, quiet=True)
         node, leg = await upstream.connect(request)
         if leg.websocket_protocol_in_use != agreed or relay.done or not relay.reconnecting:
             upstream.release(node)
@@ -910,6 +970,16 @@ class GatewayServerFactory(WebSocketServerFactory):
         if pending:
             new_leg.dataReceived(pending)
         leg.transport.resumeProducing()
+
+    def replay(self, route_name: str, entries: list[Any]) -> Deferred[bool]:
+        """A replay connection for queued ``entries`` of ``route_name`` (delivery.replay)."""
+        route = next((r for r in self.config.routes if r.name == route_name), None)
+        upstream = self.upstreams.get(route.upstream) if route is not None and route.upstream else None
+        if upstream is None:
+            raise UpstreamError(closecodes.UNAVAILABLE, f"route {route_name} has no upstream now")
+        return Deferred.fromCoroutine(
+            replay(upstream, entries, clock=self.clock, request_type=UpstreamRequest)
+        )
 
     def start_mirror(self, relay: Relay, name: str, request: UpstreamRequest) -> None:
         """
@@ -947,6 +1017,9 @@ class GatewayServerFactory(WebSocketServerFactory):
 
     def _relay_done(self, proto: ConnInfo, relay: Relay) -> None:
         self.relays.discard(relay)
+        if self.queue is not None and self.queue.live.get(proto.conn_id) is relay:
+            # what it still had queued is the Deliverer's to replay now
+            del self.queue.live[proto.conn_id]
         if proto.pushes is not None:
             proto.pushes.outbox.stopProducing()
             for channel in proto.pushes.channels:
@@ -1014,6 +1087,10 @@ class GatewayServerFactory(WebSocketServerFactory):
                 conn_id=proto.conn_id,
                 trace_id=proto.trace_id or None,
             )
+
+
+def upstream_retry_initial(upstream: Upstream[Any] | None) -> float:
+    return upstream.config.backoff_initial if upstream is not None else 0.1
 
 
 def _peer_ip(transport: Any) -> str:

@@ -590,7 +590,7 @@ def _entry(route: bytes, sid: bytes, attempts: bytes | int, flat: Sequence[bytes
     trace = f.get(b"trace", b"")
     r = _text(route)
     return Entry(
-        id=f"{r}/{_text(sid)}",  # type: ignore[arg-type]  # QueueStore's ids are ints, ours "ROUTE/STREAM-ID"
+        id=f"{r}/{_text(sid)}",
         entry_id=_text(f[b"eid"]),
         route=r,
         conn_key=_text(f[b"conn"]),

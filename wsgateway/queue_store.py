@@ -127,7 +127,7 @@ class NewEntry:
 
 @dataclass(frozen=True)
 class Entry:
-    id: int
+    id: int | str  # the SQLite row id; a "ROUTE/STREAM-ID" string in the Redis store
     entry_id: str
     route: str
     conn_key: str
@@ -232,6 +232,7 @@ class QueueStore(Service):
         self.transactions = 0  # append transactions committed
         self.appended = 0
         self.errors = 0
+        self.append_failed_at: float | None = None  # clock time of the last failed append
 
     # -- lifecycle -------------------------------------------------------
 
@@ -402,6 +403,7 @@ class QueueStore(Service):
             return ids
 
         def written(ids: list[int]) -> None:
+            self.append_failed_at = None
             self.transactions += 1
             self.appended += len(ids)
             i = 0
@@ -412,6 +414,7 @@ class QueueStore(Service):
         def failed(f: Failure) -> None:
             if not f.check(QueueUnavailable):
                 f = Failure(QueueUnavailable(f"{self.path}: {f.getErrorMessage()}"))
+            self.append_failed_at = self._now()
             for _, d in batch:
                 d.errback(f)
 

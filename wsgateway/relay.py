@@ -175,7 +175,7 @@ class Relay:
     def __init__(
         self,
         client: ITransport,
-        upstream: ITransport,
+        upstream: Any,  # None only for a DurableRelay with no leg yet
         *,
         clock: IReactorTime,
         max_message_size: int,
@@ -275,11 +275,12 @@ class Relay:
         self.client_leg = Leg(self.client_data, self.client_connection_lost)
         self.upstream_leg = self.leg_for(upstream)
         set_write_buffer(client, write_buffer)
-        set_write_buffer(upstream, write_buffer)
-        # Backpressure: a transport whose write buffer is over the mark
-        # pauses the other one, which stops reading from its socket.
-        client.registerProducer(_Reader(upstream), True)
-        upstream.registerProducer(_Reader(client), True)
+        if upstream is not None:  # None: a durable relay that starts with no upstream leg
+            set_write_buffer(upstream, write_buffer)
+            # Backpressure: a transport whose write buffer is over the mark
+            # pauses the other one, which stops reading from its socket.
+            client.registerProducer(_Reader(upstream), True)
+            upstream.registerProducer(self._client_reader(), True)
         if ping_interval > 0:
             self._ping_call = clock.callLater(ping_interval, self._ping)
         if idle_timeout > 0:
@@ -520,6 +521,10 @@ class Relay:
         self.client.unregisterProducer()
         self.client.registerProducer(self._client_producer(self.upstream), True)
 
+    def _client_reader(self) -> Any:
+        """The client transport as the upstream's producer."""
+        return _Reader(self.client)
+
     def _client_producer(self, upstream: Any) -> Any:
         reader = _Reader(upstream)
         return reader if self._outbox is None else _Both(reader, self._outbox)
@@ -702,7 +707,7 @@ class Relay:
         set_write_buffer(transport, self._write_buffer)
         self.client.unregisterProducer()
         self.client.registerProducer(self._client_producer(transport), True)
-        transport.registerProducer(_Reader(self.client), True)
+        transport.registerProducer(self._client_reader(), True)
         held, self._held, self._held_size = b"".join(self._held), [], 0
         if held:
             transport.write(held)

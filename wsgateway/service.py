@@ -22,6 +22,8 @@ from twisted.logger import Logger
 from wsgateway import dashboard, logs, tls, wiring
 from wsgateway.admin import admin_site
 from wsgateway.config import ConfigError, GatewayConfig, RouteConfig, load
+from wsgateway.delivery import DeliveryService
+from wsgateway.queue_store import QueueStore
 from wsgateway.limits import ConnectionLimiter
 from wsgateway.broker import make_broker
 from wsgateway.metrics import BrokerMetrics, GatewayMetrics, MetricsResource
@@ -94,6 +96,11 @@ class GatewayService(MultiService):
         self.broker = make_broker(config.redis, config.gateway.node_id, reactor=reactor,
                                   observer=BrokerMetrics(self.metrics))
         self.broker.setServiceParent(self)
+        # the durable queue, when a route is at_least_once: also before the
+        # listeners, so it is closed only after the drain
+        self.queue = make_queue(config, reactor, self.metrics)
+        if self.queue is not None:
+            self.queue.setServiceParent(self)
         self.factories: list[GatewayServerFactory] = []
         self.listeners: list[Any] = []
         self.tls: list[tls.ReloadableServerTLS] = []  # one per ssl: listener, for reload()
@@ -132,6 +139,10 @@ class GatewayService(MultiService):
                 broker=self.broker,
             )
             self.factories.append(factory)
+            if self.queue is not None:
+                factory.queue = self.queue
+                if self.queue.deliverer is None:
+                    self.queue.attach(factory.replay)
             if worker is not None:
                 # the socket the parent bound; ssl: gets this worker's own reloadable TLS
                 listener, reloadable = worker.listener(index, desc, factory, reactor)
@@ -186,6 +197,11 @@ class GatewayService(MultiService):
         # action would end the process, and twistd handles it only for a log
         # file of its own making, not for our --logger.
         self._previous_sigusr1 = _on_signal("SIGUSR1", self.reactor, self.reopen_logs)
+        # A file size limit (systemd's LimitFSIZE=, ulimit -f) reached by the
+        # queue or a log file must fail that write (EFBIG, handled like a full
+        # disk), not kill the daemon, which is SIGXFSZ's default action.
+        if hasattr(signal, "SIGXFSZ") and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         super().startService()
 
     def reopen_logs(self) -> None:
@@ -356,6 +372,23 @@ class GatewayService(MultiService):
         # status -15); after an orderly drain SPEC section 9 wants status 0.
         if getattr(self.reactor, "_exitSignal", None) is not None:
             self.reactor._exitSignal = None
+
+
+def make_queue(config: GatewayConfig, reactor: Any, metrics: Any) -> DeliveryService | None:
+    """
+    The queue store and its deliverer, if any route is at_least_once. Routes
+    that become at_least_once by a reload get one only after a restart.
+    """
+    if not any(r.delivery == "at_least_once" for r in config.routes):
+        return None
+    if config.queue.backend == "redis" and config.redis is not None:
+        from wsgateway.queue_redis import RedisQueueStore
+
+        store: Any = RedisQueueStore.from_config(config.queue, config.redis, node_id=config.gateway.node_id,
+                                                 reactor=reactor)
+    else:
+        store = QueueStore.from_config(config.queue, reactor=reactor)
+    return DeliveryService(store, clock=reactor, metrics=metrics)
 
 
 def _on_signal(name: str, reactor: Any, work: Any) -> Any:

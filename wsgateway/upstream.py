@@ -90,6 +90,9 @@ class UpstreamRequest:
     useragent: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     trace_id: str = ""  # for the log lines about this connection's attempts
+    # attempt failures at debug level: the durable queue's background retries,
+    # which would otherwise log a warning per client every few seconds of an outage
+    quiet: bool = False
 
 
 class ConnectObserver(Protocol):
@@ -234,7 +237,7 @@ class Upstream(Generic[P]):
                 last_error = Failure()
                 self._strategy.failed(node)
                 self.outliers.connect_failed(node.health, describe_error(last_error.value))
-                self.log.warn(
+                (self.log.debug if request.quiet else self.log.warn)(
                     "upstream {upstream} node {node} attempt {attempt} failed: {error}",
                     upstream=self.name,
                     node=node.url,

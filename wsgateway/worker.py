@@ -79,12 +79,15 @@ class WorkerSetup:
         """
         ``config`` as this worker runs it: the parent's listen addresses (a
         file edited since the parent started must not change which socket is
-        which), the worker's node id, and no admin port or demo backend (the
+        which), the worker's node id and queue file, and no admin port or demo backend (the
         parent serves those once). Applied at start and to every SIGHUP
         reload, so a reload never sees these as changed.
         """
         gateway = replace(config.gateway, node_id=self.node, listen=self.listen, workers=self.workers)
-        return replace(config, gateway=gateway, admin=None, demo=None)
+        # One SQLite queue file per worker: each delivers only what it queued
+        # itself, and a restarted worker N finds its own file again.
+        queue = replace(config.queue, path=f"{config.queue.path}.w{self.id}")
+        return replace(config, gateway=gateway, admin=None, demo=None, queue=queue)
 
     def listener(self, index: int, desc: str, factory: IProtocolFactory, reactor: Any) -> tuple[Service, Any]:
         """The service adopting inherited socket ``index`` (``desc``); and its ReloadableServerTLS for ssl:."""
