@@ -23,7 +23,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 from websockets.sync.server import ServerConnection, serve
 
-from conftest import free_port, wait_for
+from conftest import accept_for, free_port, wait_for
 
 
 @dataclass
@@ -415,3 +415,51 @@ def test_sigterm_during_an_outage_keeps_the_queue_for_the_next_start(start_gatew
     got = [m for leg in backend.legs for m in leg.messages]
     assert got == [f"q{i}" for i in range(100)]
     assert all(leg.headers["x-wsgateway-replay"] == "1" for leg in backend.legs)
+
+
+class Deaf:
+    """An upstream that completes the handshake, then reads nothing (its socket fills up), then resets."""
+
+    def __init__(self, port: int) -> None:
+        self.listener = socket.create_server(("127.0.0.1", port))
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += conn.recv(4096)
+            key = next(line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"sec-websocket-key:"))
+            conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                         b"Sec-WebSocket-Accept: " + accept_for(key.decode()).encode() + b"\r\n\r\n")
+            self.conns.append(conn)
+
+    def reset(self) -> None:
+        self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread, so the port is free at once
+        self.listener.close()
+        for c in self.conns:
+            _reset(c)
+
+
+def test_messages_before_a_client_close_that_the_upstream_never_read_are_replayed(start_gateway: Any) -> None:
+    backend = Backend()
+    deaf = Deaf(backend.port)
+    gw = start_gateway(ini(backend.node))
+    ws = connect(gw.url + "/bye", compression=None, open_timeout=10, max_queue=None, close_timeout=1)
+    for i in range(100):
+        ws.send(f"b{i}")
+    ws.close()  # forwarded upstream behind the messages; nobody upstream reads it
+    time.sleep(0.3)
+    deaf.reset()
+    backend.start()
+    assert wait_for(lambda: sum(len(leg.messages) for leg in backend.legs) >= 100, timeout=20)
+    assert all(leg.headers.get("x-wsgateway-replay") == "1" for leg in backend.legs)
+    conn = backend.legs[0].headers["x-wsgateway-conn-id"]
+    assert deduped(backend.delivered()[conn]) == [f"b{i}" for i in range(100)]
+    assert wait_for(lambda: _rows(gw) == 0, timeout=5)

@@ -495,7 +495,9 @@ class DurableRelay(Relay):
         if self.upstream_lost:
             return
         vanished = not self.close_from_upstream and not self.closed_to_upstream
-        if not (vanished or self._upstream_going):
+        if self.close_from_upstream and not self._upstream_going:
+            # it ended the session itself, or answered our close (after reading
+            # everything before it): nothing of the window is in doubt
             super().upstream_connection_lost()
             return
         self._upstream_going = False
@@ -535,6 +537,23 @@ class DurableRelay(Relay):
         self.log.info("upstream gone: queueing client messages")
         self.client.resumeProducing()
         self._start_reconnect_loop()
+
+    def client_connection_lost(self) -> None:
+        if self.client_lost:
+            return
+        if self.reader is None and self.window is not None and len(self.window) \
+                and not self.upstream_lost and not self.closed_to_upstream:
+            # Relay would drop the upstream right after its close frame; here
+            # its close answer is awaited (bounded by the close timer): it
+            # confirms what the window holds, which is queued otherwise.
+            self.client_lost = True
+            if self.closed_by is None:
+                self.closed_by = CLIENT
+                self.close_code = 1006
+            self._close_upstream(closecodes.GOING_AWAY, "client gone")
+            self._maybe_done()
+            return
+        super().client_connection_lost()
 
     def _fail_confirms(self) -> None:
         confirms, self._confirms = self._confirms, {}
