@@ -12,7 +12,6 @@ no longer looks at the bytes.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -33,11 +32,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from wsgateway import _autobahn, closecodes
-from wsgateway.auth import AuthFailed, Authenticator, Credentials, Identity, check_roles, claim_headers
+from wsgateway.auth import AuthFailed, Authenticator, Identity, check_roles, claim_headers
 from wsgateway.balance import hash_key
 from wsgateway.broadcast import ChannelSession, Outbox, Subscription
 from wsgateway.config import AuthConfig, GatewayConfig, RouteConfig
 from wsgateway.health import describe_error
+from wsgateway.ids import random_hex
 from wsgateway.headers import (
     HeaderInjection,
     check_header,
@@ -623,7 +623,7 @@ class GatewayServerFactory(WebSocketServerFactory):
 
     def buildProtocol(self, addr: Any) -> GatewayServerProtocol:
         p: GatewayServerProtocol = super().buildProtocol(addr)
-        p.conn_id = os.urandom(6).hex()
+        p.conn_id = random_hex(6)
         return p
 
     async def open_upstream(self, proto: GatewayServerProtocol, request: ConnectionRequest) -> str | None:

@@ -14,7 +14,6 @@ the other.
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -38,6 +37,7 @@ from wsgateway.frames import (
     encode_frame,
     parse_close,
 )
+from wsgateway.ids import random_bytes
 from wsgateway.limits import TokenBucket
 from wsgateway.logs import ConnLogger
 
@@ -238,7 +238,7 @@ class Relay:
         self.done = False
         self._close_timeout = close_timeout
         self._close_call: IDelayedCall | None = None
-        self._ping_payload = b"wsgw" + os.urandom(4)
+        self._ping_payload = b"wsgw" + random_bytes(4)
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout
         self._ping_call: IDelayedCall | None = None
