@@ -24,7 +24,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from wsgateway.config import RouteConfig
 from wsgateway.health import eligible_nodes
 from wsgateway.logs import LEVELS
-from wsgateway.queue_store import QueueUnavailable
+from wsgateway.entries import QueueUnavailable
 from wsgateway.stats import C2U, U2C, GatewayStats
 from wsgateway.upstream import Upstream
 

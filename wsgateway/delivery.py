@@ -18,7 +18,7 @@ from twisted.logger import Logger
 
 from wsgateway.durable import CONFIRM_TIMEOUT, FLUSH_BATCH, DurableRelay, consecutive, replay_request
 from wsgateway.relay import Leg
-from wsgateway.queue_store import Entry, QueueUnavailable
+from wsgateway.entries import Entry, QueueUnavailable
 
 RECOVERY = 2.0
 

@@ -51,7 +51,7 @@ from zope.interface import implementer
 
 from wsgateway import closecodes
 from wsgateway.frames import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, encode_close, encode_frame, parse_close, unmask
-from wsgateway.queue_store import Entry, NewEntry, QueueUnavailable
+from wsgateway.entries import Entry, NewEntry, QueueUnavailable
 from wsgateway.relay import CLIENT, GATEWAY, Leg, Relay, _lose
 
 # Upstream close codes after which the messages it may not have read are

@@ -110,7 +110,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from wsgateway.config import QueueConfig, RedisConfig
-from wsgateway.queue_store import DeadLetter, Entry, NewEntry, QueueUnavailable, _in_conn_order, new_ulid
+from wsgateway.entries import DeadLetter, Entry, NewEntry, QueueUnavailable, in_conn_order, new_ulid
 from wsgateway.redislink import Backoff, CommandProtocol, RedisLink, RedisTarget, parse_url
 
 __all__ = ["RedisQueueStore"]
@@ -999,7 +999,7 @@ class RedisQueueStore(Service):
             return succeed([])
         args: list[Any] = [self.token, str(limit)] + ([route] if route is not None else [])
         d = self._call("pending", args)
-        return d.addCallback(lambda rows: _in_conn_order([_packed_entry(row) for row in rows]))
+        return d.addCallback(lambda rows: in_conn_order([_packed_entry(row) for row in rows]))
 
     def pending_for(self, conn_key: str, limit: int = 500) -> Deferred[list[Entry]]:
         """The oldest C{limit} entries of one client connection (if this node delivers them), by C{seq}."""

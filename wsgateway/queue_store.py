@@ -45,9 +45,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from twisted.application.service import Service
@@ -57,6 +55,15 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
+
+from wsgateway.entries import (  # noqa: F401  (re-exported: the store's interface)
+    DeadLetter,
+    Entry,
+    NewEntry,
+    QueueUnavailable,
+    in_conn_order,
+    new_ulid,
+)
 
 T = TypeVar("T")
 
@@ -106,59 +113,6 @@ PRAGMA user_version = {SCHEMA_VERSION};
 """
 
 
-class QueueUnavailable(Exception):
-    """The queue file cannot be read or written now (read-only, disk full, I/O error)."""
-
-
-@dataclass(frozen=True)
-class NewEntry:
-    """What the gateway hands to C{append}: one client message it could not forward."""
-
-    route: str
-    conn_key: str  # identifies the client connection
-    seq: int  # order of the message within its connection
-    message: bytes
-    binary: bool = False
-    claims: Mapping[str, Any] = field(default_factory=dict)
-    headers: Sequence[tuple[str, str]] = ()  # identity headers to replay, in order
-    trace_id: str | None = None
-    first_seen: float | None = None  # when the gateway got it; None = now
-
-
-@dataclass(frozen=True)
-class Entry:
-    id: int | str  # the SQLite row id; a "ROUTE/STREAM-ID" string in the Redis store
-    entry_id: str
-    route: str
-    conn_key: str
-    seq: int
-    binary: bool
-    message: bytes
-    claims: dict[str, Any]
-    headers: tuple[tuple[str, str], ...]
-    trace_id: str | None
-    attempts: int
-    first_seen: float
-    enqueued_at: float
-
-
-@dataclass(frozen=True)
-class DeadLetter:
-    entry: Entry
-    reason: str  # "max_attempts" | "retention"
-    dead_at: float
-
-
-_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-
-
-def new_ulid(now: float | None = None) -> str:
-    """A ULID: 48-bit milliseconds then 80 random bits, Crockford base32 (26 characters)."""
-    ms = int((time.time() if now is None else now) * 1000) & ((1 << 48) - 1)
-    n = (ms << 80) | int.from_bytes(os.urandom(10), "big")
-    return "".join(_CROCKFORD[(n >> (5 * i)) & 31] for i in reversed(range(26)))
-
-
 def _entry(row: Sequence[Any]) -> Entry:
     return Entry(
         id=row[0],
@@ -175,18 +129,6 @@ def _entry(row: Sequence[Any]) -> Entry:
         first_seen=row[11],
         enqueued_at=row[12],
     )
-
-
-def _in_conn_order(entries: list[Entry]) -> list[Entry]:
-    """Keep the id order overall, but sort each connection's entries by seq within its own positions."""
-    slots: dict[str, list[int]] = {}
-    for i, e in enumerate(entries):
-        slots.setdefault(e.conn_key, []).append(i)
-    out = list(entries)
-    for positions in slots.values():
-        for pos, e in zip(positions, sorted((entries[p] for p in positions), key=lambda e: (e.seq, e.id))):
-            out[pos] = e
-    return out
 
 
 def _chunks(ids: Sequence[int], n: int = 500) -> Iterable[Sequence[int]]:
@@ -445,7 +387,7 @@ class QueueStore(Service):
                 rows = conn.execute(
                     f"SELECT {_COLUMNS} FROM entries WHERE route = ? ORDER BY id LIMIT ?", (route, limit)
                 )
-            return _in_conn_order([_entry(r) for r in rows])
+            return in_conn_order([_entry(r) for r in rows])
 
         return self._tx_call(read, write=False)
 

@@ -23,7 +23,6 @@ from wsgateway import dashboard, logs, tls, wiring
 from wsgateway.admin import admin_site
 from wsgateway.config import ConfigError, GatewayConfig, RouteConfig, load
 from wsgateway.delivery import DeliveryService
-from wsgateway.queue_store import QueueStore
 from wsgateway.limits import ConnectionLimiter
 from wsgateway.broker import make_broker
 from wsgateway.metrics import BrokerMetrics, GatewayMetrics, MetricsResource
@@ -387,6 +386,8 @@ def make_queue(config: GatewayConfig, reactor: Any, metrics: Any) -> DeliverySer
         store: Any = RedisQueueStore.from_config(config.queue, config.redis, node_id=config.gateway.node_id,
                                                  reactor=reactor)
     else:
+        from wsgateway.queue_store import QueueStore  # sqlite3 only in gateways that queue
+
         store = QueueStore.from_config(config.queue, reactor=reactor)
     return DeliveryService(store, clock=reactor, metrics=metrics)
 
