@@ -446,3 +446,41 @@ def test_a_room_spans_both_workers_through_redis(make_upstream, start_gateway, t
         for c in clients:
             c.ws.close()
         gw.stop()
+
+
+def test_the_workers_durable_queues_through_the_parent_admin(make_upstream, start_gateway):
+    up = make_upstream()
+    admin, down = free_port(), free_port()
+    routes = f"""
+        [upstream:down]
+        nodes = ws://127.0.0.1:{down}
+        connect_timeout = 1
+        retries = 0
+
+        [route:durable]
+        path = /durable/**
+        upstream = down
+        delivery = at_least_once
+        """
+    gw = start_gateway(workers_ini(up.node, admin, routes=routes))
+    ready(admin)
+    for i in range(8):
+        with connect(f"{gw.url}/durable/{i}", open_timeout=10) as ws:
+            for k in range(5):
+                ws.send(f"{i}:{k}")
+
+    def queue() -> Any:
+        return get(admin, "/admin/queue", token=True)[1]
+
+    # each worker queues into its own file; the parent adds them up
+    assert wait_for(lambda: queue()["depth"] == 40, 10), queue()
+    q = queue()
+    assert q["routes"]["durable"]["depth"] == 40 and q["dead"] == 0
+    files = sorted(p.name for p in (gw.ini_path.parent / "var").glob("queue.sqlite.w*") if "-" not in p.name)
+    assert files and set(files) <= {"queue.sqlite.w1", "queue.sqlite.w2"}
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{admin}/admin/queue/purge", method="POST", data=json.dumps({"all": True}).encode(),
+        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        assert json.loads(r.read())["purged"] == 40
+    assert queue()["depth"] == 0

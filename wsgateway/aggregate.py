@@ -258,3 +258,32 @@ class WorkerClient:
         d.addCallback(read)
         d.addTimeout(self.timeout, self.reactor)
         return d
+
+
+def merge_queue(views: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
+    """
+    ``/admin/queue`` of every worker ((worker id, body) pairs) as one:
+    counts summed, ages the oldest. With the Redis store every worker
+    already reports the whole cluster's queue: its depths are taken once.
+    """
+    shared = views[0][1].get("backend") == "RedisQueueStore"
+    stores = views[:1] if shared else views
+    routes: dict[str, dict[str, Any]] = {}
+    for _, body in stores:
+        for name, r in body.get("routes", {}).items():
+            m = routes.setdefault(name, {"depth": 0, "oldest_age": 0.0, "dead": 0})
+            m["depth"] += r.get("depth", 0)
+            m["dead"] += r.get("dead", 0)
+            m["oldest_age"] = max(m["oldest_age"], r.get("oldest_age", 0.0))
+    first = views[0][1]
+    return {
+        "backend": first.get("backend"),
+        "depth": sum(b.get("depth", 0) for _, b in stores),
+        "dead": sum(b.get("dead", 0) for _, b in stores),
+        "routes": dict(sorted(routes.items())),
+        "live_connections": sum(b.get("live_connections", 0) for _, b in views),
+        "delivered": sum(b.get("delivered", 0) for _, b in views),
+        "failures": sum(b.get("failures", 0) for _, b in views),
+        "dead_letters": [{**d, "worker": wid} if not shared else d for wid, b in stores
+                         for d in b.get("dead_letters", [])],
+    }

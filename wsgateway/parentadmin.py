@@ -124,6 +124,9 @@ class ParentAdminAPI(AdminAPI):
         self.route(b"POST", (b"publish",), self._to_one)
         self.route(b"GET", (b"channels",), self._to_one)
         self.route(b"GET", (b"channels", b"*"), self._to_one)
+        self.route(b"GET", (b"queue",), self._queue)
+        self.route(b"POST", (b"queue", b"replay"), self._queue_change)
+        self.route(b"POST", (b"queue", b"purge"), self._queue_change)
 
     def _run(self, work: Any) -> Deferred[Any]:
         return Deferred.fromCoroutine(work)
@@ -175,6 +178,35 @@ class ParentAdminAPI(AdminAPI):
                 raise _Refused(status, first.get("error", "refused") if isinstance(first, dict) else "refused")
             if isinstance(first, dict) and "active" in first:
                 first["active"] = sum(_decode(a)[1].get("active", 0) for a in answers if a[0] == 200)
+            return first
+        return self._run(work())
+
+    def _queue(self, request: Request, _: Any) -> Deferred[Any]:
+        """Each worker has its own queue file: depths summed, dead letters listed with their worker."""
+        async def work() -> Any:
+            views = [(slot, b) for slot, b in await self._views(request) if isinstance(b, dict)]
+            if not views:
+                raise _Refused(404, "no route has delivery = at_least_once: the durable queue is not in use")
+            return aggregate.merge_queue([(slot.id, b) for slot, b in views])
+        return self._run(work())
+
+    def _queue_change(self, request: Request, _: Any) -> Deferred[Any]:
+        """Replay or purge on every worker's queue; the counts summed."""
+        data = _body(request)
+
+        async def work() -> Any:
+            answers = [_decode(a) for _, a in await self.parent.ask_all(request.method, request.uri, data)
+                       if a is not None]
+            if not answers:
+                raise _Refused(503, "no worker answered")
+            refused = [(st, b) for st, b in answers if st != 200]
+            if refused:
+                st, b = refused[0]
+                raise _Refused(st, b.get("error", "refused") if isinstance(b, dict) else "refused")
+            first = dict(answers[0][1])
+            for key in ("replayed", "purged"):
+                if key in first:
+                    first[key] = sum(b.get(key, 0) for _, b in answers)
             return first
         return self._run(work())
 

@@ -86,7 +86,9 @@ class WorkerSetup:
         gateway = replace(config.gateway, node_id=self.node, listen=self.listen, workers=self.workers)
         # One SQLite queue file per worker: each delivers only what it queued
         # itself, and a restarted worker N finds its own file again.
-        queue = replace(config.queue, path=f"{config.queue.path}.w{self.id}")
+        suffix = f".w{self.id}"
+        path = config.queue.path if config.queue.path.endswith(suffix) else config.queue.path + suffix  # adapted once
+        queue = replace(config.queue, path=path)
         return replace(config, gateway=gateway, admin=None, demo=None, queue=queue)
 
     def listener(self, index: int, desc: str, factory: IProtocolFactory, reactor: Any) -> tuple[Service, Any]:
