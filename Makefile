@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 # tests/test_browser.py (Playwright drives it; it downloads no browser of its own)
 SYSDEPS ?= chromium=chromium redis-server=redis-server systemd-analyze=systemd
 
-.PHONY: run test check devcert bench bench-auth bench-ops bench-fanout sysdeps clean
+.PHONY: bench-variants bench-workers run test check devcert bench bench-auth bench-ops bench-fanout sysdeps clean
 
 run: $(BIN)/.installed devcert
 	$(BIN)/twistd -n --pidfile= wsgateway --config $(CONFIG)
@@ -67,6 +67,27 @@ bench-ops: $(BIN)/.installed
 	  GATEWAY_CMD="$(CURDIR)/$(BIN)/twistd -n --pidfile= wsgateway --config $(CURDIR)/bench/gateway-ops.ini" \
 	  GATEWAY_URL=ws://127.0.0.1:9500/ws REPS=$${REPS:-3} SCENARIOS=$${SCENARIOS:-b} \
 	  bash ../shared/bench/run.sh $${TARGETS:-twisted-relay gateway}
+
+# Scenarios a and b with one message-path feature on at a time: rate limit, mirror, at_least_once.
+BENCH_VARIANTS ?= limit mirror durable
+bench-variants: $(BIN)/.installed
+	for v in $(BENCH_VARIANTS); do \
+	  echo "## variant $$v (bench/gateway-$$v.ini)"; \
+	  PATH="$(CURDIR)/$(BIN):$$PATH" TWISTD=$(CURDIR)/$(BIN)/twistd PYTHON=$(CURDIR)/$(BIN)/python \
+	    GATEWAY_CMD="$(CURDIR)/$(BIN)/twistd -n --pidfile= wsgateway --config $(CURDIR)/bench/gateway-$$v.ini" \
+	    GATEWAY_URL=ws://127.0.0.1:9500/ws REPS=$${REPS:-3} SCENARIOS="$${SCENARIOS:-a b}" \
+	    bash ../shared/bench/run.sh $${TARGETS:-twisted-relay gateway} || exit 1; \
+	done
+
+# Scenarios b and e with PIN=none (no core pinning): one gateway process, then workers = 2.
+bench-workers: $(BIN)/.installed
+	for v in gateway gateway-workers; do \
+	  echo "## bench/$$v.ini, PIN=none"; \
+	  PATH="$(CURDIR)/$(BIN):$$PATH" TWISTD=$(CURDIR)/$(BIN)/twistd PYTHON=$(CURDIR)/$(BIN)/python PIN=none \
+	    GATEWAY_CMD="$(CURDIR)/$(BIN)/twistd -n --pidfile= wsgateway --config $(CURDIR)/bench/$$v.ini" \
+	    GATEWAY_URL=ws://127.0.0.1:9500/ws REPS=$${REPS:-3} SCENARIOS="$${SCENARIOS:-b e}" \
+	    bash ../shared/bench/run.sh $${TARGETS:-twisted-relay gateway} || exit 1; \
+	done
 
 # Broadcast fan-out: 1 publisher, 1 000 subscribers on one gateway process, then on two sharing Redis.
 bench-fanout: $(BIN)/.installed-test sysdeps
