@@ -73,6 +73,11 @@ ORIGIN_KEY = ":origin"
 _NOT_STORED = frozenset({"authorization", "cookie"})
 
 FLUSH_BATCH = 200
+# Live messages are confirmed by a ping at most this often, or as soon as
+# this much is unconfirmed: duplicates after a loss stay within about
+# two intervals of traffic.
+CONFIRM_INTERVAL = 0.1
+CONFIRM_BYTES = 64 * 1024
 RETRY_MAX = 5.0  # seconds between attempts to reach the upstream again, at most
 CONFIRM_TIMEOUT = 10.0
 
@@ -315,6 +320,7 @@ class DurableRelay(Relay):
         self.delivered = 0
         self.window: Window | None = Window(0)
         self._confirmed_mark = 0  # covered by the last pong; dropped from the window at the next one
+        self._confirm_call: Any = None
         self.reader: MessageReader | None = None
         self.leg_seq = 1
         super().__init__(client, upstream, reconnect=reconnect, **kwargs)
@@ -370,11 +376,34 @@ class DurableRelay(Relay):
         if window is None:
             return
         window.add(out)
-        if not self._confirms and not self.closed_to_upstream:
-            self._send_confirm(window.total)
+        if not self._confirms and self._confirm_call is None and not self.closed_to_upstream:
+            self._pace_confirm(window)
         if len(window) > self._cap:
             # the upstream is not confirming as fast as the client sends
             self.client.pauseProducing()
+
+    def _pace_confirm(self, window: Window) -> None:
+        """
+        A confirming ping now if the window holds CONFIRM_BYTES, else in
+        CONFIRM_INTERVAL: one ping per message would double the frames a
+        chatty client sends (bench scenario a: 0.43x the blind relay).
+        """
+        if len(window) >= CONFIRM_BYTES:
+            self._send_confirm(window.total)
+        else:
+            self._confirm_call = self._clock.callLater(CONFIRM_INTERVAL, self._confirm_due)
+
+    def _confirm_due(self) -> None:
+        self._confirm_call = None
+        window = self.window
+        if window is not None and len(window) and not self._confirms and not self.done \
+                and not self.upstream_lost and not self.closed_to_upstream:
+            self._send_confirm(window.total)
+
+    def _cancel_confirm_call(self) -> None:
+        call, self._confirm_call = self._confirm_call, None
+        if call is not None and call.active():
+            call.cancel()
 
     def _send_confirm(self, mark: int, d: Deferred[bool] | None = None, direct: bool = False) -> None:
         self._confirm_id += 1
@@ -395,8 +424,9 @@ class DurableRelay(Relay):
                 window = self.window
                 window.confirm(self._confirmed_mark)
                 self._confirmed_mark = mark
-                if len(window) and not self.closed_to_upstream and not self.upstream_lost:
-                    self._send_confirm(window.total)
+                if len(window) and not self.closed_to_upstream and not self.upstream_lost \
+                        and self._confirm_call is None:
+                    self._pace_confirm(window)
                 self._maybe_resume()
             return False
         if opcode == OP_CLOSE and not self.closed_to_upstream and not self.close_from_upstream:
@@ -499,6 +529,7 @@ class DurableRelay(Relay):
             super().upstream_connection_lost()
             return
         self._upstream_going = False
+        self._cancel_confirm_call()
         self._fail_confirms()
         batch, self._flush_batch = self._flush_batch, []
         if batch:
@@ -742,6 +773,8 @@ class DurableRelay(Relay):
         super()._ping()
 
     def _maybe_done(self) -> None:
+        if self.client_lost and self.upstream_lost:
+            self._cancel_confirm_call()
         if not self.done and self.client_lost and not self.upstream_lost and self.reader is not None:
             self._stop_flushing()
         super()._maybe_done()
