@@ -375,10 +375,10 @@ class Passes:
         if not self.deliverer.running:
             self.deliverer.start()
         else:
-            self.clock.advance(self.deliverer.interval)
+            self.clock.advance(self.deliverer.delay)
         # a pass is over when it has scheduled the next one
         await until(lambda: self.clock.getDelayedCalls())
-        assert [c.getTime() for c in self.clock.getDelayedCalls()] == [self.clock.seconds() + self.deliverer.interval]
+        assert [c.getTime() for c in self.clock.getDelayedCalls()] == [self.clock.seconds() + self.deliverer.delay]
 
     async def stop(self) -> None:
         await self.deliverer.stop()
@@ -468,6 +468,8 @@ async def test_an_unreachable_upstream_counts_no_attempt(make_store: MakeStore, 
                                                                               ("c2", 1, 0)]
     assert passes.deliverer.failed_attempts == 0 and delivered == []
     assert await store.dead_letters() == []
+    # passes that deliver nothing come less and less often, up to max_interval
+    assert passes.deliverer.delay == 8.0
     await passes.stop()
 
 

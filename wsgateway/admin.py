@@ -382,6 +382,8 @@ class AdminAPI(Resource):
         def done(n: int) -> dict[str, Any]:
             self.log.warn("purged {n} {what} of {scope} through the admin API", n=n,
                           what="dead letters" if dead else "queued entries", scope=route or "every route")
+            if queue.deliverer is not None:
+                queue.deliverer.kick()  # its pass refreshes wsgateway_queue_depth
             return {"purged": n, "dead": dead, "route": route}
 
         return d.addCallback(done)

@@ -21,6 +21,8 @@ from wsgateway.relay import Leg
 from wsgateway.entries import Entry, QueueUnavailable
 
 RECOVERY = 2.0
+PAGE = 100  # connections read per pass
+MAX_INTERVAL = 8.0
 
 
 class Deliverer:
@@ -58,11 +60,17 @@ class Deliverer:
         self._clock = clock
         self._live = live
         self.interval = interval
+        # Until the next pass: interval after a pass that delivered, doubling
+        # up to max_interval while passes deliver nothing (an outage: each
+        # pass reads the queue's connections, which costs the store a scan).
+        self.delay = interval
+        self.max_interval = max(interval, MAX_INTERVAL)
         self.concurrency = concurrency
         self._on_delivered = on_delivered
         self._on_pass = on_pass
         self._busy: set[str] = set()
         self._unreachable: set[str] = set()  # routes, during one pass
+        self._full_page = False
         self._call: Any = None
         self._pass: Deferred[None] | None = None
         self._again = False
@@ -87,6 +95,7 @@ class Deliverer:
         """Run a pass now (after it, passes go on every interval)."""
         if not self.running:
             return
+        self.delay = self.interval
         if self._pass is not None:
             self._again = True
             return
@@ -105,9 +114,24 @@ class Deliverer:
             self._again = False
             self._call = self._clock.callLater(0, self.kick)
         else:
-            self._call = self._clock.callLater(self.interval, self.kick)
+            self._call = self._clock.callLater(self.delay, self._next)
+
+    def _next(self) -> None:
+        delay = self.delay
+        self.kick()
+        self.delay = delay  # kick() resets it; a timed pass keeps the backoff
 
     async def _run(self) -> None:
+        before = self.delivered
+        await self._one_pass()
+        if self.delivered > before:
+            self.delay = self.interval
+            if self._full_page:
+                self._again = True  # a backlog: go on at once
+        else:
+            self.delay = min(self.delay * 2, self.max_interval)
+
+    async def _one_pass(self) -> None:
         now = self._clock.seconds()
         try:
             if now - self._expired_at >= self.expire_interval:
@@ -115,7 +139,8 @@ class Deliverer:
                 gone = await self.store.expire()
                 if gone:
                     self.log.warn("{n} queued entries passed their retention: moved to the dead letters", n=len(gone))
-            keys = await self.store.conn_keys(100)
+            keys = await self.store.conn_keys(PAGE)
+            self._full_page = len(keys) == PAGE
         except QueueUnavailable:
             return
         if self._on_pass is not None:
