@@ -336,6 +336,11 @@ class DurableRelay(Relay):
     def holding(self) -> bool:
         return self.reader is not None
 
+    @property
+    def left_queued(self) -> bool:
+        """Entries of this connection may still be in the store (or on their way there)."""
+        return bool(self._appending) or self.queued > self.delivered
+
     def _client_reader(self) -> Any:
         return _GatedReader(self)
 

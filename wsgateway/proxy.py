@@ -1020,7 +1020,7 @@ class GatewayServerFactory(WebSocketServerFactory):
         if self.queue is not None and self.queue.live.get(proto.conn_id) is relay:
             # what it still had queued is the Deliverer's to replay now
             del self.queue.live[proto.conn_id]
-            if isinstance(relay, DurableRelay) and relay.queued > relay.delivered and self.queue.deliverer:
+            if isinstance(relay, DurableRelay) and relay.left_queued and self.queue.deliverer:
                 self.queue.deliverer.kick()  # rather than wait out a backed-off pass
         if proto.pushes is not None:
             proto.pushes.outbox.stopProducing()
