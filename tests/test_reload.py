@@ -337,3 +337,13 @@ def test_sighup_during_shutdown_is_ignored_and_the_drain_finishes(make_upstream,
         gw.proc.send_signal(signal.SIGHUP)
         assert wait_for(lambda: "SIGHUP during the shutdown drain" in gw.log(), 5)
     assert gw.proc.wait(15) == 0
+
+
+def test_a_route_turned_at_least_once_by_a_reload_is_named_as_needing_a_restart(make_upstream, start_gateway):
+    up = make_upstream()
+    routes = "[route:a]\npath = /a\nupstream = x\n"
+    gw = start_gateway(gateway_ini(routes, {"x": up.node}))
+    rewrite(gw, gateway_ini(routes + "delivery = at_least_once\n", {"x": up.node}))
+    log = hup(gw)
+    assert "delivery = at_least_once (the durable queue opens at start) changed, which takes a restart" in log
+    assert status_of(f"{gw.url}/a") == 101  # the route itself still works, as at_most_once

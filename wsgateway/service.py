@@ -248,6 +248,9 @@ class GatewayService(MultiService):
             return False
         running = self._wiring.config
         restart = wiring.restart_needed(running, new)
+        if self.queue is None and any(r.delivery == "at_least_once" for r in new.routes):
+            # the queue is opened at start: until a restart these routes queue nothing
+            restart.append("delivery = at_least_once (the durable queue opens at start)")
         effective = wiring.keep_running_values(running, new)
         try:
             built = wiring.build(effective, self.reactor, self._wiring, observer=self.metrics)
