@@ -22,17 +22,8 @@ from twisted.internet.task import Clock, deferLater
 
 from conftest import OP_BINARY, OP_CONT, OP_PING, OP_PONG, OP_TEXT, frame
 from wsgateway.delivery import Deliverer
-from wsgateway.durable import (
-    CONN_HEADER,
-    REPLAY_HEADER,
-    SEQ_HEADER,
-    Message,
-    MessageReader,
-    Window,
-    consecutive,
-    replay_request,
-    stored_headers,
-)
+from wsgateway.clientstream import Message, MessageReader, Window
+from wsgateway.replay import CONN_HEADER, REPLAY_HEADER, SEQ_HEADER, consecutive, replay_request, stored_headers
 from wsgateway.frames import encode_frame
 from wsgateway.queue_store import Entry, NewEntry, QueueStore
 from wsgateway.upstream import UpstreamError, UpstreamRequest

@@ -16,7 +16,8 @@ from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from wsgateway.durable import CONFIRM_TIMEOUT, FLUSH_BATCH, DurableRelay, consecutive, replay_request
+from wsgateway.durable import CONFIRM_TIMEOUT, FLUSH_BATCH, DurableRelay
+from wsgateway.replay import consecutive, replay_request
 from wsgateway.relay import Leg
 from wsgateway.entries import Entry, QueueUnavailable
 
@@ -251,7 +252,7 @@ class DeliveryService(MultiService):
         return d
 
 
-async def replay(upstream: Any, entries: list[Entry], *, clock: IReactorTime, request_type: Any,
+async def replay_connection(upstream: Any, entries: list[Entry], *, clock: IReactorTime, request_type: Any,
                  timeout: float = CONFIRM_TIMEOUT) -> bool:
     """
     One replay connection (SPEC section 5): ``entries`` (one client's, seqs

@@ -50,27 +50,16 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from wsgateway import closecodes
-from wsgateway.frames import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, encode_close, encode_frame, parse_close, unmask
+from wsgateway.clientstream import Message, MessageReader, Window
+from wsgateway.frames import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, encode_close, encode_frame, parse_close
 from wsgateway.entries import Entry, NewEntry, QueueUnavailable
 from wsgateway.relay import CLIENT, GATEWAY, Leg, Relay, _lose
+from wsgateway.replay import CONN_HEADER, SEQ_HEADER, consecutive
 
 # Upstream close codes after which the messages it may not have read are
 # queued and a new leg is sought: going away, internal error, restart, try
 # again later, bad gateway.
 LOSS_CODES = frozenset({1001, 1011, 1012, 1013, 1014})
-
-CONN_HEADER = "X-Wsgateway-Conn-Id"
-SEQ_HEADER = "X-Wsgateway-Seq"
-REPLAY_HEADER = "X-Wsgateway-Replay"
-
-# Request parts a replay connection needs besides headers, kept in an
-# entry's header list under names no HTTP header can have.
-PATH_KEY = ":path"
-PROTOCOL_KEY = ":subprotocol"
-ORIGIN_KEY = ":origin"
-# Never written to the queue file: credentials may be forwarded on a live
-# connection (forward_auth) but are not identity to replay, and would sit on disk.
-_NOT_STORED = frozenset({"authorization", "cookie"})
 
 FLUSH_BATCH = 200
 # Live messages are confirmed by a ping at most this often, or as soon as
@@ -80,142 +69,6 @@ CONFIRM_INTERVAL = 0.1
 CONFIRM_BYTES = 64 * 1024
 RETRY_MAX = 5.0  # seconds between attempts to reach the upstream again, at most
 CONFIRM_TIMEOUT = 10.0
-
-
-# -- frames of a client stream ------------------------------------------------
-
-
-def _header(buf: bytes | bytearray, i: int) -> tuple[int, int, int, int] | None:
-    """(b0, header length, payload length, mask offset) of the masked frame at C{i}, or None if incomplete."""
-    n = len(buf)
-    if n - i < 2:
-        return None
-    b0 = buf[i]
-    ln = buf[i + 1] & 0x7F
-    h = i + 2
-    if ln == 126:
-        if n - h < 2:
-            return None
-        ln = (buf[h] << 8) | buf[h + 1]
-        h += 2
-    elif ln == 127:
-        if n - h < 8:
-            return None
-        ln = int.from_bytes(buf[h : h + 8], "big")
-        h += 8
-    mask_at = h
-    h += 4
-    if h > n:
-        return None
-    return b0, h - i, ln, mask_at
-
-
-@dataclass
-class Message:
-    seq: int
-    binary: bool
-    payload: bytes
-
-
-class MessageReader:
-    """
-    Whole client messages out of the relayed (masked, already checked)
-    client stream, from a message boundary on: what is queued. Control
-    frames are not messages; pings are reported so that the gateway can
-    answer them while no upstream does.
-    """
-
-    def __init__(self, first_seq: int) -> None:
-        self.next_seq = first_seq
-        self._buf = bytearray()
-        self._parts: list[bytes] = []  # payloads of the open message's frames so far
-        self._raw: list[bytes] = []  # those frames as received
-        self._binary = False
-
-    def feed(self, data: bytes) -> tuple[list[Message], list[bytes]]:
-        """The messages completed by C{data}, and the payloads of the pings in it."""
-        buf = self._buf
-        buf += data
-        done: list[Message] = []
-        pings: list[bytes] = []
-        i = 0
-        while True:
-            head = _header(buf, i)
-            if head is None:
-                break
-            b0, hlen, ln, mask_at = head
-            end = i + hlen + ln
-            if end > len(buf):
-                break
-            op = b0 & 0x0F
-            payload = unmask(bytes(buf[i + hlen : end]), bytes(buf[mask_at : mask_at + 4]))
-            if op >= OP_CLOSE:
-                if op == OP_PING:
-                    pings.append(payload)
-            else:
-                if op:
-                    self._binary = op == OP_BINARY
-                self._parts.append(payload)
-                self._raw.append(bytes(buf[i:end]))
-                if b0 & 0x80:
-                    done.append(Message(self.next_seq, self._binary, b"".join(self._parts)))
-                    self.next_seq += 1
-                    self._parts, self._raw = [], []
-            i = end
-        del buf[:i]
-        return done, pings
-
-    def rest(self) -> bytes:
-        """What has been read of the open message (and of a frame after it), as received."""
-        return b"".join(self._raw) + bytes(self._buf)
-
-
-class Window:
-    """
-    Client bytes written upstream and not yet confirmed, from a message
-    boundary on. C{confirm(mark)} drops the whole messages that lie before
-    C{mark} (an offset from C{total} when the confirming ping was sent).
-    """
-
-    def __init__(self, base_seq: int, data: bytes = b"") -> None:
-        self.base_seq = base_seq  # client messages before the window
-        self.buf = bytearray(data)
-        self.start = 0  # stream offset of buf[0]
-        self.total = len(data)
-
-    def add(self, data: bytes) -> None:
-        self.buf += data
-        self.total += len(data)
-
-    def __len__(self) -> int:
-        return len(self.buf)
-
-    def confirm(self, mark: int) -> None:
-        buf = self.buf
-        limit = mark - self.start
-        i = cut = 0
-        messages = 0
-        open_message = False
-        while i < limit:
-            head = _header(buf, i)
-            if head is None:
-                break
-            b0, hlen, ln, _ = head
-            end = i + hlen + ln
-            if end > limit:
-                break
-            if (b0 & 0x0F) < OP_CLOSE:
-                open_message = not (b0 & 0x80)
-                if not open_message:
-                    messages += 1
-            if not open_message:
-                cut = end
-                self.base_seq += messages
-                messages = 0
-            i = end
-        if cut:
-            del buf[:cut]
-            self.start += cut
 
 
 # -- the relay ------------------------------------------------------------------
@@ -234,19 +87,6 @@ class QueueLink:
     on_delivered: Callable[[int], None] = lambda n: None
     on_failure: Callable[[str], None] = lambda what: None
     retry_initial: float = 0.1
-
-
-def stored_headers(resource: str, headers: dict[str, str], protocol: str | None,
-                   origin: str | None) -> tuple[tuple[str, str], ...]:
-    """An upstream request as kept with each entry, credentials left out."""
-    out = [(PATH_KEY, resource)]
-    if protocol:
-        out.append((PROTOCOL_KEY, protocol))
-    if origin:
-        out.append((ORIGIN_KEY, origin))
-    own = {CONN_HEADER.lower(), SEQ_HEADER.lower(), REPLAY_HEADER.lower()}
-    out += [(k, v) for k, v in headers.items() if k.lower() not in _NOT_STORED and k.lower() not in own]
-    return tuple(out)
 
 
 class _Recording:
@@ -783,38 +623,3 @@ class DurableRelay(Relay):
         if not self.done and self.client_lost and not self.upstream_lost and self.reader is not None:
             self._stop_flushing()
         super()._maybe_done()
-
-
-# -- replay of entries whose client has gone ------------------------------------
-
-
-def replay_request(entries: Sequence[Entry], base: Callable[..., Any]) -> Any:
-    """The UpstreamRequest of a replay connection for C{entries} (one connection's, in seq order)."""
-    first = entries[0]
-    path, protocol, origin = "/", None, None
-    headers: dict[str, str] = {}
-    for k, v in first.headers:
-        if k == PATH_KEY:
-            path = v
-        elif k == PROTOCOL_KEY:
-            protocol = v
-        elif k == ORIGIN_KEY:
-            origin = v
-        else:
-            headers[k] = v
-    headers[REPLAY_HEADER] = "1"
-    headers[CONN_HEADER] = first.conn_key
-    headers[SEQ_HEADER] = str(first.seq)
-    return base(resource=path, headers=headers, protocols=(protocol,) if protocol else (), origin=origin,
-                trace_id=first.trace_id or "", quiet=True)
-
-
-def consecutive(entries: Sequence[Entry]) -> list[Entry]:
-    """The leading run of C{entries} whose seqs follow one another: what one replay connection may carry."""
-    out = list(entries[:1])
-    for e in entries[1:]:
-        if e.seq != out[-1].seq + 1:
-            break
-        out.append(e)
-    return out
-

@@ -48,8 +48,9 @@ from wsgateway.headers import (
 )
 from wsgateway.limits import ConnectionLimiter, client_ip
 from wsgateway.origins import OriginPolicy
-from wsgateway.delivery import replay
-from wsgateway.durable import CONN_HEADER, SEQ_HEADER, DurableRelay, QueueLink, stored_headers
+from wsgateway.delivery import replay_connection
+from wsgateway.durable import DurableRelay, QueueLink
+from wsgateway.replay import CONN_HEADER, SEQ_HEADER, stored_headers
 from wsgateway.relay import Leg, Relay
 from wsgateway.routing import (
     Router,
@@ -972,13 +973,13 @@ class GatewayServerFactory(WebSocketServerFactory):
         leg.transport.resumeProducing()
 
     def replay(self, route_name: str, entries: list[Any]) -> Deferred[bool]:
-        """A replay connection for queued ``entries`` of ``route_name`` (delivery.replay)."""
+        """A replay connection for queued ``entries`` of ``route_name`` (delivery.replay_connection)."""
         route = next((r for r in self.config.routes if r.name == route_name), None)
         upstream = self.upstreams.get(route.upstream) if route is not None and route.upstream else None
         if upstream is None:
             raise UpstreamError(closecodes.UNAVAILABLE, f"route {route_name} has no upstream now")
         return Deferred.fromCoroutine(
-            replay(upstream, entries, clock=self.clock, request_type=UpstreamRequest)
+            replay_connection(upstream, entries, clock=self.clock, request_type=UpstreamRequest)
         )
 
     def start_mirror(self, relay: Relay, name: str, request: UpstreamRequest) -> None:
