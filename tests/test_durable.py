@@ -460,3 +460,29 @@ def test_messages_before_a_client_close_that_the_upstream_never_read_are_replaye
     conn = backend.legs[0].headers["x-wsgateway-conn-id"]
     assert deduped(backend.delivered()[conn]) == [f"b{i}" for i in range(100)]
     assert wait_for(lambda: _rows(gw) == 0, timeout=5)
+
+
+def test_a_token_expiring_while_messages_are_queued_closes_1008_and_keeps_them(start_gateway: Any) -> None:
+    import jwt
+
+    backend = Backend()  # down
+    gw = start_gateway(ini(backend.node, extra="""
+        [auth]
+        algorithms = HS256
+        secret = """ + SECRET + """
+        leeway = 0
+        forward_claims = sub=X-User-Id
+        """))
+    token = jwt.encode({"sub": "bob", "exp": int(time.time()) + 2}, SECRET, algorithm="HS256")
+    with connect(gw.url + "/exp", compression=None, open_timeout=10, max_queue=None,
+                 additional_headers={"Authorization": f"Bearer {token}"}) as ws:
+        for i in range(20):
+            ws.send(f"e{i}")
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=10)
+    assert closed.value.rcvd is not None and (closed.value.rcvd.code, closed.value.rcvd.reason) == (1008, "token expired")
+    backend.start()
+    assert wait_for(lambda: _rows(gw) == 0, timeout=20)
+    got = [m for leg in backend.legs for m in leg.messages]
+    assert got == [f"e{i}" for i in range(20)]
+    assert backend.legs[0].headers["x-user-id"] == "bob" and backend.legs[0].headers["x-wsgateway-replay"] == "1"
