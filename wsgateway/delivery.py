@@ -148,7 +148,7 @@ class Deliverer:
             await self._on_pass()
         live = self._live()
         todo = [(r, k) for r, k in keys if k not in live and k not in self._busy]
-        self._unreachable: set[str] = set()
+        self._unreachable = set()
         while todo and self.running:
             # a route whose upstream could not be reached is not tried again this pass
             todo = [(r, k) for r, k in todo if r not in self._unreachable]
