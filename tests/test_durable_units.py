@@ -484,3 +484,25 @@ async def test_max_attempts_moves_entries_to_the_dead_letters(make_store: MakeSt
     await passes.run()
     assert len(replay.calls) == 4
     await passes.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_stopping_does_not_wait_for_a_replay_in_flight(make_store: MakeStore) -> None:
+    store = await make_store()
+    await store.append([new(1), new(2)])
+    hanging: list[Deferred[bool]] = []
+
+    def replay(route: str, entries: list[Any]) -> Deferred[bool]:
+        d: Deferred[bool] = Deferred()
+        hanging.append(d)
+        return d
+
+    clock = Clock()
+    clock.advance(T0)
+    d = Deliverer(store, replay, clock=clock, live=set, interval=1.0)
+    d.start()
+    await until(lambda: hanging)
+    await d.stop()  # fires although the replay never answered
+    assert hanging[0].called  # it was cancelled
+    assert [e.seq for e in await store.pending()] == [1, 2]  # still queued, for the next start
+    assert clock.getDelayedCalls() == []

@@ -12,9 +12,10 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from wsgateway.durable import CONFIRM_TIMEOUT, FLUSH_BATCH, DurableRelay
 from wsgateway.replay import consecutive, replay_request
@@ -90,7 +91,15 @@ class Deliverer:
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
-        return self._pass if self._pass is not None else succeed(None)
+        if self._pass is None:
+            return succeed(None)
+        # A replay in flight may wait on a slow upstream for seconds: shutdown
+        # does not. Its entries stay queued (a replay after the restart; the
+        # upstream may see some twice, as at least once allows).
+        done: Deferred[None] = Deferred()
+        self._pass.addBoth(lambda _: done.callback(None))
+        self._pass.cancel()
+        return done
 
     def kick(self) -> None:
         """Run a pass now (after it, passes go on every interval)."""
@@ -104,8 +113,12 @@ class Deliverer:
             self._call.cancel()
         self._call = None
         self._pass = Deferred.fromCoroutine(self._run())
-        self._pass.addErrback(lambda f: self.log.failure("replay pass failed", f))
+        self._pass.addErrback(self._pass_failed)
         self._pass.addBoth(self._pass_done)
+
+    def _pass_failed(self, f: Failure) -> None:
+        if not f.check(CancelledError):
+            self.log.failure("replay pass failed", f)
 
     def _pass_done(self, _: object) -> None:
         self._pass = None
@@ -156,7 +169,7 @@ class Deliverer:
             results = await DeferredList([Deferred.fromCoroutine(self._one(r, k)) for r, k in batch],
                                          consumeErrors=True)
             for ok, result in results:
-                if not ok:
+                if not ok and not result.check(CancelledError):
                     self.log.failure("replay of queued entries failed", result)
 
     async def _one(self, route: str, key: str) -> None:
