@@ -53,7 +53,7 @@ from wsgateway import closecodes
 from wsgateway.clientstream import Message, MessageReader, Window
 from wsgateway.frames import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, encode_close, encode_frame, parse_close
 from wsgateway.entries import Entry, NewEntry, QueueUnavailable
-from wsgateway.relay import CLIENT, GATEWAY, Leg, Relay, _lose
+from wsgateway.relay import CLIENT, GATEWAY, Relay, _lose
 from wsgateway.replay import CONN_HEADER, SEQ_HEADER, consecutive
 
 # Upstream close codes after which the messages it may not have read are
@@ -91,16 +91,19 @@ class QueueLink:
 
 class _Recording:
     """
-    The upstream transport of a live durable relay: every write is also kept
-    in the relay's window (client frames, and the gateway's own pings and
-    closes, which the window's walk skips).
+    Every upstream transport of a durable relay, so that the relay's own
+    mechanism (which compares ``relay.upstream`` with a leg's transport) sees
+    one object throughout: writes also go to ``sent``, which keeps them in
+    the window while the relay is live (client frames, and the gateway's own
+    pings and closes, which the window's walk skips) and ignores them while
+    it is holding (a flush leg's entries are in the store already).
     """
 
     __slots__ = ("transport", "_sent")
 
     def __init__(self, transport: Any, sent: Callable[[bytes], None]) -> None:
-        self.transport = transport
-        self._sent = sent
+        object.__setattr__(self, "transport", transport)
+        object.__setattr__(self, "_sent", sent)
 
     def write(self, data: bytes) -> None:
         self.transport.write(data)
@@ -109,9 +112,8 @@ class _Recording:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.transport, name)
 
-
-def _raw(transport: Any) -> Any:
-    return transport.transport if isinstance(transport, _Recording) else transport
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self.transport, name, value)  # relay.set_write_buffer sets bufferSize
 
 
 @implementer(IPushProducer)
@@ -163,11 +165,10 @@ class DurableRelay(Relay):
         self._confirm_call: Any = None
         self.reader: MessageReader | None = None
         self.leg_seq = 1
-        super().__init__(client, upstream, reconnect=reconnect, **kwargs)
+        recording = _Recording(upstream, self._sent) if upstream is not None else None
+        super().__init__(client, recording, reconnect=reconnect, **kwargs)
         self._cap = max(4 * self._write_buffer, 1 << 20)
-        if upstream is not None:
-            self.upstream = _Recording(upstream, self._sent)  # type: ignore[assignment]
-        else:
+        if upstream is None:
             self.upstream_lost = True
             self._hold_from(MessageReader(1))
             self._clock.callLater(0, self._start_reconnect_loop)
@@ -183,18 +184,6 @@ class DurableRelay(Relay):
 
     def _client_reader(self) -> Any:
         return _GatedReader(self)
-
-    def leg_for(self, transport: Any) -> Any:
-        # self.upstream may be the _Recording wrapper of ``transport``
-        def data(chunk: bytes) -> None:
-            if _raw(self.upstream) is transport:
-                self.upstream_data(chunk)
-
-        def lost() -> None:
-            if _raw(self.upstream) is transport:
-                self.upstream_connection_lost()
-
-        return Leg(data, lost)
 
     def leg_headers(self) -> dict[str, str]:
         return {CONN_HEADER: self.link.conn_key, SEQ_HEADER: str(self.leg_seq)}
@@ -478,7 +467,7 @@ class DurableRelay(Relay):
     # -- a new leg: flush, then live ----------------------------------------------
 
     def upstream_reconnected(self, transport: Any) -> Any:
-        leg = super().upstream_reconnected(transport)
+        leg = super().upstream_reconnected(_Recording(transport, self._sent))
         self._reconnect_d = None
         self._flush_d = Deferred.fromCoroutine(self._flush())
         self._flush_d.addErrback(self._loop_failed)
@@ -565,12 +554,10 @@ class DurableRelay(Relay):
         self.reader = None
         self.flushing = False
         self.reconnecting = False
-        self.window = Window(reader.next_seq - 1, rest)
+        self.window = Window(reader.next_seq - 1)
         self._confirmed_mark = 0
-        self.upstream = _Recording(self.upstream, self._sent)
         if rest:
-            self.upstream.transport.write(rest)
-            self._send_confirm(self.window.total)
+            self.upstream.write(rest)  # kept in the window from here on
         self.log.info("queue delivered: relaying live again")
         self._maybe_resume()
 
