@@ -101,11 +101,15 @@ class Deliverer:
         self._pass.cancel()
         return done
 
-    def kick(self) -> None:
-        """Run a pass now (after it, passes go on every interval)."""
+    def kick(self, *, reset: bool = True) -> None:
+        """
+        Run a pass now (after it, passes go on every interval). ``reset``:
+        also end the backoff; the timed passes themselves keep it.
+        """
         if not self.running:
             return
-        self.delay = self.interval
+        if reset:
+            self.delay = self.interval
         if self._pass is not None:
             self._again = True
             return
@@ -128,12 +132,7 @@ class Deliverer:
             self._again = False
             self._call = self._clock.callLater(0, self.kick)
         else:
-            self._call = self._clock.callLater(self.delay, self._next)
-
-    def _next(self) -> None:
-        delay = self.delay
-        self.kick()
-        self.delay = delay  # kick() resets it; a timed pass keeps the backoff
+            self._call = self._clock.callLater(self.delay, self.kick, reset=False)
 
     async def _run(self) -> None:
         before = self.delivered

@@ -53,7 +53,7 @@ from wsgateway import closecodes
 from wsgateway.clientstream import Message, MessageReader, Window
 from wsgateway.frames import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, encode_close, encode_frame, parse_close
 from wsgateway.entries import Entry, NewEntry, QueueUnavailable
-from wsgateway.relay import CLIENT, GATEWAY, Relay, _lose
+from wsgateway.relay import CLIENT, Relay, _lose
 from wsgateway.replay import CONN_HEADER, SEQ_HEADER, consecutive
 
 # Upstream close codes after which the messages it may not have read are
@@ -313,10 +313,7 @@ class DurableRelay(Relay):
         self._appending -= 1
         self.queued += n
         self._maybe_resume()
-        if not self._appending:
-            settled, self._settled = self._settled, []
-            for d in settled:
-                d.callback(None)
+        self._settle()
 
     def _append_failed(self, f: Failure) -> None:
         self._appending -= 1
@@ -325,12 +322,11 @@ class DurableRelay(Relay):
         self.link.on_failure("append")
         self._queue_failed = True
         if not self.done and not self.client_lost:
-            if self.closed_by is None:
-                self.closed_by = GATEWAY
-                self.close_code = closecodes.INTERNAL_ERROR
-                self.close_reason = "queue unavailable"
-            self._close_client(closecodes.INTERNAL_ERROR, "queue unavailable")
-            self._lose_client()
+            self._client_violation(closecodes.INTERNAL_ERROR, "queue unavailable")
+        self._settle()
+
+    def _settle(self) -> None:
+        """Fire what waits for the appends in flight, once there is none."""
         if not self._appending:
             settled, self._settled = self._settled, []
             for d in settled:
@@ -387,15 +383,9 @@ class DurableRelay(Relay):
             # The client's stream cannot go on (a message from the upstream
             # was cut), or it is ending anyway: what it sent is queued, and
             # the connection ends as without durability.
-            self.upstream_vanished = vanished
-            if self.closed_by is None:
-                self.closed_by = "upstream"
-                self.close_code = closecodes.BAD_GATEWAY
-                self.close_reason = "upstream lost"
-            self._close_client(closecodes.BAD_GATEWAY, "upstream lost")
             if self.closed_to_client and self.close_from_client:
                 self._finish_client()
-            self._maybe_done()
+            self._give_up()  # 1014 to the client, unless it is closing already
             return
         self.log.info("upstream gone: queueing client messages")
         self.client.resumeProducing()

@@ -930,7 +930,7 @@ class GatewayServerFactory(WebSocketServerFactory):
             trace_id=proto.trace_id or None,
             on_delivered=queue.delivered,
             on_failure=queue.failed,
-            retry_initial=upstream_retry_initial(proto.upstream),
+            retry_initial=proto.upstream.config.backoff_initial if proto.upstream is not None else 0.1,
         )
 
     def _reconnector(
@@ -1090,10 +1090,6 @@ class GatewayServerFactory(WebSocketServerFactory):
                 conn_id=proto.conn_id,
                 trace_id=proto.trace_id or None,
             )
-
-
-def upstream_retry_initial(upstream: Upstream[Any] | None) -> float:
-    return upstream.config.backoff_initial if upstream is not None else 0.1
 
 
 def _peer_ip(transport: Any) -> str:
