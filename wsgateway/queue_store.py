@@ -73,9 +73,8 @@ _COLUMNS = (
     "id, entry_id, route, conn_key, seq, binary, message, claims, headers, trace_id, attempts, first_seen, enqueued_at"
 )
 
-_SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS entries (
-    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+# What an entry and a dead letter both hold (after the id, before attempts).
+_FIELDS = """
     entry_id    TEXT NOT NULL UNIQUE,
     route       TEXT NOT NULL,
     conn_key    TEXT NOT NULL,
@@ -84,7 +83,11 @@ CREATE TABLE IF NOT EXISTS entries (
     message     BLOB NOT NULL,
     claims      TEXT NOT NULL,
     headers     TEXT NOT NULL,
-    trace_id    TEXT,
+    trace_id    TEXT,"""
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS entries (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,{_FIELDS}
     attempts    INTEGER NOT NULL DEFAULT 0,
     first_seen  REAL NOT NULL,
     enqueued_at REAL NOT NULL
@@ -92,16 +95,7 @@ CREATE TABLE IF NOT EXISTS entries (
 CREATE INDEX IF NOT EXISTS entries_route ON entries (route, id);
 CREATE INDEX IF NOT EXISTS entries_conn ON entries (conn_key, seq);
 CREATE TABLE IF NOT EXISTS dead_letters (
-    id          INTEGER PRIMARY KEY,
-    entry_id    TEXT NOT NULL UNIQUE,
-    route       TEXT NOT NULL,
-    conn_key    TEXT NOT NULL,
-    seq         INTEGER NOT NULL,
-    binary      INTEGER NOT NULL,
-    message     BLOB NOT NULL,
-    claims      TEXT NOT NULL,
-    headers     TEXT NOT NULL,
-    trace_id    TEXT,
+    id          INTEGER PRIMARY KEY,{_FIELDS}
     attempts    INTEGER NOT NULL,
     first_seen  REAL NOT NULL,
     enqueued_at REAL NOT NULL,
