@@ -857,17 +857,16 @@ class GatewayServerFactory(WebSocketServerFactory):
         route = proto.route
         reconnect = None
         upstream = proto.upstream  # the one this connection came from, even if a reload has replaced it since
-        durable = route is not None and route.delivery == "at_least_once" and self.queue is not None \
-            and upstream is not None and proto.upstream_request is not None
+        request = proto.upstream_request
+        durable = False
         extra: dict[str, Any] = {}
         agreed = leg.websocket_protocol_in_use if leg is not None else proto.websocket_protocol_in_use
-        if durable:
-            assert route is not None and upstream is not None and proto.upstream_request is not None
-            reconnect = self._reconnector(info, upstream, proto.upstream_request, agreed)
-            extra["link"] = self._queue_link(proto, route, proto.upstream_request, agreed)
-        elif route is not None and route.on_upstream_close == "reconnect" and upstream is not None \
-                and proto.upstream_request is not None:
-            reconnect = self._reconnector(info, upstream, proto.upstream_request, agreed)
+        if route is not None and upstream is not None and request is not None:
+            durable = route.delivery == "at_least_once" and self.queue is not None
+            if durable or route.on_upstream_close == "reconnect":
+                reconnect = self._reconnector(info, upstream, request, agreed)
+            if durable:
+                extra["link"] = self._queue_link(proto, route, upstream, request, agreed)
         relay = (DurableRelay if durable else Relay)(
             proto.transport,
             leg.transport if leg is not None else None,
@@ -917,8 +916,8 @@ class GatewayServerFactory(WebSocketServerFactory):
         )
         return relay
 
-    def _queue_link(self, proto: GatewayServerProtocol, route: RouteConfig, request: UpstreamRequest,
-                    agreed: str | None) -> QueueLink:
+    def _queue_link(self, proto: GatewayServerProtocol, route: RouteConfig, upstream: Upstream[Any],
+                    request: UpstreamRequest, agreed: str | None) -> QueueLink:
         queue = self.queue
         identity = proto.identity
         return QueueLink(
@@ -930,7 +929,7 @@ class GatewayServerFactory(WebSocketServerFactory):
             trace_id=proto.trace_id or None,
             on_delivered=queue.delivered,
             on_failure=queue.failed,
-            retry_initial=proto.upstream.config.backoff_initial if proto.upstream is not None else 0.1,
+            retry_initial=upstream.config.backoff_initial,
         )
 
     def _reconnector(
