@@ -219,7 +219,6 @@ class DeliveryService(MultiService):
         self.live: dict[str, DurableRelay] = {}
         self.failures = 0
         self.deliverer: Deliverer | None = None
-        self.depth: dict[str, dict[str, float]] = {}
 
     def attach(self, replay: Callable[[str, list[Entry]], Deferred[bool]]) -> None:
         """Set how replays are made (the first listener's factory); before startService."""
@@ -247,11 +246,11 @@ class DeliveryService(MultiService):
 
     async def _refresh_depth(self) -> None:
         try:
-            self.depth = await self.store.depth()
+            depth = await self.store.depth()
         except QueueUnavailable:
             return
         if self.metrics is not None:
-            self.metrics.set_queue_depth(int(sum(r["depth"] for r in self.depth.values())))
+            self.metrics.set_queue_depth(int(sum(r["depth"] for r in depth.values())))
 
     def startService(self) -> None:
         super().startService()
