@@ -40,6 +40,7 @@ from wsgateway.frames import (
 from wsgateway.ids import random_bytes
 from wsgateway.limits import TokenBucket
 from wsgateway.logs import ConnLogger
+from wsgateway.sendnow import send_at_once
 
 # Upstream closes after which on_upstream_close = reconnect finds another
 # leg: going away, service restart, try again later (and 1006, a vanished one).
@@ -275,8 +276,10 @@ class Relay:
         self.client_leg = Leg(self.client_data, self.client_connection_lost)
         self.upstream_leg = self.leg_for(upstream)
         set_write_buffer(client, write_buffer)
+        send_at_once(client)
         if upstream is not None:  # None: a durable relay that starts with no upstream leg
             set_write_buffer(upstream, write_buffer)
+            send_at_once(upstream)
             # Backpressure: a transport whose write buffer is over the mark
             # pauses the other one, which stops reading from its socket.
             client.registerProducer(_Reader(upstream), True)
@@ -705,6 +708,7 @@ class Relay:
         self._pong_from_upstream = True
         self.u2c = FrameScanner(masked=False, max_message_size=0, on_control=self._from_upstream)
         set_write_buffer(transport, self._write_buffer)
+        send_at_once(transport)
         self.client.unregisterProducer()
         self.client.registerProducer(self._client_producer(transport), True)
         transport.registerProducer(self._client_reader(), True)
@@ -761,6 +765,7 @@ class Relay:
         self._mirror_done = on_done
         self._mirror_ready = not (self.c2u.in_frame or self.c2u.in_message)
         set_write_buffer(transport, write_buffer)
+        send_at_once(transport)
         # Its buffer over the mark means the mirror is too slow: cut it off
         # rather than hold copies or slow the client (never a backpressure source).
         transport.registerProducer(_Overflow(self._mirror_overflow), True)
