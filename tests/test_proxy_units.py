@@ -186,3 +186,29 @@ def test_reconfigure_changes_what_new_connections_get():
     assert f.maxMessagePayloadSize == f.maxFramePayloadSize == 1234  # Autobahn's, for new protocols
     assert f.write_buffer == 4096
     assert set(f._route_origins) == {"other"}
+
+
+def test_an_upstream_that_speaks_first_is_kept_and_paused_only_past_the_bound():
+    from twisted.internet.defer import Deferred
+    from autobahn.twisted.websocket import WebSocketClientFactory
+
+    from wsgateway.proxy import _PENDING_LIMIT, UpstreamProtocol
+
+    leg = UpstreamProtocol()
+    leg.factory = WebSocketClientFactory("ws://127.0.0.1:9")
+    leg.transport = Transport()
+    opened: Deferred[Any] = Deferred()
+    leg.opened = opened
+    leg.state = leg.STATE_OPEN
+    # what came with the 101 is kept; a leg that opens is not paused for it
+    leg.data = b"hello"
+    leg.onOpen()
+    assert opened.called and leg.transport.producerState == "producing"
+    # more before the client leg opens: kept; past the bound, the upstream is paused
+    leg.dataReceived(b"x" * _PENDING_LIMIT)
+    assert leg.transport.producerState == "paused"
+    leg.dataReceived(b"y")
+    # whoever reads the leg now gets it all, in order, and the upstream is read again
+    assert leg.take_pending() == b"hello" + b"x" * _PENDING_LIMIT + b"y"
+    assert leg.transport.producerState == "producing"
+    assert leg.take_pending() == b""

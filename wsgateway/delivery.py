@@ -282,8 +282,7 @@ async def replay_connection(upstream: Any, entries: list[Entry], *, clock: IReac
 
     # Autobahn keeps the replay leg: the few messages do not need the frame relay.
     leg.sink = Leg(leg._dataReceived, gone)
-    pending, leg.pending = leg.pending, b""
-    leg.transport.resumeProducing()
+    pending = leg.take_pending()
     if pending:
         leg._dataReceived(pending)
     try:
