@@ -21,7 +21,7 @@ from wsgateway.config import (
     UpstreamConfig,
 )
 from wsgateway.limits import ConnectionLimiter
-from wsgateway.proxy import GatewayServerFactory
+from wsgateway.proxy import GatewayServerFactory, GatewayServerProtocol
 from wsgateway.routing import Router
 
 REQUEST = (
@@ -186,6 +186,25 @@ def test_reconfigure_changes_what_new_connections_get():
     assert f.maxMessagePayloadSize == f.maxFramePayloadSize == 1234  # Autobahn's, for new protocols
     assert f.write_buffer == 4096
     assert set(f._route_origins) == {"other"}
+    # the options preset on the protocol class are the new ones too
+    proto, _ = connect(f)
+    assert proto.maxMessagePayloadSize == proto.maxFramePayloadSize == 1234
+    assert isinstance(proto, GatewayServerProtocol) and type(proto).__name__ == "GatewayServerProtocol"
+
+
+def test_protocols_get_the_factory_options_from_their_class():
+    f, _ = factory()
+    proto, _ = connect(f)
+    for name in proto.CONFIG_ATTRS:
+        assert getattr(proto, name) == getattr(f, name), name
+    # a function option stays a function of its own arguments, not a method
+    assert proto.perMessageCompressionAccept(["offer"]) is None
+    assert proto.webStatus is False and proto.versions == [13]
+    # what a protocol sets for itself wins, as in Autobahn
+    other = f.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5556))
+    other.maxMessagePayloadSize = 7
+    other.makeConnection(Transport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5556)))
+    assert other.maxMessagePayloadSize == 7 and f.maxMessagePayloadSize != 7
 
 
 def test_an_upstream_that_speaks_first_is_kept_and_paused_only_past_the_bound():

@@ -224,6 +224,7 @@ class UpstreamConnector:
                 failByDrop=True,
                 tcpNoDelay=True,
             )
+            _autobahn.preset_options(f)
             self._factories[node.url] = f
         return f
 
@@ -641,6 +642,7 @@ class GatewayServerFactory(WebSocketServerFactory):
             requireMaskedClientFrames=True,
             tcpNoDelay=True,
         )
+        _autobahn.preset_options(self)
 
     def buildProtocol(self, addr: Any) -> GatewayServerProtocol:
         p: GatewayServerProtocol = super().buildProtocol(addr)
