@@ -87,7 +87,17 @@ slow_consumer = drop_oldest
     return proc, port
 
 
-async def run(ports: list[int], subscribers: int, seconds: float, rate: int) -> dict[str, float]:
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time the gateway processes have used so far."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
+
+
+async def run(ports: list[int], pids: list[int], subscribers: int, seconds: float, rate: int) -> dict[str, float]:
     latencies: list[float] = []
     delivered = 0
     ready = asyncio.Event()
@@ -112,6 +122,7 @@ async def run(ports: list[int], subscribers: int, seconds: float, rate: int) -> 
     await asyncio.sleep(1.0)  # every node has subscribed to the channel on Redis
     async with connect(f"ws://127.0.0.1:{ports[0]}/room/bench", compression=None) as pub:
         interval = 1.0 / rate
+        cpu_start = cpu_seconds(pids)
         start = time.monotonic()
         sent = 0
         while time.monotonic() - start < seconds:
@@ -123,6 +134,7 @@ async def run(ports: list[int], subscribers: int, seconds: float, rate: int) -> 
                 await asyncio.sleep(delay)
         await asyncio.sleep(2.0)  # stragglers
         elapsed = time.monotonic() - start
+        cpu = cpu_seconds(pids) - cpu_start
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -133,6 +145,9 @@ async def run(ports: list[int], subscribers: int, seconds: float, rate: int) -> 
         "delivered": delivered,
         "lost_or_dropped": expected - delivered,
         "deliveries_per_s": delivered / (elapsed - 2.0 if elapsed > 2.0 else elapsed),
+        # what the gateway processes spent, publishing window and stragglers included
+        "gateway_cpu_s": cpu,
+        "deliveries_per_core_s": delivered / cpu if cpu else float("nan"),
         "p50_ms": 1000 * statistics.median(lat) if lat else float("nan"),
         "p99_ms": 1000 * lat[int(0.99 * (len(lat) - 1))] if lat else float("nan"),
     }
@@ -162,13 +177,14 @@ def main() -> None:
             try:
                 print(f"# {nodes} gateway process(es), {args.subscribers} subscribers, "
                       f"{args.rate} msg/s for {args.seconds} s ...", file=sys.stderr, flush=True)
-                ports = []
+                ports, pids = [], []
                 for n in range(nodes):
                     proc, port = start_gateway(folder, f"gw{n}", redis_url)
                     procs.append(proc)
                     ports.append(port)
+                    pids.append(proc.pid)
                 os.sched_setaffinity(0, {0}) if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1 else None
-                result = asyncio.run(run(ports, args.subscribers, args.seconds, args.rate))
+                result = asyncio.run(run(ports, pids, args.subscribers, args.seconds, args.rate))
                 rows.append({"nodes": nodes, **result})
                 print(json.dumps(rows[-1]), flush=True)
             finally:
@@ -176,11 +192,13 @@ def main() -> None:
                     p.terminate()
                 for p in procs:
                     p.wait(30)
-    print("\n| gateway processes | published | delivered | lost/dropped | deliveries/s | p50 ms | p99 ms |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| gateway processes | published | delivered | lost/dropped | deliveries/s | gateway CPU s "
+          "| deliveries per gateway core-second | p50 ms | p99 ms |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['nodes']} | {r['published']} | {r['delivered']} | {r['lost_or_dropped']} | "
-              f"{r['deliveries_per_s']:,.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |")
+              f"{r['deliveries_per_s']:,.0f} | {r['gateway_cpu_s']:.2f} | {r['deliveries_per_core_s']:,.0f} | "
+              f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} |")
 
 
 if __name__ == "__main__":

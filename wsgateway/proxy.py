@@ -52,6 +52,7 @@ from wsgateway.delivery import replay_connection
 from wsgateway.durable import DurableRelay, QueueLink
 from wsgateway.replay import CONN_HEADER, SEQ_HEADER, stored_headers
 from wsgateway.relay import Leg, Relay
+from wsgateway.sendnow import send_at_once
 from wsgateway.routing import (
     Router,
     TemplateError,
@@ -830,6 +831,8 @@ class GatewayServerFactory(WebSocketServerFactory):
             clock=self.clock,
         )
         proto.opened_at = self.clock.seconds()
+        # one write per delivery: sent at once, like the relay's (sendnow.py)
+        send_at_once(proto.transport)
         self.sessions.add(session)
         self.stats.opened(Connection(
             conn_id=proto.conn_id, route=route.name, upstream="", node="", peer=proto.peer,
