@@ -12,8 +12,9 @@ TLS_DIR ?= var/tls
 SOURCES := setup.cfg pyproject.toml $(shell find wsgateway twisted -name '*.py' 2>/dev/null)
 PYTEST_ARGS ?=
 # Debian packages the test suite needs (command -> package): chromium for
-# tests/test_browser.py (Playwright drives it; it downloads no browser of its own)
-SYSDEPS ?= chromium=chromium redis-server=redis-server systemd-analyze=systemd
+# tests/test_browser.py (Playwright drives it; it downloads no browser of its own),
+# ss to read a listening socket's backlog
+SYSDEPS ?= chromium=chromium redis-server=redis-server systemd-analyze=systemd ss=iproute2
 
 .PHONY: bench-variants bench-workers run test check devcert bench bench-auth bench-ops bench-fanout sysdeps clean
 

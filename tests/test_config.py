@@ -1094,3 +1094,18 @@ def test_api_keys_file_is_checked_without_quoting_a_key(tmp_path: Path) -> None:
         "[auth] api_keys_file: 'keys' line 2: the first field must be the key's SHA-256 as 64 hex digits "
         "(e.g. printf %s KEY | sha256sum), never the key itself"
     ]
+
+
+@pytest.mark.parametrize(("desc", "expected"), [
+    ("tcp:8080", "tcp:8080:backlog=511"),
+    (r"tcp6:8080:interface=\:\:1", r"tcp6:8080:interface=\:\:1:backlog=511"),
+    ("unix:/run/gw.sock", "unix:/run/gw.sock:backlog=511"),
+    ("ssl:8443:privateKey=k.pem", "ssl:8443:privateKey=k.pem:backlog=511"),
+    ("tcp:8080:backlog=64", "tcp:8080:backlog=64"),
+    ("TCP:8080:interface=127.0.0.1", "TCP:8080:interface=127.0.0.1:backlog=511"),
+    ("systemd:domain=INET:index=0", "systemd:domain=INET:index=0"),
+])
+def test_listeners_get_a_default_backlog_unless_they_name_one(desc: str, expected: str) -> None:
+    from wsgateway.config import with_backlog
+
+    assert with_backlog(desc) == expected

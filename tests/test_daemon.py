@@ -251,3 +251,34 @@ def test_json_logs_one_object_per_line_with_an_access_line(make_upstream, start_
     assert "SECRET-TOKEN" not in gw.log()
     # and the upstream never saw the token either
     assert "SECRET-TOKEN" not in up.requests[0].path
+
+
+def _listen_backlog(port: int) -> int:
+    # for a listening socket, ss shows its accept-queue limit as Send-Q
+    out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True).stdout
+    return int(out.split()[2])
+
+
+def test_listeners_queue_511_connections_unless_the_endpoint_says_otherwise(make_upstream, start_gateway):
+    up = make_upstream()
+    other = free_port()
+    gw = start_gateway(proxy_ini(up.node).replace(
+        "listen = tcp:{port}:interface=127.0.0.1",
+        f"listen = tcp:{{port}}:interface=127.0.0.1 tcp:{other}:interface=127.0.0.1:backlog=64",
+    ))
+    wait_port(other)
+    # Twisted's own default would be 50: too few for a reconnect storm
+    assert _listen_backlog(gw.port) == 511
+    assert _listen_backlog(other) == 64
+
+
+def test_worker_sockets_and_tls_listeners_have_the_same_default_backlog():
+    from wsgateway.tls import parse_listen
+    from wsgateway.workers import bind
+
+    sock = bind("tcp:0:interface=127.0.0.1")  # what a parent binds for its workers
+    try:
+        assert _listen_backlog(sock.getsockname()[1]) == 511
+    finally:
+        sock.close()
+    assert parse_listen("ssl:8443:privateKey=/k.pem").backlog == 511

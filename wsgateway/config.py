@@ -524,6 +524,23 @@ def _split_endpoint(desc: str) -> list[tuple[str | None, str]]:
     return parts
 
 
+# Twisted listens with a backlog of 50. Thousands of clients reconnecting at
+# once (a deploy, a network blip) overflow that, and the kernel drops their
+# SYNs: they wait out retransmits of 1 s, 3 s, 7 s. 511 is nginx's default;
+# the kernel caps it at net.core.somaxconn. backlog= in the string wins.
+DEFAULT_BACKLOG = 511
+_BACKLOG_KINDS = frozenset({"tcp", "tcp6", "ssl", "unix"})
+
+
+def with_backlog(desc: str) -> str:
+    """``desc`` with ``backlog=DEFAULT_BACKLOG`` when it listens on a socket with a queue and names none."""
+    parts = _split_endpoint(desc)
+    kind = (parts[0][1] if parts[0][0] is None else "").lower()
+    if kind in _BACKLOG_KINDS and not any(k == "backlog" for k, _ in parts[1:]):
+        return f"{desc}:backlog={DEFAULT_BACKLOG}"
+    return desc
+
+
 def _join_endpoint(parts: list[tuple[str | None, str]]) -> str:
     def esc(s: str) -> str:
         return s.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")

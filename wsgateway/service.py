@@ -21,7 +21,7 @@ from twisted.logger import Logger
 
 from wsgateway import dashboard, logs, tls, wiring
 from wsgateway.admin import admin_site
-from wsgateway.config import ConfigError, GatewayConfig, RouteConfig, load
+from wsgateway.config import ConfigError, GatewayConfig, RouteConfig, load, with_backlog
 from wsgateway.delivery import DeliveryService
 from wsgateway.limits import ConnectionLimiter
 from wsgateway.broker import make_broker
@@ -152,7 +152,7 @@ class GatewayService(MultiService):
                 listener, reloadable = tls.server_service(desc, factory, reactor)
                 self.tls.append(reloadable)
             else:
-                listener = strports.service(desc, factory, reactor=reactor)
+                listener = strports.service(with_backlog(desc), factory, reactor=reactor)
             listener.setServiceParent(self)
             self.listeners.append(listener)
 

@@ -63,7 +63,7 @@ class SSLListen:
     private_key: str
     cert: str  # = private_key when certKey= is absent: then that one file holds both (Twisted's convention)
     interface: str = ""
-    backlog: int = 50
+    backlog: int = 511  # config.DEFAULT_BACKLOG
     extra_chain: str | None = None
     dh_parameters: str | None = None
 
@@ -87,7 +87,7 @@ def parse_listen(desc: str) -> SSLListen:
     """
     # config.py owns the endpoint-string grammar; imported here, not at the top,
     # because config.py imports this module to check ssl: listeners.
-    from wsgateway.config import _split_endpoint
+    from wsgateway.config import DEFAULT_BACKLOG, _split_endpoint
 
     parts = _split_endpoint(desc)
     if parts[0][0] is not None or parts[0][1].lower() != "ssl":
@@ -104,7 +104,7 @@ def parse_listen(desc: str) -> SSLListen:
     port_text = kw.get("port", positional[0] if positional else "")
     if not port_text.isdigit() or int(port_text) > 65535:
         raise ValueError("port must be 0-65535")
-    backlog = kw.get("backlog", "50")
+    backlog = kw.get("backlog", str(DEFAULT_BACKLOG))
     if not backlog.isdigit() or int(backlog) < 1:
         raise ValueError("backlog must be a whole number >= 1")
     private_key = kw.get("privateKey", "")

@@ -58,7 +58,7 @@ from twisted.python.failure import Failure
 
 import wsgateway
 from wsgateway import aggregate, logs, wiring
-from wsgateway.config import ConfigError, GatewayConfig, _split_endpoint, load
+from wsgateway.config import DEFAULT_BACKLOG, ConfigError, GatewayConfig, _split_endpoint, load
 from wsgateway.service import _on_signal, _restore_signal, _sleep
 from wsgateway.worker import ENV, FIRST_FD, WorkerSetup
 
@@ -84,7 +84,7 @@ def bind(desc: str) -> socket.socket:
     positional = [v for k, v in parts[1:] if k is None]
     port = int(kw.get("port", positional[0] if positional else "0"))
     interface = kw.get("interface", "::" if kind == "tcp6" else "")
-    backlog = int(kw.get("backlog", "50"))
+    backlog = int(kw.get("backlog", DEFAULT_BACKLOG))
     family = socket.AF_INET6 if ":" in interface else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
