@@ -205,3 +205,24 @@ async def test_under_tls_the_tcp_transport_sends_at_once(pair: Any) -> None:
     assert recv_now(peer) == b"ciphertext"
     send_at_once(tcp_transport)  # a second call changes nothing
     assert type(tcp_transport).__mro__[1] is tcp.Server
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_relay_sends_what_it_relays_in_the_same_turn(pair: Any) -> None:
+    from twisted.internet.task import Clock
+
+    from wsgateway.frames import encode_frame
+    from wsgateway.relay import Relay
+
+    client_proto, client_peer = await pair()
+    upstream_proto, upstream_peer = await pair()
+    relay = Relay(
+        client_proto.transport, upstream_proto.transport, clock=Clock(), max_message_size=1 << 20,
+        write_buffer=1 << 20, idle_timeout=0, ping_interval=0, ping_timeout=0,
+    )
+    masked = encode_frame(0x1, b"to the upstream", mask=True)
+    relay.client_data(masked)
+    assert recv_now(upstream_peer) == masked  # no reactor turn in between
+    unmasked = encode_frame(0x1, b"to the client", mask=False)
+    relay.upstream_data(unmasked)
+    assert recv_now(client_peer) == unmasked
