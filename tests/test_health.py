@@ -672,7 +672,7 @@ async def test_http_probe_against_a_closed_port() -> None:
 
 def ws_connect_for() -> Any:
     """What the wiring passes: UpstreamConnector.connect with an UpstreamRequest for the path."""
-    from wsgateway.proxy import UpstreamConnector
+    from wsgateway.upstreamleg import UpstreamConnector
     from wsgateway.upstream import UpstreamRequest
 
     connector = UpstreamConnector(reactor, endpoints)

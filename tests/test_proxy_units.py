@@ -136,7 +136,7 @@ def test_adopt_finds_the_protocol_behind_tcp_tls_and_endpoint_wrappers():
     from twisted.internet.protocol import Protocol
     from twisted.internet.ssl import optionsForClientTLS
 
-    from wsgateway.proxy import adopt
+    from wsgateway.upstreamleg import adopt
 
     class TCP:
         """Like tcp.Server: the transport holds its protocol in .protocol."""
@@ -211,7 +211,7 @@ def test_an_upstream_that_speaks_first_is_kept_and_paused_only_past_the_bound():
     from twisted.internet.defer import Deferred
     from autobahn.twisted.websocket import WebSocketClientFactory
 
-    from wsgateway.proxy import _PENDING_LIMIT, UpstreamProtocol
+    from wsgateway.upstreamleg import _PENDING_LIMIT, UpstreamProtocol
 
     leg = UpstreamProtocol()
     leg.factory = WebSocketClientFactory("ws://127.0.0.1:9")

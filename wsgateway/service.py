@@ -26,7 +26,8 @@ from wsgateway.delivery import DeliveryService
 from wsgateway.limits import ConnectionLimiter
 from wsgateway.broker import make_broker
 from wsgateway.metrics import BrokerMetrics, GatewayMetrics, MetricsResource
-from wsgateway.proxy import GatewayServerFactory, UpstreamProtocol
+from wsgateway.proxy import GatewayServerFactory
+from wsgateway.upstreamleg import UpstreamProtocol
 from wsgateway.stats import GatewayStats
 from wsgateway.tracing import make_tracer
 from wsgateway.upstream import Upstream

@@ -34,7 +34,7 @@ from wsgateway.auth import Authenticator, TokenVerifier, load_api_keys, load_jwk
 from wsgateway.config import AuthConfig, GatewayConfig, UpstreamConfig
 from wsgateway.health import HealthChecker, make_probe
 from wsgateway.jwks import JwksFetcher
-from wsgateway.proxy import UpstreamConnector, UpstreamProtocol
+from wsgateway.upstreamleg import UpstreamConnector, UpstreamProtocol
 from wsgateway.routing import Router
 from wsgateway.tls import trust_root
 from wsgateway.upstream import ConnectObserver, Node, Upstream, UpstreamRequest
