@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.task import Clock
-from twisted.web.resource import NoResource
 from twisted.web.test.requesthelper import DummyRequest
 
 from wsgateway.broker import InProcessBroker
@@ -148,8 +147,9 @@ def test_admin_site_serves_the_dashboard_at_the_root_and_demo_only_when_asked():
     root = site.getResourceFor(DummyRequest([b""]))
     assert _inline(get(root)[1].decode(), "script") == _inline(get(dashboard_page())[1].decode(), "script")
     assert isinstance(site.getResourceFor(DummyRequest([b"dashboard.json"])), DashboardJSON)
-    assert isinstance(site.getResourceFor(DummyRequest([b"demo"])), NoResource)
-    assert isinstance(site.getResourceFor(DummyRequest([b"nope"])), NoResource)
+    for missing in (b"demo", b"nope"):
+        request, _ = get(site.getResourceFor(DummyRequest([missing])))
+        assert request.responseCode == 404
 
     site = admin_site(view, token=None, extra=resources(view, ["tcp:8080", "ssl:8443:privateKey=k.pem"]))
     demo = get(site.getResourceFor(DummyRequest([b"demo"])))[1].decode()

@@ -18,7 +18,8 @@ from typing import Any, Protocol
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.resource import Resource
+from twisted.web import pages
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from wsgateway.config import RouteConfig
@@ -417,12 +418,20 @@ def json_body(request: Request) -> dict[str, Any]:
     return body
 
 
+class Root(Resource):
+    """The admin port's root: an unknown path is Twisted's escaped 404 page
+    (``Resource``'s own default is deprecated for not escaping HTML)."""
+
+    def getChild(self, path: bytes, request: Request) -> IResource:
+        return pages.notFound()
+
+
 def admin_site(view: GatewayView, *, token: str | None, extra: Mapping[bytes, Resource] | None = None) -> Site:
     """
     The admin port's tree. ``extra`` mounts further top-level resources
     (``metrics``, the dashboard) built by their own modules.
     """
-    root = Resource()
+    root = Root()
     root.putChild(b"healthz", Healthz())
     root.putChild(b"readyz", Readyz(view))
     if token:

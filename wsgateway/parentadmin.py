@@ -27,7 +27,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from wsgateway import aggregate, dashboard, logs
-from wsgateway.admin import MAX_BODY, AdminAPI, Healthz, JSONResource, _Refused
+from wsgateway.admin import MAX_BODY, AdminAPI, Healthz, JSONResource, Root, _Refused
 from wsgateway.logs import LEVELS
 
 if TYPE_CHECKING:
@@ -241,7 +241,7 @@ def _decode(answer: tuple[int, bytes]) -> tuple[int, Any]:
 
 def parent_site(parent: WorkerParent, token: str | None) -> Site:
     """The admin port of a gateway with workers: the same paths as one process's."""
-    root = Resource()
+    root = Root()
     root.putChild(b"healthz", Healthz())
     root.putChild(b"readyz", ParentReadyz(parent))
     root.putChild(b"metrics", ParentMetrics(parent))
