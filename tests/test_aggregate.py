@@ -111,3 +111,22 @@ def test_status_of_the_whole_gateway() -> None:
     assert combine_status(False, ["ready", "down"]) == "unready"
     assert combine_status(False, []) == "unready"
     assert combine_status(True, ["ready", "ready"]) == "draining"
+
+
+def test_a_gauge_every_worker_reads_from_one_place_is_counted_once() -> None:
+    def depth_page(depth: int) -> str:
+        disable_created_metrics()
+        r = CollectorRegistry()
+        Gauge("wsgateway_queue_depth", "d", registry=r).set(depth)
+        return generate_latest(r).decode()
+
+    # SQLite: a file per worker, so the depths add up
+    agg = MetricsAggregate()
+    agg.update(101, depth_page(5))
+    agg.update(102, depth_page(3))
+    assert value(samples(agg.render("")), "wsgateway_queue_depth") == 8
+    # Redis: each worker reports the one cluster queue (5 just now, 6 a moment later)
+    agg = MetricsAggregate(frozenset({"wsgateway_queue_depth"}))
+    agg.update(101, depth_page(5))
+    agg.update(102, depth_page(6))
+    assert value(samples(agg.render("")), "wsgateway_queue_depth") == 6

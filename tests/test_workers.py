@@ -496,3 +496,44 @@ def test_the_workers_durable_queues_through_the_parent_admin(make_upstream, star
     with urllib.request.urlopen(req, timeout=10) as r:
         assert json.loads(r.read())["purged"] == 40
     assert queue()["depth"] == 0
+
+
+def test_with_a_redis_queue_the_parent_counts_the_shared_depth_once(make_upstream, start_gateway, tmp_path: Path):
+    from redis_fixture import running_redis
+
+    up = make_upstream()
+    admin, down = free_port(), free_port()
+    routes = f"""
+        [upstream:down]
+        nodes = ws://127.0.0.1:{down}
+        connect_timeout = 1
+        retries = 0
+
+        [route:durable]
+        path = /durable/**
+        upstream = down
+        delivery = at_least_once
+        """
+    with running_redis(tmp_path / "redis") as redis:
+        body = workers_ini(up.node, admin, routes=routes).replace(
+            "[log]", f"[redis]\n        url = {redis.url}\n        prefix = wq\n\n"
+                     f"        [queue]\n        backend = redis\n\n        [log]")
+        gw = start_gateway(body)
+        ready(admin)
+        for i in range(8):
+            with connect(f"{gw.url}/durable/{i}", open_timeout=10) as ws:
+                for k in range(5):
+                    ws.send(f"{i}:{k}")
+
+        def depth() -> float:
+            return metric(get(admin, "/metrics")[1], "wsgateway_queue_depth")
+
+        # both workers see the one Redis queue of 40; summed, it would read 80
+        assert wait_for(lambda: depth() == 40, 20), depth()
+        assert get(admin, "/admin/queue", token=True)[1]["depth"] == 40
+        seen = set()
+        for _ in range(20):  # a few delivery passes of both workers
+            seen.add(depth())
+            time.sleep(0.25)
+        assert seen == {40}
+        gw.stop()

@@ -22,7 +22,10 @@ and merges per family and label set:
   minimum (1 only when every worker may use the node) and
   ``process_start_time_seconds`` the minimum too (the parent's start);
 - ``wsgateway_config_reloads_total``: the maximum, since every process
-  counts the same SIGHUP (the parent, which never restarts, included).
+  counts the same SIGHUP (the parent, which never restarts, included);
+- ``shared`` gauges, which every worker reads from one place: the maximum.
+  ``wsgateway_queue_depth`` is one with ``[queue] backend = redis`` (each
+  worker reports the cluster's whole queue), not with SQLite (one file each).
 
 Counters never go down when a worker dies: its last scraped counters
 (the parent scrapes every few seconds, and at every request) are kept as
@@ -74,11 +77,11 @@ def parse(text: str) -> dict[str, Family]:
     return out
 
 
-def rule(name: str) -> str:
-    return "min" if name in MIN_FAMILIES else "max" if name in MAX_FAMILIES else "sum"
+def rule(name: str, shared: frozenset[str] = frozenset()) -> str:
+    return "min" if name in MIN_FAMILIES else "max" if name in MAX_FAMILIES or name in shared else "sum"
 
 
-def merge(sources: Iterable[dict[str, Family]]) -> dict[str, Family]:
+def merge(sources: Iterable[dict[str, Family]], shared: frozenset[str] = frozenset()) -> dict[str, Family]:
     """Families from several processes -> one set, per ``rule``."""
     out: dict[str, Family] = {}
     for source in sources:
@@ -87,7 +90,7 @@ def merge(sources: Iterable[dict[str, Family]]) -> dict[str, Family]:
             if mine is None:
                 out[name] = Family(name, family.doc, family.type, dict(family.samples))
                 continue
-            how = rule(name)
+            how = rule(name, shared)
             for key, value in family.samples.items():
                 if key not in mine.samples:
                     mine.samples[key] = value
@@ -134,11 +137,16 @@ def render(families: dict[str, Family]) -> bytes:
 
 
 class MetricsAggregate:
-    """The last scrape of each live worker (by pid), and what dead ones counted."""
+    """
+    The last scrape of each live worker (by pid), and what dead ones
+    counted. ``shared``: gauges every worker reads from one place (merged
+    as the maximum, not summed).
+    """
 
-    def __init__(self) -> None:
+    def __init__(self, shared: frozenset[str] = frozenset()) -> None:
         self._last: dict[int, dict[str, Family]] = {}
         self._retired: dict[str, Family] = {}
+        self.shared = shared
 
     def update(self, pid: int, text: str) -> None:
         self._last[pid] = parse(text)
@@ -148,12 +156,12 @@ class MetricsAggregate:
         last = self._last.pop(pid, None)
         if last is None:
             return
-        kept = {n: f for n, f in last.items() if f.type in _CARRIED and rule(n) == "sum"}
+        kept = {n: f for n, f in last.items() if f.type in _CARRIED and rule(n, self.shared) == "sum"}
         self._retired = merge([self._retired, kept])
 
     def render(self, own: str) -> bytes:
         """The merged exposition; ``own`` is the parent's own registry (its process, its reload count)."""
-        return render(merge([*self._last.values(), self._retired, parse(own)]))
+        return render(merge([*self._last.values(), self._retired, parse(own)], self.shared))
 
 
 # -- JSON views (the admin port's /readyz, /dashboard.json, /admin/*) ---------
