@@ -394,3 +394,79 @@ async def test_append_on_a_stopped_store_fails_instead_of_hanging(make_store: Ma
         await store.append([entry(1)])
     again = await make_store()
     assert [e.seq for e in await again.pending()] == [0]
+
+
+def test_adopting_a_gone_workers_file_moves_everything_once_and_in_order(tmp_path: Path) -> None:
+    from wsgateway.queue_store import adopt_file, connect
+
+    def fill(path: Path, conn_key: str, n: int, dead: int = 0) -> None:
+        conn = connect(str(path))
+        now = time.time()
+        for seq in range(1, n + 1):
+            conn.execute(
+                "INSERT INTO entries (entry_id, route, conn_key, seq, binary, message, claims, headers, trace_id,"
+                " attempts, first_seen, enqueued_at) VALUES (?,?,?,?,0,?,'{}','[]',NULL,1,?,?)",
+                (new_ulid(now), "r", conn_key, seq, f"{conn_key}:{seq}".encode(), now - 5, now))
+        for i in range(dead):
+            conn.execute(
+                "INSERT INTO dead_letters (entry_id, route, conn_key, seq, binary, message, claims, headers,"
+                " trace_id, attempts, first_seen, enqueued_at, reason, dead_at)"
+                " VALUES (?,?,?,?,0,?,'{}','[]',NULL,20,?,?,'max_attempts',?)",
+                (new_ulid(now), "r", "dead", i, b"x", now, now, now))
+        conn.close()
+
+    def rows(path: Path) -> tuple[list[tuple[Any, ...]], int]:
+        conn = sqlite3.connect(str(path))
+        entries = conn.execute("SELECT conn_key, seq, message, attempts FROM entries ORDER BY id").fetchall()
+        dead = conn.execute("SELECT count(*) FROM dead_letters").fetchone()[0]
+        conn.close()
+        return entries, dead
+
+    target, orphan = tmp_path / "q.sqlite.w1", tmp_path / "q.sqlite.w3"
+    fill(target, "mine", 2)
+    fill(orphan, "theirs", 3, dead=2)
+    crashed = tmp_path / "copy"  # the orphan as a crash after the copy, before the delete, would leave it
+    for suffix in ("", "-wal"):
+        if Path(str(orphan) + suffix).exists():
+            shutil.copy(str(orphan) + suffix, str(crashed) + suffix)
+
+    assert adopt_file(str(target), str(orphan)) == 5
+    assert not orphan.exists() and not Path(str(orphan) + "-wal").exists()
+    entries, dead = rows(target)
+    assert [(c, s) for c, s, _, _ in entries] == [("mine", 1), ("mine", 2), ("theirs", 1), ("theirs", 2), ("theirs", 3)]
+    assert [m for _, _, m, _ in entries][2:] == [b"theirs:1", b"theirs:2", b"theirs:3"]
+    assert {a for _, _, _, a in entries} == {1}  # attempts kept
+    assert dead == 2
+    # done again after such a crash: nothing is doubled
+    assert adopt_file(str(target), str(crashed)) == 0
+    assert rows(target) == (entries, 2)
+
+
+def test_queue_files_of_another_layout_move_into_the_files_in_use(tmp_path: Path) -> None:
+    from wsgateway.queue_store import adopt_orphans, connect
+
+    def make(name: str, n: int) -> None:
+        conn = connect(str(tmp_path / name))
+        for seq in range(1, n + 1):
+            conn.execute(
+                "INSERT INTO entries (entry_id, route, conn_key, seq, binary, message, claims, headers, trace_id,"
+                " attempts, first_seen, enqueued_at) VALUES (?,'r',?,?,0,x'00','{}','[]',NULL,0,0,0)",
+                (new_ulid(time.time()), name, seq))
+        conn.close()
+
+    def count(name: str) -> int:
+        conn = sqlite3.connect(str(tmp_path / name))
+        n = conn.execute("SELECT count(*) FROM entries").fetchone()[0]
+        conn.close()
+        return n
+
+    # a single process's file, and the files of four workers, now run with two
+    for name, n in (("q", 1), ("q.w1", 2), ("q.w2", 3), ("q.w3", 4), ("q.w4", 5), ("other.w9", 6)):
+        make(name, n)
+    adopt_orphans(str(tmp_path / "q"), 2)
+    left = sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(("-wal", "-shm")))
+    assert left == ["other.w9", "q.w1", "q.w2"]  # another queue's file is not ours to move
+    assert (count("q.w1"), count("q.w2")) == (2 + 1 + 4, 3 + 5)  # q -> w1, w3 -> w1, w4 -> w2
+    # and back to one process: every worker's file into the plain one
+    adopt_orphans(str(tmp_path / "q"), 1)
+    assert count("q") == 15 and not (tmp_path / "q.w1").exists() and not (tmp_path / "q.w2").exists()

@@ -537,3 +537,72 @@ def test_with_a_redis_queue_the_parent_counts_the_shared_depth_once(make_upstrea
             time.sleep(0.25)
         assert seen == {40}
         gw.stop()
+
+
+def _orphan_queue_file(path: Path, prefix: str = "") -> None:
+    """A queue file as a worker of an earlier run left it: two connections' entries and a dead letter."""
+    import sqlite3
+
+    from wsgateway.entries import new_ulid
+    from wsgateway.queue_store import connect
+    from wsgateway.replay import stored_headers
+
+    conn = connect(str(path))
+    headers = json.dumps([list(h) for h in stored_headers("/durable/old", {}, None, None)])
+    now = time.time()
+    for c in (f"{prefix}c1", f"{prefix}c2"):
+        for seq in range(1, 4):
+            conn.execute(
+                "INSERT INTO entries (entry_id, route, conn_key, seq, binary, message, claims, headers, trace_id,"
+                " attempts, first_seen, enqueued_at) VALUES (?,?,?,?,?,?,?,?,?,0,?,?)",
+                (new_ulid(now), "durable", c, seq, 0, sqlite3.Binary(f"{c}:{seq}".encode()), "{}", headers, None,
+                 now, now))
+    conn.execute(
+        "INSERT INTO dead_letters (id, entry_id, route, conn_key, seq, binary, message, claims, headers, trace_id,"
+        " attempts, first_seen, enqueued_at, reason, dead_at) VALUES (1,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        (new_ulid(now), "durable", f"{prefix}c3", 1, 0, sqlite3.Binary(b"c3:1"), "{}", headers, None, 20, now, now,
+         "max_attempts", now))
+    conn.close()
+
+
+@pytest.mark.parametrize(("workers", "orphans", "target"), [
+    (2, ["queue.sqlite.w3"], "queue.sqlite.w1"),  # fewer workers than before
+    (1, ["queue.sqlite.w1", "queue.sqlite.w2"], "queue.sqlite"),  # back to one process
+])
+def test_queue_files_of_another_workers_setting_are_delivered(make_upstream, start_gateway, tmp_path: Path,
+                                                             workers: int, orphans: list[str], target: str):
+    def record(up: Any, ws: Any) -> None:
+        # not an echo: a replay connection closes right after its last message
+        for msg in ws:
+            up.received.append(msg)
+
+    up = make_upstream(record)
+    admin = free_port()
+    (tmp_path / "var").mkdir()
+    for i, name in enumerate(orphans):
+        _orphan_queue_file(tmp_path / "var" / name, prefix=f"{i}-")
+    routes = """
+        [route:durable]
+        path = /durable/**
+        upstream = backend
+        delivery = at_least_once
+        """
+    body = workers_ini(up.node, admin, routes=routes)
+    if workers == 1:
+        body = body.replace("workers = 2", "workers = 1")
+    gw = start_gateway(body)
+    ready(admin) if workers > 1 else wait_for(lambda: get(admin, "/readyz")[0] == 200, 20)
+    # what the processes that are gone queued was moved into a file in use, and is delivered from there
+    want = [f"{i}-{c}:{s}" for i in range(len(orphans)) for c in ("c1", "c2") for s in range(1, 4)]
+    assert wait_for(lambda: sorted(m for m in up.received if ":" in m) == sorted(want), 20), up.received
+    for i in range(len(orphans)):
+        for c in ("c1", "c2"):
+            mine = f"{i}-{c}:"
+            assert [m for m in up.received if m.startswith(mine)] == [f"{mine}{s}" for s in range(1, 4)]  # in order
+    for name in orphans:
+        assert not (tmp_path / "var" / name).exists()
+        assert f"queue file {tmp_path / 'var' / name} (workers = {workers} now) moved into {target}: 7 entries" \
+            in gw.log()
+    assert (tmp_path / "var" / target).exists()
+    q = get(admin, "/admin/queue", token=True)[1]
+    assert q["depth"] == 0 and q["dead"] == len(orphans)  # the dead letters moved too

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
@@ -105,6 +106,22 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 CREATE INDEX IF NOT EXISTS dead_route ON dead_letters (route, id);
 PRAGMA user_version = {SCHEMA_VERSION};
 """
+
+
+def connect(path: str) -> sqlite3.Connection:
+    """A connection to the queue file ``path`` (made, with its folder, if missing): WAL, full sync, the schema."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5.0)
+    try:
+        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            raise sqlite3.OperationalError(f"cannot use WAL mode (journal_mode={mode})")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.executescript(_SCHEMA)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
 
 
 def _entry(row: Sequence[Any]) -> Entry:
@@ -222,20 +239,13 @@ class QueueStore(Service):
 
     def _open(self) -> sqlite3.Connection:
         if self._conn is None:
-            folder = os.path.dirname(os.path.abspath(self.path))
-            os.makedirs(folder, exist_ok=True)
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5.0)
-            try:
-                mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-                if mode.lower() != "wal":
-                    raise sqlite3.OperationalError(f"cannot use WAL mode (journal_mode={mode})")
-                conn.execute("PRAGMA synchronous=FULL")
-                conn.executescript(_SCHEMA)
-                if self._on_connect is not None:
+            conn = connect(self.path)
+            if self._on_connect is not None:
+                try:
                     self._on_connect(conn)
-            except BaseException:
-                conn.close()
-                raise
+                except BaseException:
+                    conn.close()
+                    raise
             self._conn = conn
         return self._conn
 
@@ -520,3 +530,80 @@ class QueueStore(Service):
             return conn.execute(f"DELETE FROM {table} WHERE route = ?", (route,)).rowcount
 
         return self._tx_call(delete)
+
+
+def adopt_file(path: str, orphan: str) -> int:
+    """
+    Move what the queue file ``orphan`` holds (entries and dead letters) into
+    the queue file ``path``, then delete ``orphan``: the file of a worker
+    that no longer exists, after ``[gateway] workers`` was lowered, would
+    otherwise wait for a worker that never comes. Entries keep their order
+    (per connection they all come from the one file). Safe to repeat after a
+    crash between the copy and the delete: an entry id already copied is
+    skipped. Runs before the workers start, so no one else has either file
+    open. Returns how many entries and dead letters were moved.
+    """
+    fields = _COLUMNS.split(", ", 1)[1]  # all but the id: the target numbers them anew
+    dead = fields + ", reason, dead_at"
+    conn = connect(path)
+    try:
+        conn.execute("ATTACH DATABASE ? AS orphan", (orphan,))
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            moved = conn.execute(
+                f"INSERT OR IGNORE INTO entries ({fields}) SELECT {fields} FROM orphan.entries ORDER BY id"
+            ).rowcount
+            moved += conn.execute(
+                f"INSERT OR IGNORE INTO dead_letters ({dead}) SELECT {dead} FROM orphan.dead_letters ORDER BY id"
+            ).rowcount
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        finally:
+            conn.execute("DETACH DATABASE orphan")
+    finally:
+        conn.close()
+    for suffix in ("", "-wal", "-shm"):
+        try:
+            os.unlink(orphan + suffix)
+        except FileNotFoundError:
+            pass
+    return moved
+
+
+_log = Logger()
+
+
+def adopt_orphans(path: str, workers: int) -> None:
+    """
+    Queue files that no process of this gateway will open any more move
+    into the ones that will, before those are opened: with one process the
+    queue is ``path``, with N workers ``path.w1`` .. ``path.wN`` (one each).
+    After a restart with another ``workers``, the files of the old layout
+    (``path.wK`` for K > N, ``path`` itself when N > 1, every ``path.wK``
+    when N = 1) would otherwise wait for a process that never comes. Each
+    move is logged; a file that cannot be moved is left where it is, with
+    an error line saying how to reach it.
+    """
+    folder, name = os.path.split(os.path.abspath(path))
+    pattern = re.compile(re.escape(name) + r"(?:\.w([0-9]+))?")
+    try:
+        found = sorted((int(m.group(1) or 0), f) for f in os.listdir(folder) if (m := pattern.fullmatch(f)))
+    except FileNotFoundError:
+        return
+    for k, filename in found:
+        if (workers == 1 and k == 0) or (workers > 1 and 1 <= k <= workers):
+            continue  # in use
+        target = name if workers == 1 else f"{name}.w{max(k - 1, 0) % workers + 1}"
+        orphan = os.path.join(folder, filename)
+        try:
+            moved = adopt_file(os.path.join(folder, target), orphan)
+        except Exception as e:
+            _log.error("queue file {orphan} could not be moved into {target}: {error}; its entries wait there until "
+                       "the gateway runs with the workers setting that wrote it again", orphan=orphan,
+                       target=target, error=e)
+            continue
+        _log.info("queue file {orphan} (workers = {workers} now) moved into {target}: {moved} entries and dead "
+                  "letters", orphan=orphan, workers=workers, target=target, moved=moved)

@@ -390,8 +390,11 @@ def make_queue(config: GatewayConfig, reactor: Any, metrics: Any) -> DeliverySer
         store: Any = RedisQueueStore.from_config(config.queue, config.redis, node_id=config.gateway.node_id,
                                                  reactor=reactor)
     else:
-        from wsgateway.queue_store import QueueStore  # sqlite3 only in gateways that queue
+        from wsgateway.queue_store import QueueStore, adopt_orphans  # sqlite3 only in gateways that queue
 
+        if config.gateway.workers == 1:
+            # files a run with workers > 1 left (a worker process's own queue is its parent's to sort out)
+            adopt_orphans(config.queue.path, 1)
         store = QueueStore.from_config(config.queue, reactor=reactor)
     return DeliveryService(store, clock=reactor, metrics=metrics)
 

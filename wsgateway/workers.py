@@ -338,6 +338,7 @@ class WorkerParent(MultiService):
 
     def startService(self) -> None:
         self._bind()
+        self._adopt_orphaned_queues()
         gw = self.config.gateway
         self.log.info("wsgateway node {node_id} starting {workers} worker processes sharing {listen}",
                       node_id=gw.node_id, workers=gw.workers, listen=" ".join(gw.listen))
@@ -352,6 +353,12 @@ class WorkerParent(MultiService):
         super().startService()
         self.reactor.callWhenRunning(self.pool.start)
         self._refresh.start(REFRESH, now=False)
+
+    def _adopt_orphaned_queues(self) -> None:
+        if self.config.queue.backend == "sqlite":
+            from wsgateway.queue_store import adopt_orphans  # sqlite3 only when it is the queue
+
+            adopt_orphans(self.config.queue.path, self.config.gateway.workers)
 
     def reopen_logs(self) -> None:
         count = logs.reopen()
