@@ -70,6 +70,12 @@ def set_write_buffer(transport: Any, size: int) -> None:
         t = getattr(t, "transport", None)
 
 
+def _take(transport: Any, write_buffer: int) -> None:
+    """Set up a transport the relay writes to: paused over ``write_buffer``, and sending at once (sendnow.py)."""
+    set_write_buffer(transport, write_buffer)
+    send_at_once(transport)
+
+
 @implementer(IPushProducer)
 class _Reader:
     """
@@ -275,11 +281,9 @@ class Relay:
 
         self.client_leg = Leg(self.client_data, self.client_connection_lost)
         self.upstream_leg = self.leg_for(upstream)
-        set_write_buffer(client, write_buffer)
-        send_at_once(client)
+        _take(client, write_buffer)
         if upstream is not None:  # None: a durable relay that starts with no upstream leg
-            set_write_buffer(upstream, write_buffer)
-            send_at_once(upstream)
+            _take(upstream, write_buffer)
             # Backpressure: a transport whose write buffer is over the mark
             # pauses the other one, which stops reading from its socket.
             client.registerProducer(_Reader(upstream), True)
@@ -707,8 +711,7 @@ class Relay:
         self._budget_upstream = None
         self._pong_from_upstream = True
         self.u2c = FrameScanner(masked=False, max_message_size=0, on_control=self._from_upstream)
-        set_write_buffer(transport, self._write_buffer)
-        send_at_once(transport)
+        _take(transport, self._write_buffer)
         self.client.unregisterProducer()
         self.client.registerProducer(self._client_producer(transport), True)
         transport.registerProducer(self._client_reader(), True)
@@ -764,8 +767,7 @@ class Relay:
         self.mirror = transport
         self._mirror_done = on_done
         self._mirror_ready = not (self.c2u.in_frame or self.c2u.in_message)
-        set_write_buffer(transport, write_buffer)
-        send_at_once(transport)
+        _take(transport, write_buffer)
         # Its buffer over the mark means the mirror is too slow: cut it off
         # rather than hold copies or slow the client (never a backpressure source).
         transport.registerProducer(_Overflow(self._mirror_overflow), True)
