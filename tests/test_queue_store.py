@@ -14,7 +14,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -396,24 +396,35 @@ async def test_append_on_a_stopped_store_fails_instead_of_hanging(make_store: Ma
     assert [e.seq for e in await again.pending()] == [0]
 
 
-def test_adopting_a_gone_workers_file_moves_everything_once_and_in_order(tmp_path: Path) -> None:
-    from wsgateway.queue_store import adopt_file, connect
+async def write_queue_file(path: Path, entries: Sequence[NewEntry], *, dead: Sequence[NewEntry] = (),
+                           attempts: int = 0) -> None:
+    """
+    A queue file as a gateway process leaves it behind, written by the
+    store itself: ``entries`` after ``attempts`` failed deliveries each, and
+    ``dead`` as dead letters.
+    """
+    store = QueueStore(str(path), reactor=reactor, max_attempts=attempts + 1)
+    await store.start()
+    try:
+        ids = await store.append(list(entries))
+        for _ in range(attempts):
+            await store.attempt_failed(ids)
+        if dead:
+            dead_ids = await store.append(list(dead))
+            for _ in range(attempts + 1):
+                await store.attempt_failed(dead_ids)
+    finally:
+        await store.stop()
 
-    def fill(path: Path, conn_key: str, n: int, dead: int = 0) -> None:
-        conn = connect(str(path))
-        now = time.time()
-        for seq in range(1, n + 1):
-            conn.execute(
-                "INSERT INTO entries (entry_id, route, conn_key, seq, binary, message, claims, headers, trace_id,"
-                " attempts, first_seen, enqueued_at) VALUES (?,?,?,?,0,?,'{}','[]',NULL,1,?,?)",
-                (new_ulid(now), "r", conn_key, seq, f"{conn_key}:{seq}".encode(), now - 5, now))
-        for i in range(dead):
-            conn.execute(
-                "INSERT INTO dead_letters (entry_id, route, conn_key, seq, binary, message, claims, headers,"
-                " trace_id, attempts, first_seen, enqueued_at, reason, dead_at)"
-                " VALUES (?,?,?,?,0,?,'{}','[]',NULL,20,?,?,'max_attempts',?)",
-                (new_ulid(now), "r", "dead", i, b"x", now, now, now))
-        conn.close()
+
+@pytest_twisted.ensureDeferred
+async def test_adopting_a_gone_workers_file_moves_everything_once_and_in_order(tmp_path: Path) -> None:
+    from wsgateway.queue_store import adopt_file
+
+    async def fill(path: Path, conn_key: str, n: int, dead: int = 0) -> None:
+        await write_queue_file(path, [entry(seq, route="r", conn=conn_key, message=f"{conn_key}:{seq}".encode())
+                                for seq in range(1, n + 1)],
+                         dead=[entry(i, route="r", conn="dead") for i in range(dead)], attempts=1)
 
     def rows(path: Path) -> tuple[list[tuple[Any, ...]], int]:
         conn = sqlite3.connect(str(path))
@@ -423,8 +434,8 @@ def test_adopting_a_gone_workers_file_moves_everything_once_and_in_order(tmp_pat
         return entries, dead
 
     target, orphan = tmp_path / "q.sqlite.w1", tmp_path / "q.sqlite.w3"
-    fill(target, "mine", 2)
-    fill(orphan, "theirs", 3, dead=2)
+    await fill(target, "mine", 2)
+    await fill(orphan, "theirs", 3, dead=2)
     crashed = tmp_path / "copy"  # the orphan as a crash after the copy, before the delete, would leave it
     for suffix in ("", "-wal"):
         if Path(str(orphan) + suffix).exists():
@@ -442,17 +453,12 @@ def test_adopting_a_gone_workers_file_moves_everything_once_and_in_order(tmp_pat
     assert rows(target) == (entries, 2)
 
 
-def test_queue_files_of_another_layout_move_into_the_files_in_use(tmp_path: Path) -> None:
-    from wsgateway.queue_store import adopt_orphans, connect
+@pytest_twisted.ensureDeferred
+async def test_queue_files_of_another_layout_move_into_the_files_in_use(tmp_path: Path) -> None:
+    from wsgateway.queue_store import adopt_orphans
 
-    def make(name: str, n: int) -> None:
-        conn = connect(str(tmp_path / name))
-        for seq in range(1, n + 1):
-            conn.execute(
-                "INSERT INTO entries (entry_id, route, conn_key, seq, binary, message, claims, headers, trace_id,"
-                " attempts, first_seen, enqueued_at) VALUES (?,'r',?,?,0,x'00','{}','[]',NULL,0,0,0)",
-                (new_ulid(time.time()), name, seq))
-        conn.close()
+    async def make(name: str, n: int) -> None:
+        await write_queue_file(tmp_path / name, [entry(seq, route="r", conn=name) for seq in range(1, n + 1)])
 
     def count(name: str) -> int:
         conn = sqlite3.connect(str(tmp_path / name))
@@ -462,7 +468,7 @@ def test_queue_files_of_another_layout_move_into_the_files_in_use(tmp_path: Path
 
     # a single process's file, and the files of four workers, now run with two
     for name, n in (("q", 1), ("q.w1", 2), ("q.w2", 3), ("q.w3", 4), ("q.w4", 5), ("other.w9", 6)):
-        make(name, n)
+        await make(name, n)
     adopt_orphans(str(tmp_path / "q"), 2)
     left = sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(("-wal", "-shm")))
     assert left == ["other.w9", "q.w1", "q.w2"]  # another queue's file is not ours to move

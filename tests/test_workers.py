@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_twisted
 import trustme
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
@@ -460,10 +461,16 @@ def test_a_room_spans_both_workers_through_redis(make_upstream, start_gateway, t
         gw.stop()
 
 
-def test_the_workers_durable_queues_through_the_parent_admin(make_upstream, start_gateway):
-    up = make_upstream()
-    admin, down = free_port(), free_port()
-    routes = f"""
+def durable_route(*, down: int | None = None) -> str:
+    """An at_least_once route: to the test's backend, or (``down``: a free port) to a node that is not there."""
+    if down is None:
+        return """
+        [route:durable]
+        path = /durable/**
+        upstream = backend
+        delivery = at_least_once
+        """
+    return f"""
         [upstream:down]
         nodes = ws://127.0.0.1:{down}
         connect_timeout = 1
@@ -474,12 +481,23 @@ def test_the_workers_durable_queues_through_the_parent_admin(make_upstream, star
         upstream = down
         delivery = at_least_once
         """
-    gw = start_gateway(workers_ini(up.node, admin, routes=routes))
-    ready(admin)
+
+
+def queue_forty(url: str) -> None:
+    """Eight clients of the durable route, five messages each."""
     for i in range(8):
-        with connect(f"{gw.url}/durable/{i}", open_timeout=10) as ws:
+        with connect(f"{url}/durable/{i}", open_timeout=10) as ws:
             for k in range(5):
                 ws.send(f"{i}:{k}")
+
+
+def test_the_workers_durable_queues_through_the_parent_admin(make_upstream, start_gateway):
+    up = make_upstream()
+    admin = free_port()
+    routes = durable_route(down=free_port())
+    gw = start_gateway(workers_ini(up.node, admin, routes=routes))
+    ready(admin)
+    queue_forty(gw.url)
 
     def queue() -> Any:
         return get(admin, "/admin/queue", token=True)[1]
@@ -502,28 +520,15 @@ def test_with_a_redis_queue_the_parent_counts_the_shared_depth_once(make_upstrea
     from redis_fixture import running_redis
 
     up = make_upstream()
-    admin, down = free_port(), free_port()
-    routes = f"""
-        [upstream:down]
-        nodes = ws://127.0.0.1:{down}
-        connect_timeout = 1
-        retries = 0
-
-        [route:durable]
-        path = /durable/**
-        upstream = down
-        delivery = at_least_once
-        """
+    admin = free_port()
+    routes = durable_route(down=free_port())
     with running_redis(tmp_path / "redis") as redis:
         body = workers_ini(up.node, admin, routes=routes).replace(
             "[log]", f"[redis]\n        url = {redis.url}\n        prefix = wq\n\n"
                      f"        [queue]\n        backend = redis\n\n        [log]")
         gw = start_gateway(body)
         ready(admin)
-        for i in range(8):
-            with connect(f"{gw.url}/durable/{i}", open_timeout=10) as ws:
-                for k in range(5):
-                    ws.send(f"{i}:{k}")
+        queue_forty(gw.url)
 
         def depth() -> float:
             return metric(get(admin, "/metrics")[1], "wsgateway_queue_depth")
@@ -539,38 +544,29 @@ def test_with_a_redis_queue_the_parent_counts_the_shared_depth_once(make_upstrea
         gw.stop()
 
 
-def _orphan_queue_file(path: Path, prefix: str = "") -> None:
+async def _orphan_queue_file(path: Path, prefix: str = "") -> None:
     """A queue file as a worker of an earlier run left it: two connections' entries and a dead letter."""
-    import sqlite3
+    from test_queue_store import write_queue_file
 
-    from wsgateway.entries import new_ulid
-    from wsgateway.queue_store import connect
+    from wsgateway.entries import NewEntry
     from wsgateway.replay import stored_headers
 
-    conn = connect(str(path))
-    headers = json.dumps([list(h) for h in stored_headers("/durable/old", {}, None, None)])
-    now = time.time()
-    for c in (f"{prefix}c1", f"{prefix}c2"):
-        for seq in range(1, 4):
-            conn.execute(
-                "INSERT INTO entries (entry_id, route, conn_key, seq, binary, message, claims, headers, trace_id,"
-                " attempts, first_seen, enqueued_at) VALUES (?,?,?,?,?,?,?,?,?,0,?,?)",
-                (new_ulid(now), "durable", c, seq, 0, sqlite3.Binary(f"{c}:{seq}".encode()), "{}", headers, None,
-                 now, now))
-    conn.execute(
-        "INSERT INTO dead_letters (id, entry_id, route, conn_key, seq, binary, message, claims, headers, trace_id,"
-        " attempts, first_seen, enqueued_at, reason, dead_at) VALUES (1,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-        (new_ulid(now), "durable", f"{prefix}c3", 1, 0, sqlite3.Binary(b"c3:1"), "{}", headers, None, 20, now, now,
-         "max_attempts", now))
-    conn.close()
+    headers = stored_headers("/durable/old", {}, None, None)
+
+    def entry(conn: str, seq: int) -> NewEntry:
+        return NewEntry(route="durable", conn_key=conn, seq=seq, message=f"{conn}:{seq}".encode(), headers=headers)
+
+    await write_queue_file(path, [entry(f"{prefix}{c}", seq) for c in ("c1", "c2") for seq in range(1, 4)],
+                           dead=[entry(f"{prefix}c3", 1)])
 
 
 @pytest.mark.parametrize(("workers", "orphans", "target"), [
     (2, ["queue.sqlite.w3"], "queue.sqlite.w1"),  # fewer workers than before
     (1, ["queue.sqlite.w1", "queue.sqlite.w2"], "queue.sqlite"),  # back to one process
 ])
-def test_queue_files_of_another_workers_setting_are_delivered(make_upstream, start_gateway, tmp_path: Path,
-                                                             workers: int, orphans: list[str], target: str):
+@pytest_twisted.ensureDeferred
+async def test_queue_files_of_another_workers_setting_are_delivered(make_upstream, start_gateway, tmp_path: Path,
+                                                                   workers: int, orphans: list[str], target: str):
     def record(up: Any, ws: Any) -> None:
         # not an echo: a replay connection closes right after its last message
         for msg in ws:
@@ -580,14 +576,8 @@ def test_queue_files_of_another_workers_setting_are_delivered(make_upstream, sta
     admin = free_port()
     (tmp_path / "var").mkdir()
     for i, name in enumerate(orphans):
-        _orphan_queue_file(tmp_path / "var" / name, prefix=f"{i}-")
-    routes = """
-        [route:durable]
-        path = /durable/**
-        upstream = backend
-        delivery = at_least_once
-        """
-    body = workers_ini(up.node, admin, routes=routes)
+        await _orphan_queue_file(tmp_path / "var" / name, prefix=f"{i}-")
+    body = workers_ini(up.node, admin, routes=durable_route())
     if workers == 1:
         body = body.replace("workers = 2", "workers = 1")
     gw = start_gateway(body)
