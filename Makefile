@@ -2,6 +2,7 @@
 # Both create .venv and install into it; `make test` also installs the Debian
 # packages the tests need (as root, when missing).
 
+SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -10,13 +11,20 @@ CONFIG ?= etc/wsgateway.ini
 # listener lives (var/ is git-ignored: no private key is ever committed).
 TLS_DIR ?= var/tls
 SOURCES := setup.cfg pyproject.toml $(shell find wsgateway twisted -name '*.py' 2>/dev/null)
+# Exact versions of every dependency, transitive ones and the build tools
+# included: `make run`, `make test`, the bench targets and CI install these and
+# nothing else. Regenerate with `make lock` (README, "Upgrading a dependency").
+LOCK := requirements/lock.txt
+# uv resolves the lock (only `make lock` uses it, from a venv of its own)
+UV_VERSION ?= 0.13.10
+LOCK_PYTHON ?= 3.11
 PYTEST_ARGS ?=
 # Debian packages the test suite needs (command -> package): chromium for
 # tests/test_browser.py (Playwright drives it; it downloads no browser of its own),
 # ss to read a listening socket's backlog
 SYSDEPS ?= chromium=chromium redis-server=redis-server systemd-analyze=systemd ss=iproute2
 
-.PHONY: bench-variants bench-workers run test check devcert bench bench-auth bench-ops bench-fanout sysdeps clean
+.PHONY: bench-variants bench-workers run test test-latest lock check devcert bench bench-auth bench-ops bench-fanout sysdeps clean
 
 run: $(BIN)/.installed devcert
 	$(BIN)/twistd -n --pidfile= wsgateway --config $(CONFIG)
@@ -33,18 +41,42 @@ test: $(BIN)/.installed-test sysdeps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
 
 # A plain (non-editable) install, so twistd finds the plugin the way it will
-# on a server; redone whenever a source file changes.
-$(BIN)/.installed: $(BIN)/python $(SOURCES)
-	$(BIN)/pip install --quiet .
+# on a server; redone whenever a source file or the lock changes. The build
+# uses the locked setuptools and wheel of .venv (no isolated build env that
+# would fetch the newest ones).
+$(BIN)/.installed: $(BIN)/python $(SOURCES) $(LOCK)
+	$(BIN)/pip install --quiet --constraint $(LOCK) pip setuptools wheel
+	$(BIN)/pip install --quiet --constraint $(LOCK) --no-build-isolation .
 	$(BIN)/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
 	@touch $@
 
 $(BIN)/.installed-test: $(BIN)/.installed
-	$(BIN)/pip install --quiet '.[test]'
+	$(BIN)/pip install --quiet --constraint $(LOCK) --no-build-isolation '.[test]'
 	@touch $@
+
+# Regenerates $(LOCK) from setup.cfg's ranges (every extra) and
+# requirements/build.in: the newest versions they allow, resolved for
+# CPython $(LOCK_PYTHON) on Linux. Then run `make test` and read tests/compat/.
+lock:
+	test -x $(VENV)-lock/bin/uv || { $(PYTHON) -m venv $(VENV)-lock && \
+	  $(VENV)-lock/bin/pip install --quiet uv==$(UV_VERSION); }
+	$(VENV)-lock/bin/uv pip compile --quiet --upgrade setup.cfg requirements/build.in --all-extras \
+	  --python-version $(LOCK_PYTHON) --python-platform linux --custom-compile-command "make lock" -o $(LOCK)
+	@echo "$(LOCK) regenerated: review 'git diff $(LOCK)', then run 'make test' before committing it"
+
+# The whole suite against the newest releases setup.cfg allows (no lock), in
+# a venv of its own: run it by hand before a dependency bump; not part of CI.
+test-latest: sysdeps
+	rm -rf $(VENV)-latest
+	$(PYTHON) -m venv $(VENV)-latest
+	$(VENV)-latest/bin/pip install --quiet --upgrade pip setuptools wheel
+	$(VENV)-latest/bin/pip install --quiet --upgrade '.[test]'
+	$(VENV)-latest/bin/pip freeze --exclude-editable | grep -v '^wsgateway' > $(VENV)-latest/versions.txt
+	@echo "newest allowed versions (diff against $(LOCK)):"; diff <(grep -o '^[^ ]*==[^ ]*' $(LOCK) | tr A-Z_ a-z- | sort) \
+	  <(tr A-Z_ a-z- < $(VENV)-latest/versions.txt | sort) || true
+	$(VENV)-latest/bin/python -m pytest $(PYTEST_ARGS)
 
 sysdeps:
 	@missing=""; for pair in $(SYSDEPS); do cmd=$${pair%%=*}; pkg=$${pair##*=}; \
@@ -54,20 +86,21 @@ sysdeps:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	  else echo "missing Debian packages:$$missing -- run: sudo apt-get install$$missing"; exit 1; fi; fi
 
-# Benchmark: the gateway against a direct connection, nginx, the Gin
-# forwarder and Twisted's blind relay, in one run (see bench/README.md).
+# Benchmark (bench/run.sh, in this repository): the gateway against a direct
+# connection, nginx, the Gin forwarder and Twisted's blind relay, in one run;
+# it installs its Debian packages when run as root (see bench/README.md).
 bench: $(BIN)/.installed
 	PATH="$(CURDIR)/$(BIN):$$PATH" TWISTD=$(CURDIR)/$(BIN)/twistd PYTHON=$(CURDIR)/$(BIN)/python \
 	  GATEWAY_CMD="$(CURDIR)/$(BIN)/twistd -n --pidfile= wsgateway --config $(CURDIR)/bench/gateway.ini" \
 	  GATEWAY_URL=ws://127.0.0.1:9500/ws REPS=$${REPS:-3} \
-	  bash ../shared/bench/run.sh $${TARGETS:-direct nginx1 gin twisted-relay gateway}
+	  bash bench/run.sh $${TARGETS:-direct nginx1 gin twisted-relay gateway}
 
 # Scenario b with the admin port (metrics) on and JSON logs at info, beside the plain gateway.
 bench-ops: $(BIN)/.installed
 	PATH="$(CURDIR)/$(BIN):$$PATH" TWISTD=$(CURDIR)/$(BIN)/twistd PYTHON=$(CURDIR)/$(BIN)/python \
 	  GATEWAY_CMD="$(CURDIR)/$(BIN)/twistd -n --pidfile= wsgateway --config $(CURDIR)/bench/gateway-ops.ini" \
 	  GATEWAY_URL=ws://127.0.0.1:9500/ws REPS=$${REPS:-3} SCENARIOS=$${SCENARIOS:-b} \
-	  bash ../shared/bench/run.sh $${TARGETS:-twisted-relay gateway}
+	  bash bench/run.sh $${TARGETS:-twisted-relay gateway}
 
 # Scenarios a and b with one message-path feature on at a time: rate limit, mirror, at_least_once.
 BENCH_VARIANTS ?= limit mirror durable
@@ -77,7 +110,7 @@ bench-variants: $(BIN)/.installed
 	  PATH="$(CURDIR)/$(BIN):$$PATH" TWISTD=$(CURDIR)/$(BIN)/twistd PYTHON=$(CURDIR)/$(BIN)/python \
 	    GATEWAY_CMD="$(CURDIR)/$(BIN)/twistd -n --pidfile= wsgateway --config $(CURDIR)/bench/gateway-$$v.ini" \
 	    GATEWAY_URL=ws://127.0.0.1:9500/ws REPS=$${REPS:-3} SCENARIOS="$${SCENARIOS:-a b}" \
-	    bash ../shared/bench/run.sh $${TARGETS:-twisted-relay gateway} || exit 1; \
+	    bash bench/run.sh $${TARGETS:-twisted-relay gateway} || exit 1; \
 	done
 
 # Scenarios b and e with PIN=none (no core pinning): one gateway process, then workers = 2.
@@ -87,7 +120,7 @@ bench-workers: $(BIN)/.installed
 	  PATH="$(CURDIR)/$(BIN):$$PATH" TWISTD=$(CURDIR)/$(BIN)/twistd PYTHON=$(CURDIR)/$(BIN)/python PIN=none \
 	    GATEWAY_CMD="$(CURDIR)/$(BIN)/twistd -n --pidfile= wsgateway --config $(CURDIR)/bench/$$v.ini" \
 	    GATEWAY_URL=ws://127.0.0.1:9500/ws REPS=$${REPS:-3} SCENARIOS="$${SCENARIOS:-b e}" \
-	    bash ../shared/bench/run.sh $${TARGETS:-twisted-relay gateway} || exit 1; \
+	    bash bench/run.sh $${TARGETS:-twisted-relay gateway} || exit 1; \
 	done
 
 # Broadcast fan-out: 1 publisher, 1 000 subscribers on one gateway process, then on two sharing Redis.
@@ -101,7 +134,7 @@ bench-auth: $(BIN)/.installed
 	PATH="$(CURDIR)/$(BIN):$$PATH" TWISTD=$(CURDIR)/$(BIN)/twistd PYTHON=$(CURDIR)/$(BIN)/python \
 	  GATEWAY_CMD="$(CURDIR)/$(BIN)/twistd -n --pidfile= wsgateway --config $(CURDIR)/bench/gateway-auth.ini" \
 	  GATEWAY_URL="ws://127.0.0.1:9500/ws?access_token=$$TOKEN" REPS=$${REPS:-3} SCENARIOS=e \
-	  bash ../shared/bench/run.sh $${TARGETS:-nginx1 twisted-relay gateway}
+	  bash bench/run.sh $${TARGETS:-nginx1 twisted-relay gateway}
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info var
+	rm -rf $(VENV) $(VENV)-latest $(VENV)-lock build dist *.egg-info var
