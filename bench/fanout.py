@@ -7,7 +7,7 @@ redis-server). Prints deliveries per second and delivery latency.
     .venv/bin/python bench/fanout.py --subscribers 1000 --nodes 2 --seconds 5
 
 The gateways run on cpu1 and this load generator and redis on cpu0 when
-taskset is there (like the shared harness's PIN=split). The load generator
+taskset is there (like bench/run.sh's PIN=split). The load generator
 is Python (asyncio + websockets): compare the two layouts with each other,
 measured in one run, rather than against the Go harness's numbers.
 """
