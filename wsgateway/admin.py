@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_admin -*-
 """
-The admin port (SPEC section 6): ``/healthz``, ``/readyz``, ``/metrics``,
+The admin port (docs/admin-api.md): ``/healthz``, ``/readyz``, ``/metrics``,
 the dashboard at ``/``, and the bearer-token ``/admin/*`` JSON API.
 
 Every resource reads the gateway through a ``GatewayView`` at request time,
@@ -280,7 +280,7 @@ class AdminAPI(Resource):
 
 
     def _publish(self, request: Request, _: tuple[bytes, ...]) -> Any:
-        """SPEC section 4: ``{"channel": "...", "message": "...", "binary": false}``; binary messages in base64."""
+        """docs/protocol.md#broadcast-channels: ``{"channel": "...", "message": "...", "binary": false}``; binary messages in base64."""
         body = json_body(request)
         channel, message, binary = body.get("channel"), body.get("message"), body.get("binary", False)
         if not isinstance(channel, str) or not channel or not isinstance(message, str) or not isinstance(binary, bool):
@@ -305,7 +305,7 @@ class AdminAPI(Resource):
         )
 
 
-    # -- the durable queue (SPEC section 5) ------------------------------------
+    # -- the durable queue (docs/durable-delivery.md) ------------------------------------
 
     def _delivery(self) -> Any:
         queue = getattr(self.view, "queue", None)

@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_balance -*-
 """
-Node-picking strategies for SPEC's ``[upstream:NAME] balance`` key, and the
+Node-picking strategies for the ``[upstream:NAME] balance`` key (docs/configuration.md), and the
 ``zone`` / ``version_header`` filter applied before them. Pure: no reactor,
 no I/O; time and randomness are injected.
 
@@ -214,7 +214,7 @@ class Ewma:
     Defaults as Linkerd's proxy: decay time 10 s, 30 ms for a node never
     measured (low enough that a new node gets tried soon). A failed attempt
     counts as a ``failure_penalty`` sample: 5 s is longer than any handshake
-    that succeeds within SPEC's default ``connect_timeout`` (3 s), so a node
+    that succeeds within the default ``connect_timeout`` (3 s), so a node
     that just failed ranks behind every node that answered, and decays back
     into use within about a minute if nothing else marks it unhealthy.
     """

@@ -212,7 +212,7 @@ class ChannelSession:
         return self.proto.transport
 
     def drain(self, code: int = closecodes.GOING_AWAY, reason: str = "server shutting down") -> None:
-        """The shutdown close (SPEC section 9): 1001, after what is already queued for the client."""
+        """The shutdown close (docs/operations.md#signals-and-lifecycle): 1001, after what is already queued for the client."""
         if not self.outbox.closed:
             self.outbox.closed = True
             self._close(code, reason)

@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_broker -*-
 """
-Broadcast channels (SPEC section 4): the L{Broker} interface, the
+Broadcast channels (docs/protocol.md#broadcast-channels): the L{Broker} interface, the
 L{InProcessBroker} of a single node and the L{RedisBroker} of a cluster.
 
 A subscriber is any object with C{deliver(payload: bytes, binary: bool)};

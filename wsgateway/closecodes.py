@@ -18,11 +18,11 @@ MESSAGE_TOO_BIG = 1009
 INTERNAL_ERROR = 1011
 BAD_GATEWAY = 1014
 
-# Fixed reasons of the gateway's policy closes (1008, SPEC section 3)
+# Fixed reasons of the gateway's policy closes (1008, docs/protocol.md#forwarding-and-close-codes)
 REASON_RATE_LIMIT = "rate limit exceeded"
 REASON_TOKEN_EXPIRED = "token expired"
 
-# Handshake statuses (SPEC section 2)
+# Handshake statuses (docs/protocol.md#handshake-statuses)
 BAD_REQUEST = 400
 UNAUTHORIZED = 401
 FORBIDDEN = 403
@@ -35,7 +35,7 @@ UPSTREAM_FAILED = 502
 UNAVAILABLE = 503
 UPSTREAM_TIMEOUT = 504
 
-# The request line plus headers may not exceed this (SPEC section 2: 431).
+# The request line plus headers may not exceed this (docs/protocol.md#handshake-statuses: 431).
 MAX_REQUEST_HEAD = 16 * 1024
 
 

@@ -2,7 +2,7 @@
 """
 The INI file -> a frozen L{GatewayConfig}, every problem reported at once.
 
-The only module that knows the file format (SPEC section 1). Each problem is
+The only module that knows the file format (docs/configuration.md). Each problem is
 one line, C{PATH: [section] key: problem}, collected in file order and raised
 together as one L{ConfigError}; C{wsgateway-check CONFIG} and
 C{python -m wsgateway.config CONFIG} print them and exit 1.
@@ -89,7 +89,7 @@ class FrozenMap(Mapping[K, V]):
 
 
 # ------------------------------------------------------------- the values
-# Defaults live on the dataclasses (SPEC section 1), so Limits() etc. are the
+# Defaults live on the dataclasses (docs/configuration.md), so Limits() etc. are the
 # documented defaults and tests elsewhere can build configs by hand.
 
 
@@ -917,7 +917,7 @@ def _check_jwt_keys(sec: _Section, algorithms: tuple[str, ...], secret: str | No
                     sources: list[str]) -> tuple[str, ...]:
     """The algorithms/key rules of [auth]; returns the algorithms with the default applied."""
     if not sec.has("algorithms"):
-        # SPEC default HS256 goes with a secret; asymmetric keys need an explicit list;
+        # the documented default HS256 goes with a secret; asymmetric keys need an explicit list;
         # neither: no JWTs at all, API keys only.
         if secret is not None:
             algorithms = ("HS256",)

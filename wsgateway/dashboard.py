@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_dashboard -*-
 """
-The admin port's pages for people (SPEC section 6):
+The admin port's pages for people (docs/admin-api.md):
 
 - ``GET /``: the dashboard, one self-contained HTML page (inline CSS and JS,
   nothing fetched from elsewhere) that polls ``GET /dashboard.json`` every

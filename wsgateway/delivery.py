@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_durable -*-
 """
-Delivery of queued entries whose client has gone (SPEC section 5), and the
+Delivery of queued entries whose client has gone (docs/durable-delivery.md), and the
 service that owns the queue store on a gateway with C{at_least_once}
 routes. Entries of clients still connected are their relay's to deliver
 (durable.py).
@@ -266,7 +266,7 @@ class DeliveryService(MultiService):
 async def replay_connection(upstream: Any, entries: list[Entry], *, clock: IReactorTime, request_type: Any,
                  timeout: float = CONFIRM_TIMEOUT) -> bool:
     """
-    One replay connection (SPEC section 5): ``entries`` (one client's, seqs
+    One replay connection (docs/durable-delivery.md): ``entries`` (one client's, seqs
     in a row) sent to a node of ``upstream`` with the original identity
     headers and C{X-Wsgateway-Replay: 1}, then a close handshake. True when
     the upstream answered our close, which it does only after reading every

@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_durable -*-
 """
-Durable delivery on C{delivery = at_least_once} routes (SPEC section 5).
+Durable delivery on C{delivery = at_least_once} routes (docs/durable-delivery.md).
 
 A L{DurableRelay} is the frame relay of such a route. While its upstream
 is open it relays as any relay does, and also keeps a copy of what it sent

@@ -1,5 +1,5 @@
 """
-What a durable queue holds (SPEC section 5), shared by both stores
+What a durable queue holds (docs/durable-delivery.md), shared by both stores
 (queue_store.py on SQLite, queue_redis.py on Redis Streams) and by the
 relays and the admin API, which must not pay for importing a store's
 driver (sqlite3 alone is 0.7 MiB of a gateway that queues nothing).

@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_broker -*-
 """
-How a broadcast message travels through Redis (SPEC section 4).
+How a broadcast message travels through Redis (docs/protocol.md#broadcast-channels).
 
 What a gateway publishes to C{{prefix}:ch:NAME}, network byte order::
 

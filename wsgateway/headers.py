@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_headers -*-
 """
 Which request headers go to the upstream, and the identity and tracing
-headers the gateway adds (SPEC section 2), and the checks that keep all of
+headers the gateway adds (docs/protocol.md#handshake-statuses), and the checks that keep all of
 it from splitting into extra lines on the way. Pure functions, no reactor.
 
 Why the checks are this strict (Autobahn 26.10, as pinned):

@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_health -*-
 """
-Node health: active checks and passive ejection (SPEC section 1
+Node health: active checks and passive ejection (docs/configuration.md
 ``health_*`` keys, section 2's 503, section 6's ``/readyz`` node states).
 
 - L{NodeHealth}: the pure state of one node (``node.health``).

@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_limits -*-
 """
-Admission and rate policy (SPEC section 1, ``[limits]``; section 2, 429/503):
+Admission and rate policy (docs/configuration.md, ``[limits]``; docs/protocol.md#handshake-statuses, 429/503):
 who the client is behind trusted proxies, how many connections it and the
 whole gateway hold, and a per-connection message token bucket.
 

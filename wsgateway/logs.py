@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_daemon -*-
 """
 Log observers for twistd: ``text`` for humans, ``json`` (one object per
-line, SPEC section 8) for machines, both behind one level filter that can be
+line, docs/logs.md) for machines, both behind one level filter that can be
 changed while running.
 
 twistd owns log startup; ``tap.Options`` hands it ``observer_factory`` the

@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_metrics -*-
 """
-Prometheus metrics (SPEC section 7: the names and labels are binding),
+Prometheus metrics (docs/metrics.md: the names and labels are binding),
 served as ``GET /metrics`` on the admin port.
 
 Nothing here runs per message. What the relays and the handshake already
@@ -191,7 +191,7 @@ class GatewayMetrics:
 
     def __init__(self, view: MetricsView, *, upstreams: Iterable[str] = ()) -> None:
         # prometheus_client would add a "<name>_created" gauge family beside
-        # every counter and histogram: names SPEC section 7 does not have.
+        # every counter and histogram: names docs/metrics.md does not have.
         # (Process-wide switch; this daemon is the only user of the library.)
         disable_created_metrics()
         self.registry = CollectorRegistry()
@@ -278,7 +278,7 @@ class GatewayMetrics:
 
 
 class MetricsResource(Resource):
-    """``GET /metrics``: the registry in Prometheus text format; no authentication (SPEC section 6)."""
+    """``GET /metrics``: the registry in Prometheus text format; no authentication (docs/admin-api.md)."""
 
     isLeaf = True
 

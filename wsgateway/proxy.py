@@ -394,7 +394,7 @@ class GatewayServerFactory(WebSocketServerFactory):
         self._owned_headers = frozenset(
             [h.lower() for _, h in config.auth.forward_claims] if config.auth else []
         ) | (auth.credential_headers if auth is not None else frozenset())
-        # The token parameter is never forwarded (SPEC section 1), with or
+        # The token parameter is never forwarded (docs/configuration.md), with or
         # without an [auth] section: a client may send one regardless.
         self.token_param = (config.auth or AuthConfig()).query_param or None
         limits = config.limits

@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_queue_redis -*-
 """
-The Redis Streams queue store of durable delivery (SPEC section 5,
+The Redis Streams queue store of durable delivery (docs/durable-delivery.md,
 C{[queue] backend = redis}): L{RedisQueueStore}, with the interface and
 the semantics of L{wsgateway.queue_store.QueueStore}, shared by every
 gateway node of a cluster.

@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_queue_store -*-
 """
-The SQLite queue store of durable delivery (SPEC section 5, C{[queue]}).
+The SQLite queue store of durable delivery (docs/durable-delivery.md, C{[queue]}).
 
 One SQLite file in WAL mode holds the entries that could not be forwarded
 (table C{entries}) and the ones that gave up (table C{dead_letters}). Every

@@ -2,7 +2,7 @@
 """
 The frame relay: once both WebSocket legs are open, frames go from one
 transport to the other as they arrive, headers checked, payloads untouched
-(SPEC section 3).
+(docs/protocol.md#forwarding-and-close-codes).
 
 Each direction has a FrameScanner. The relay adds what needs time and both
 legs at once: the close handshake passed through and bounded in time,
@@ -200,7 +200,7 @@ class Relay:
     ) -> None:
         """
         ``messages_per_second`` (0 = off) limits client messages with a token
-        bucket of twice that burst (SPEC ``[limits]``); ``close_at`` is a time
+        bucket of twice that burst (docs/configuration.md ``[limits]``); ``close_at`` is a time
         on ``clock`` (a token's ``exp``) at which the connection is closed
         with 1008 "token expired". ``log_fields`` (conn_id, trace_id...) go
         into every line this relay logs.
@@ -437,7 +437,7 @@ class Relay:
 
     def drain(self, code: int = closecodes.GOING_AWAY, reason: str = "server shutting down") -> None:
         """
-        The shutdown close (SPEC section 9): 1001 to the client only. Its
+        The shutdown close (docs/operations.md#signals-and-lifecycle): 1001 to the client only. Its
         frames keep flowing upstream until its close answer, which is passed
         on upstream behind them: nothing the client sent before it saw our
         close is lost (``close`` would shut the upstream at once, dropping
@@ -555,7 +555,7 @@ class Relay:
 
     def _expired(self) -> None:
         """
-        The client's token has expired (SPEC section 3): 1008 to the client,
+        The client's token has expired (docs/protocol.md#forwarding-and-close-codes): 1008 to the client,
         1001 upstream as when the gateway closes a client for a violation.
         Unlike a violation the client's stream is sound, so its close
         handshake is completed (bounded by close_timeout).
@@ -886,7 +886,7 @@ def _rate_limiter(
     if messages_per_second <= 0:
         return None
     seconds = clock.seconds
-    # burst = 2x rate (SPEC); at least one message, or a rate under 0.5/s
+    # burst = 2x rate (docs/configuration.md); at least one message, or a rate under 0.5/s
     # would refuse every message
     take = TokenBucket(messages_per_second, max(2.0 * messages_per_second, 1.0), seconds()).take
 

@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_durable_units -*-
 """
 What a queued entry keeps of its client's upstream request, and the
-request of a replay connection made from it (SPEC section 5): the path,
+request of a replay connection made from it (docs/durable-delivery.md): the path,
 subprotocol and Origin as pseudo-headers, the identity headers, never
 credentials; plus the headers that let an upstream dedupe, C{(conn id,
 seq)}, on every upstream connection of an C{at_least_once} route.

@@ -210,7 +210,7 @@ class GatewayService(MultiService):
 
     def reload(self) -> None:
         """
-        SIGHUP's work (SPEC section 9), run in the reactor thread: re-read
+        SIGHUP's work (docs/operations.md#signals-and-lifecycle), run in the reactor thread: re-read
         the INI (``reload_config``), then the certificate files of every
         ssl: listener (each keeps its old certificate if its files are bad).
         Open connections are never touched.
@@ -372,7 +372,7 @@ class GatewayService(MultiService):
             _restore_signal("SIGUSR1", self._previous_sigusr1)
             self._previous_sigusr1 = None
         # twistd re-raises the stopping signal at exit (so SIGTERM ends in
-        # status -15); after an orderly drain SPEC section 9 wants status 0.
+        # status -15); after an orderly drain docs/operations.md#signals-and-lifecycle wants status 0.
         if getattr(self.reactor, "_exitSignal", None) is not None:
             self.reactor._exitSignal = None
 

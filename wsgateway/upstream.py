@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_upstream -*-
 """
 Upstreams: their nodes, which node a new connection goes to, and connecting
-with retries, backoff and a bounded wait (SPEC section 1 ``[upstream:NAME]``,
+with retries, backoff and a bounded wait (docs/configuration.md ``[upstream:NAME]``,
 section 2 statuses).
 
 The actual WebSocket connect of one attempt is injected (``connect_node``), so

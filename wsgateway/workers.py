@@ -416,7 +416,7 @@ class WorkerParent(MultiService):
                 _restore_signal(name, previous)
         self._previous_sighup = self._previous_sigusr1 = None
         if getattr(self.reactor, "_exitSignal", None) is not None:
-            self.reactor._exitSignal = None  # an orderly drain exits 0 (SPEC section 9)
+            self.reactor._exitSignal = None  # an orderly drain exits 0 (docs/operations.md#signals-and-lifecycle)
         self.log.info("all workers stopped")
 
     # -- asking the workers --------------------------------------------------
