@@ -8,7 +8,6 @@ import unicodedata
 from ipaddress import ip_network
 
 import pytest
-from autobahn.websocket.protocol import parseHttpHeader
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -175,9 +174,10 @@ def test_ordinary_values_pass() -> None:
 @pytest.mark.parametrize("ch", ["\u00c5", "\u0105", "\u0445", "\u4e05"], ids=lambda c: f"U+{ord(c):04X}")
 def test_characters_whose_utf8_contains_nel_are_refused(ch: str) -> None:
     assert b"\x85" in ch.encode("utf-8")
-    # an Autobahn upstream would read our UTF-8 as Latin-1 and split there
-    head = f"GET / HTTP/1.1\r\nX-A: {ch}X-Forwarded-For: 6.6.6.6\r\n\r\n".encode()
-    assert "x-forwarded-for" in parseHttpHeader(head)[1]
+    # a Latin-1 reader of our UTF-8 (as Autobahn's is) sees NEL, which
+    # str.splitlines() ends a line at, whatever a given parser then does
+    assert "\x85" in ch.encode("utf-8").decode("latin-1")
+    assert len(f"X-A: {ch}X-Forwarded-For: 6.6.6.6".encode().decode("latin-1").splitlines()) == 2
     with pytest.raises(HeaderInjection):
         check_header("X-A", f"{ch}X-Forwarded-For: 6.6.6.6")
 
@@ -258,14 +258,31 @@ GOOD_HEAD = (
 )
 
 
-def test_autobahn_splits_a_header_line_at_nel_and_joins_the_forged_copy() -> None:
-    # Why check_request_head exists: pins the Autobahn behaviour described in
-    # wsgateway.headers. nginx passes 0x85 through inside X-App's value.
-    head = GOOD_HEAD.replace(b"X-App: caf\xe9\ta", b"X-App: a\x85X-Forwarded-For: 6.6.6.6")
-    _, headers, _ = parseHttpHeader(head)
-    assert headers["x-forwarded-for"] == "198.51.100.9, 6.6.6.6"
+FORGED_HEAD = GOOD_HEAD.replace(b"X-App: caf\xe9\ta", b"X-App: a\x85X-Forwarded-For: 6.6.6.6")
+
+
+def test_a_head_with_nel_inside_a_header_line_is_refused() -> None:
+    # Why check_request_head exists (see wsgateway.headers): nginx passes 0x85
+    # through inside X-App's value, and a parser that splits lines with
+    # str.splitlines() sees a forged X-Forwarded-For there. The gateway refuses
+    # the head whatever its own Autobahn does with it.
+    assert len(FORGED_HEAD.decode("latin-1").splitlines()) == len(GOOD_HEAD.decode("latin-1").splitlines()) + 1
     with pytest.raises(HeaderInjection):
-        check_request_head(head)
+        check_request_head(FORGED_HEAD)
+
+
+def test_what_autobahn_makes_of_a_nel_head_informational() -> None:
+    # Not a requirement: Autobahn up to 26.10 split the line at NEL and joined
+    # the forged copy to the real X-Forwarded-For; 26.11 parses CRLF only and
+    # keeps NEL in the value, or refuses the head. Either way the gateway has
+    # already refused it (above); this only records which behaviour is installed.
+    from autobahn.websocket.protocol import parseHttpHeader
+
+    try:
+        _, headers, _ = parseHttpHeader(FORGED_HEAD)
+    except ValueError:
+        return  # a strict parser refusing it outright
+    assert headers["x-forwarded-for"] in ("198.51.100.9, 6.6.6.6", "198.51.100.9")
 
 
 def test_a_plain_head_passes() -> None:
@@ -348,14 +365,25 @@ def test_a_resource_either_raises_or_is_visible_ascii(resource: str) -> None:
     assert resource.startswith("/") and all("!" <= ch <= "~" for ch in resource)
 
 
+def _lines_crlf(head: bytes) -> list[bytes]:
+    """The lines of a head for a strict HTTP/1.1 reader (a proxy such as nginx): CRLF only."""
+    return head[:-4].split(b"\r\n")
+
+
+def _lines_splitlines(head: bytes) -> list[bytes]:
+    """The lines for a lenient reader: Latin-1 and str.splitlines() (Autobahn up to 26.10)."""
+    return [line.encode("latin-1") for line in head[:-4].decode("latin-1").splitlines()]
+
+
 @given(st.binary(max_size=40))
-def test_a_head_either_raises_or_autobahn_sees_exactly_its_lines(value: bytes) -> None:
+def test_a_head_either_raises_or_every_reader_sees_exactly_its_lines(value: bytes) -> None:
+    # implementation-independent: a strict and a lenient reader agree on every
+    # line of a head the gateway accepts (so no parser can be fooled by it)
     head = b"GET / HTTP/1.1\r\nHost: x\r\nX-A: " + value + b"\r\nX-B: 1\r\n\r\n"
     try:
         check_request_head(head)
     except HeaderInjection:
         return
-    status, headers, counts = parseHttpHeader(head)
-    assert status == "GET / HTTP/1.1"
-    assert sorted(headers) == ["host", "x-a", "x-b"] and set(counts.values()) == {1}
-    assert headers["x-b"] == "1"
+    expected = [b"GET / HTTP/1.1", b"Host: x", b"X-A: " + value, b"X-B: 1"]
+    assert _lines_crlf(head) == expected
+    assert _lines_splitlines(head) == expected
