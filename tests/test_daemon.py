@@ -9,9 +9,11 @@ import json
 import os
 import signal
 import socket
+import shutil
 import ssl
 import subprocess
 import sys
+import tarfile
 import time
 import zipfile
 from pathlib import Path
@@ -58,16 +60,35 @@ def wss_echo_client(port: int, ca_file: Path) -> Any:
 def fresh_install(tmp_path_factory) -> Path:
     """A new venv with the wheel installed the plain way (not editable, not from the source tree)."""
     work = tmp_path_factory.mktemp("install")
+    # the locked versions, build tools included: the same install as `make`'s
+    lock = ["--constraint", str(ROOT / "requirements" / "lock.txt")]
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(work / "dist"), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", *lock,
+         "-w", str(work / "dist"), str(ROOT)],
         check=True,
         cwd=work,
     )
     (wheel,) = (work / "dist").glob("wsgateway-*.whl")
     venv = work / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(wheel)], check=True, cwd=work)
+    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", *lock, str(wheel)], check=True, cwd=work)
     return venv
+
+
+def test_sdist_ships_the_license_docs_lock_and_sample_files(tmp_path):
+    # built from a copy: setuptools writes its egg-info next to setup.cfg
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv*", "var", "__pycache__", "*.egg-info"))
+    subprocess.run([sys.executable, "-c", "from setuptools import build_meta; build_meta.build_sdist('dist')"],
+                   check=True, cwd=src, capture_output=True)
+    (sdist,) = (src / "dist").glob("wsgateway-*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    for expected in ("LICENSE", "README.md", "etc/wsgateway.ini", "etc/systemd/wsgateway.service",
+                     "etc/logrotate.d/wsgateway", "docs/configuration.md", "requirements/lock.txt",
+                     "twisted/plugins/wsgateway_plugin.py"):
+        assert expected in names, f"{expected} is missing from the sdist (MANIFEST.in)"
+    assert not any(n.endswith("dropin.cache") or "__pycache__" in n for n in names)
 
 
 def test_wheel_ships_the_plugin_and_no_package_init_or_cache(fresh_install):
