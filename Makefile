@@ -34,7 +34,7 @@ check: $(BIN)/.installed devcert
 
 # Creates $(TLS_DIR)/key.pem (mode 0600) and cert.pem on first use; never overwrites.
 devcert: $(BIN)/.installed
-	$(BIN)/python -m wsgateway.selfsigned $(TLS_DIR)
+	$(BIN)/python -m wsgateway.dev.selfsigned $(TLS_DIR)
 
 test: $(BIN)/.installed-test sysdeps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

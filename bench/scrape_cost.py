@@ -20,10 +20,10 @@ from prometheus_client import CollectorRegistry, generate_latest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from wsgateway.config import NodeConfig, UpstreamConfig
-from wsgateway.metrics import GatewayCollector, GatewayMetrics
-from wsgateway.stats import Connection, GatewayStats
-from wsgateway.upstream import Upstream
+from wsgateway.config.loader import NodeConfig, UpstreamConfig
+from wsgateway.ops.metrics import GatewayCollector, GatewayMetrics
+from wsgateway.ops.stats import Connection, GatewayStats
+from wsgateway.upstream.pool import Upstream
 
 ROUTES, UPSTREAMS, NODES = 10, 5, 4
 

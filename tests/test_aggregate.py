@@ -1,5 +1,5 @@
 """
-wsgateway/aggregate.py: what the parent of worker processes makes of their
+wsgateway/workers/aggregate.py: what the parent of worker processes makes of their
 answers. Pure units: metrics pages as the workers' real registries write
 them, and their JSON views.
 """
@@ -11,7 +11,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from wsgateway.aggregate import MetricsAggregate, combine_status, merge_routes, merge_upstreams
+from wsgateway.workers.aggregate import MetricsAggregate, combine_status, merge_routes, merge_upstreams
 
 
 def page(handshakes: int, active: int, healthy: int, reloads: int, observations: list[float],

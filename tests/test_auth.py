@@ -17,7 +17,7 @@ import pytest_twisted
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from wsgateway.auth import (
+from wsgateway.auth.verifier import (
     AuthFailed,
     Authenticator,
     Identity,
@@ -31,7 +31,7 @@ from wsgateway.auth import (
     parse_api_keys,
     roles_of,
 )
-from wsgateway.config import AuthConfig
+from wsgateway.config.loader import AuthConfig
 
 SECRET = "s" * 32
 HS = AuthConfig(algorithms=("HS256",), secret=SECRET)

@@ -1,5 +1,5 @@
 """
-Balancing strategies and the zone/version filter (wsgateway.balance): pure,
+Balancing strategies and the zone/version filter (wsgateway.upstream.balance): pure,
 no reactor; time is a list the tests move, randomness a seeded Random.
 """
 
@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wsgateway.balance import (
+from wsgateway.upstream.balance import (
     ConsistentHash,
     Ewma,
     LeastConn,
@@ -288,7 +288,7 @@ def test_hash_placement_is_the_same_in_every_process() -> None:
     # Gateway workers are separate processes: a salted hash() would send one
     # user to different nodes depending on which worker accepted it.
     script = (
-        "from tests.test_balance import nodes, KEYS; from wsgateway.balance import strategy_for\n"
+        "from tests.test_balance import nodes, KEYS; from wsgateway.upstream.balance import strategy_for\n"
         "ns = nodes(1, 1, 1); h = strategy_for('hash:ip', ns)\n"
         "print([h.order(ns, k)[0].url[-6:-5] for k in KEYS[:300]])"
     )

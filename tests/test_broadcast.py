@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from wsgateway.broadcast import SLOW_CONSUMER, Outbox
+from wsgateway.channels.outbox import SLOW_CONSUMER, Outbox
 
 
 class Sink:

@@ -1,5 +1,5 @@
 """
-wsgateway.broker, wsgateway.presence and wsgateway.redislink.
+wsgateway.channels.broker, wsgateway.channels.presence and wsgateway.redislink.
 
 Pure parts (envelope, backoff, URL, in-process broker) without a reactor;
 the Redis broker against a real ``redis-server`` (tests/redis_fixture.py),
@@ -23,9 +23,9 @@ from twisted.internet.task import Clock, deferLater
 from twisted.logger import globalLogPublisher
 
 from redis_fixture import RedisServer, running_redis
-from wsgateway.broker import BrokerUnavailable, InProcessBroker, RedisBroker, make_broker
-from wsgateway.config import RedisConfig
-from wsgateway.envelope import MAGIC, EnvelopeError, Message, decode_message, encode_envelope
+from wsgateway.channels.broker import BrokerUnavailable, InProcessBroker, RedisBroker, make_broker
+from wsgateway.config.loader import RedisConfig
+from wsgateway.channels.envelope import MAGIC, EnvelopeError, Message, decode_message, encode_envelope
 from wsgateway.redislink import Backoff, RedisTarget, parse_url
 
 PREFIX = "t"
@@ -99,7 +99,7 @@ def logged() -> Iterator[list[str]]:
     lines: list[str] = []
 
     def observer(event: dict[str, Any]) -> None:
-        if event.get("log_namespace", "").startswith("wsgateway.broker"):
+        if event.get("log_namespace", "").startswith("wsgateway.channels.broker"):
             lines.append(formatEvent(event))
 
     globalLogPublisher.addObserver(observer)

@@ -30,7 +30,7 @@ from websockets.sync.client import connect
 
 from conftest import free_port, wait_for
 from test_daemon import default_config
-from wsgateway.dashboard import dashboard_page
+from wsgateway.ops.dashboard import dashboard_page
 
 try:
     from playwright.sync_api import Browser, Page, Playwright, Route, expect, sync_playwright

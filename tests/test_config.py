@@ -1,4 +1,4 @@
-"""Tests for wsgateway.config: the INI file -> GatewayConfig, every error at once."""
+"""Tests for wsgateway.config.loader: the INI file -> GatewayConfig, every error at once."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from hypothesis import given
 from hypothesis import strategies as st
 
-from wsgateway.config import (
+from wsgateway.config.loader import (
     KNOWN_KEYS,
     AdminSection,
     ConfigError,
@@ -31,7 +31,7 @@ from wsgateway.config import (
     load,
     main,
 )
-from wsgateway.selfsigned import ensure
+from wsgateway.dev.selfsigned import ensure
 
 ROOT = Path(__file__).resolve().parent.parent
 BAD = ROOT / "tests" / "data" / "bad"
@@ -78,7 +78,7 @@ def run_check(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT) -
     environ = {k: v for k, v in os.environ.items() if not k.startswith("WSGW_")}
     environ.update(env or {})
     environ["PYTHONPATH"] = str(ROOT) + (os.pathsep + environ["PYTHONPATH"] if environ.get("PYTHONPATH") else "")
-    return subprocess.run([sys.executable, "-m", "wsgateway.config", *args], cwd=cwd, env=environ,
+    return subprocess.run([sys.executable, "-m", "wsgateway.config.loader", *args], cwd=cwd, env=environ,
                           capture_output=True, text=True, timeout=60)
 
 
@@ -201,7 +201,7 @@ def test_config_is_frozen_hashable_and_comparable(tmp_path: Path) -> None:
 
 def test_importing_config_does_not_install_a_reactor(checkout: Path) -> None:
     # loading the example also checks its ssl: listener through wsgateway.tls
-    code = ("import sys, wsgateway.config as c; c.load('etc/wsgateway.ini', {}); "
+    code = ("import sys, wsgateway.config.loader as c; c.load('etc/wsgateway.ini', {}); "
             "assert 'wsgateway.tls' in sys.modules; "
             "assert 'twisted.internet.reactor' not in sys.modules")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -232,7 +232,7 @@ def test_bad_sizes(tmp_path: Path, text: str, message: str) -> None:
 
 @given(number=st.integers(0, 10**6), suffix=st.sampled_from(["", "k", "K", "m", "M", "g", "G"]))
 def test_size_property(number: int, suffix: str) -> None:
-    from wsgateway.config import _size, _Value  # the parser alone: no file per example
+    from wsgateway.config.loader import _size, _Value  # the parser alone: no file per example
     assert _size()(_Value(f"{number}{suffix}", None)) == number * 1024 ** " kmg".index(suffix.lower() or " ")
 
 
@@ -1106,6 +1106,6 @@ def test_api_keys_file_is_checked_without_quoting_a_key(tmp_path: Path) -> None:
     ("systemd:domain=INET:index=0", "systemd:domain=INET:index=0"),
 ])
 def test_listeners_get_a_default_backlog_unless_they_name_one(desc: str, expected: str) -> None:
-    from wsgateway.config import with_backlog
+    from wsgateway.config.loader import with_backlog
 
     assert with_backlog(desc) == expected

@@ -40,7 +40,7 @@ def default_config(tmp_path: Path) -> tuple[Path, int, int]:
     text = text.replace("127.0.0.1:8081", f"127.0.0.1:{demo}").replace("tcp:9090:", f"tcp:{admin}:")
     assert "ssl:8443:" in text
     text = text.replace("ssl:8443:", f"ssl:{tls}:")
-    subprocess.run([sys.executable, "-m", "wsgateway.selfsigned", str(tmp_path / "var" / "tls")], check=True,
+    subprocess.run([sys.executable, "-m", "wsgateway.dev.selfsigned", str(tmp_path / "var" / "tls")], check=True,
                    capture_output=True, env=source_env())
     path = tmp_path / "etc" / "wsgateway.ini"
     path.parent.mkdir()
@@ -295,7 +295,7 @@ def test_listeners_queue_511_connections_unless_the_endpoint_says_otherwise(make
 
 def test_worker_sockets_and_tls_listeners_have_the_same_default_backlog():
     from wsgateway.tls import parse_listen
-    from wsgateway.workers import bind
+    from wsgateway.workers.parent import bind
 
     sock = bind("tcp:0:interface=127.0.0.1")  # what a parent binds for its workers
     try:

@@ -16,12 +16,12 @@ from typing import Any
 from twisted.internet.task import Clock
 from twisted.web.test.requesthelper import DummyRequest
 
-from wsgateway.broker import InProcessBroker
-from wsgateway.admin import admin_site
-from wsgateway.config import NodeConfig, RouteConfig, UpstreamConfig
-from wsgateway.dashboard import DashboardJSON, dashboard_page, demo_page, demo_target, resources
-from wsgateway.stats import Connection, GatewayStats
-from wsgateway.upstream import Upstream
+from wsgateway.channels.broker import InProcessBroker
+from wsgateway.ops.admin import admin_site
+from wsgateway.config.loader import NodeConfig, RouteConfig, UpstreamConfig
+from wsgateway.ops.dashboard import DashboardJSON, dashboard_page, demo_page, demo_target, resources
+from wsgateway.ops.stats import Connection, GatewayStats
+from wsgateway.upstream.pool import Upstream
 
 HOSTILE = '<script>alert(1)</script><img src=x onerror="alert(2)">'
 

@@ -21,12 +21,12 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock, deferLater
 
 from conftest import OP_BINARY, OP_CONT, OP_PING, OP_PONG, OP_TEXT, frame
-from wsgateway.delivery import Deliverer
-from wsgateway.clientstream import Message, MessageReader, Window
-from wsgateway.replay import CONN_HEADER, REPLAY_HEADER, SEQ_HEADER, consecutive, replay_request, stored_headers
-from wsgateway.frames import encode_frame
-from wsgateway.queue_store import Entry, NewEntry, QueueStore
-from wsgateway.upstream import UpstreamError, UpstreamRequest
+from wsgateway.durable.delivery import Deliverer
+from wsgateway.durable.clientstream import Message, MessageReader, Window
+from wsgateway.durable.replay import CONN_HEADER, REPLAY_HEADER, SEQ_HEADER, consecutive, replay_request, stored_headers
+from wsgateway.relay.frames import encode_frame
+from wsgateway.durable.sqlite import Entry, NewEntry, QueueStore
+from wsgateway.upstream.pool import UpstreamError, UpstreamRequest
 
 T0 = 1_700_000_000.0
 

@@ -1,5 +1,5 @@
 """
-Tests for L{wsgateway.frames}.
+Tests for L{wsgateway.relay.frames}.
 
 The C{websockets} library's own frame code is the independent oracle: it
 builds the input frames and reads the scanner's output back.
@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from websockets.frames import Close, Frame, Opcode, apply_mask
 from websockets.streams import StreamReader
 
-from wsgateway import frames
-from wsgateway.frames import (
+from wsgateway.relay import frames
+from wsgateway.relay.frames import (
     OP_BINARY,
     OP_CLOSE,
     OP_CONT,

@@ -1,7 +1,7 @@
 """
 What goes upstream in the handshake headers (SPEC section 2), and the
 checks that keep every name, value and request target the gateway writes
-there to one line, whatever parser reads it (see wsgateway.headers).
+there to one line, whatever parser reads it (see wsgateway.handshake.headers).
 """
 
 import unicodedata
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from wsgateway.headers import (
+from wsgateway.handshake.headers import (
     HeaderInjection,
     check_header,
     check_request_head,
@@ -262,7 +262,7 @@ FORGED_HEAD = GOOD_HEAD.replace(b"X-App: caf\xe9\ta", b"X-App: a\x85X-Forwarded-
 
 
 def test_a_head_with_nel_inside_a_header_line_is_refused() -> None:
-    # Why check_request_head exists (see wsgateway.headers): nginx passes 0x85
+    # Why check_request_head exists (see wsgateway.handshake.headers): nginx passes 0x85
     # through inside X-App's value, and a parser that splits lines with
     # str.splitlines() sees a forged X-Forwarded-For there. The gateway refuses
     # the head whatever its own Autobahn does with it.

@@ -23,8 +23,8 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from wsgateway.config import NodeConfig, UpstreamConfig
-from wsgateway.health import (
+from wsgateway.config.loader import NodeConfig, UpstreamConfig
+from wsgateway.upstream.health import (
     HealthChecker,
     NodeHealth,
     OutlierDetector,
@@ -130,7 +130,7 @@ def events() -> Any:
 
 def logged(events: list[dict[str, Any]], level: LogLevel) -> list[dict[str, Any]]:
     return [e for e in events
-            if e.get("log_level") == level and e.get("log_namespace", "").startswith("wsgateway.health")]
+            if e.get("log_level") == level and e.get("log_namespace", "").startswith("wsgateway.upstream.health")]
 
 
 # -- NodeHealth -----------------------------------------------------------------
@@ -672,8 +672,8 @@ async def test_http_probe_against_a_closed_port() -> None:
 
 def ws_connect_for() -> Any:
     """What the wiring passes: UpstreamConnector.connect with an UpstreamRequest for the path."""
-    from wsgateway.upstreamleg import UpstreamConnector
-    from wsgateway.upstream import UpstreamRequest
+    from wsgateway.upstream.leg import UpstreamConnector
+    from wsgateway.upstream.pool import UpstreamRequest
 
     connector = UpstreamConnector(reactor, endpoints)
     return lambda node, path, timeout: connector.connect(node, UpstreamRequest(resource=path, headers={}), timeout)

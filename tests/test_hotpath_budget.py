@@ -42,8 +42,8 @@ import pytest
 from twisted.internet import task
 from twisted.internet.testing import StringTransport
 
-from wsgateway.frames import OP_BINARY, OP_TEXT, FrameScanner, encode_frame
-from wsgateway.relay import Relay
+from wsgateway.relay.frames import OP_BINARY, OP_TEXT, FrameScanner, encode_frame
+from wsgateway.relay.relay import Relay
 
 MESSAGES = 2000  # relayed messages in the measured part of each workload
 WARMUP = 100  # relayed first, unmeasured: first-use caches, int/float objects

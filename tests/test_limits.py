@@ -1,5 +1,5 @@
 """
-Pure units of L{wsgateway.limits}: client address behind trusted proxies,
+Pure units of L{wsgateway.handshake.admission}: client address behind trusted proxies,
 connection counts (SPEC section 2: 429 and 503) and the message token
 bucket (SPEC ``[limits] messages_per_second``). No reactor, no clock:
 time is a plain number.
@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from wsgateway import closecodes
-from wsgateway.limits import ConnectionLimiter, TokenBucket, client_ip
+from wsgateway import codes
+from wsgateway.handshake.admission import ConnectionLimiter, TokenBucket, client_ip
 
 PROXIES = [ip_network("10.0.0.0/8"), ip_network("fd00::/8")]
 
@@ -142,7 +142,7 @@ def test_per_ip_limit_is_429_and_others_still_get_in() -> None:
     lim = ConnectionLimiter(max_connections=0, max_per_ip=2)
     assert lim.admit("1.1.1.1") is None
     assert lim.admit("1.1.1.1") is None
-    assert lim.admit("1.1.1.1") == closecodes.TOO_MANY_REQUESTS == 429
+    assert lim.admit("1.1.1.1") == codes.TOO_MANY_REQUESTS == 429
     assert lim.admit("2.2.2.2") is None
     assert lim.per_ip("1.1.1.1") == 2 and lim.active == 3
 
@@ -151,7 +151,7 @@ def test_total_limit_is_503_and_wins_over_per_ip() -> None:
     lim = ConnectionLimiter(max_connections=2, max_per_ip=1)
     assert lim.admit("1.1.1.1") is None
     assert lim.admit("2.2.2.2") is None
-    assert lim.admit("3.3.3.3") == closecodes.UNAVAILABLE == 503
+    assert lim.admit("3.3.3.3") == codes.UNAVAILABLE == 503
     # full gateway: 503 even for an address over its own share
     assert lim.admit("1.1.1.1") == 503
     assert lim.active == 2

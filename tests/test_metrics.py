@@ -25,10 +25,10 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from conftest import free_port, wait_for
-from wsgateway.config import NodeConfig, UpstreamConfig
-from wsgateway.metrics import NO_ROUTE_LABEL, GatewayMetrics, close_code_label
-from wsgateway.stats import C2U, U2C, Connection, GatewayStats
-from wsgateway.upstream import Upstream, UpstreamRequest
+from wsgateway.config.loader import NodeConfig, UpstreamConfig
+from wsgateway.ops.metrics import NO_ROUTE_LABEL, GatewayMetrics, close_code_label
+from wsgateway.ops.stats import C2U, U2C, Connection, GatewayStats
+from wsgateway.upstream.pool import Upstream, UpstreamRequest
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

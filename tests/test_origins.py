@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from wsgateway.origins import OriginPolicy, normalize
+from wsgateway.handshake.origins import OriginPolicy, normalize
 
 POLICY = OriginPolicy(["https://app.example.com", "https://*.example.org", "http://localhost:3000", "https://[::1]:8443"])
 

@@ -11,7 +11,7 @@ from typing import Any
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
-from wsgateway.config import (
+from wsgateway.config.loader import (
     FrozenMap,
     GatewayConfig,
     GatewaySection,
@@ -20,9 +20,9 @@ from wsgateway.config import (
     RouteConfig,
     UpstreamConfig,
 )
-from wsgateway.limits import ConnectionLimiter
-from wsgateway.proxy import GatewayServerFactory, GatewayServerProtocol
-from wsgateway.routing import Router
+from wsgateway.handshake.admission import ConnectionLimiter
+from wsgateway.handshake.server import GatewayServerFactory, GatewayServerProtocol
+from wsgateway.routing.router import Router
 
 REQUEST = (
     b"GET /chat HTTP/1.1\r\n"
@@ -111,7 +111,7 @@ def test_autobahn_option_table_is_formatted_only_when_read():
 
     from autobahn.websocket import protocol
 
-    from wsgateway import _autobahn
+    from wsgateway._compat import autobahn as _autobahn
 
     _autobahn.install()
     table = [("openHandshakeTimeout", 0, "GatewayServerFactory")]
@@ -136,7 +136,7 @@ def test_adopt_finds_the_protocol_behind_tcp_tls_and_endpoint_wrappers():
     from twisted.internet.protocol import Protocol
     from twisted.internet.ssl import optionsForClientTLS
 
-    from wsgateway.upstreamleg import adopt
+    from wsgateway.upstream.leg import adopt
 
     class TCP:
         """Like tcp.Server: the transport holds its protocol in .protocol."""
@@ -211,7 +211,7 @@ def test_an_upstream_that_speaks_first_is_kept_and_paused_only_past_the_bound():
     from twisted.internet.defer import Deferred
     from autobahn.twisted.websocket import WebSocketClientFactory
 
-    from wsgateway.upstreamleg import _PENDING_LIMIT, UpstreamProtocol
+    from wsgateway.upstream.leg import _PENDING_LIMIT, UpstreamProtocol
 
     leg = UpstreamProtocol()
     leg.factory = WebSocketClientFactory("ws://127.0.0.1:9")

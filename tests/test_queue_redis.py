@@ -24,9 +24,9 @@ from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
 
 from redis_fixture import RedisServer, running_redis
-from wsgateway.config import QueueConfig, RedisConfig
-from wsgateway.queue_redis import SCRIPTS, RedisQueueStore
-from wsgateway.queue_store import Entry, NewEntry, QueueUnavailable
+from wsgateway.config.loader import QueueConfig, RedisConfig
+from wsgateway.durable.redis import SCRIPTS, RedisQueueStore
+from wsgateway.durable.sqlite import Entry, NewEntry, QueueUnavailable
 from wsgateway.redislink import Backoff
 
 T0 = 1_700_000_000.0
@@ -214,7 +214,7 @@ async def test_retention_dead_letters_on_attempt_and_on_expire(make_store: MakeS
 
 @pytest_twisted.ensureDeferred
 async def test_expire_goes_through_many_entries_in_chunks(make_store: MakeStore, monkeypatch: Any) -> None:
-    import wsgateway.queue_redis as queue_redis
+    import wsgateway.durable.redis as queue_redis
 
     monkeypatch.setattr(queue_redis, "_CHUNK", 7)
     clock = Clock()
@@ -273,7 +273,7 @@ async def test_replay_dead_puts_entries_back_with_their_entry_ids(make_store: Ma
 
 @pytest_twisted.ensureDeferred
 async def test_replay_all_goes_in_chunks(make_store: MakeStore, monkeypatch: Any) -> None:
-    import wsgateway.queue_redis as queue_redis
+    import wsgateway.durable.redis as queue_redis
 
     monkeypatch.setattr(queue_redis, "_CHUNK", 4)
     store = await make_store(max_attempts=1)
@@ -456,8 +456,8 @@ KILL_SCRIPT = """
 import sys
 from twisted.internet import reactor, task
 from twisted.internet.defer import gatherResults
-from wsgateway.queue_store import NewEntry
-from wsgateway.queue_redis import RedisQueueStore
+from wsgateway.durable.sqlite import NewEntry
+from wsgateway.durable.redis import RedisQueueStore
 
 url, n = sys.argv[1], int(sys.argv[2])
 store = RedisQueueStore(url, prefix="t", node_id="gw-k", reactor=reactor, heartbeat=0.1)

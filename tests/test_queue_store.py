@@ -24,8 +24,8 @@ from twisted.internet import reactor
 from twisted.internet.defer import gatherResults
 from twisted.internet.task import Clock
 
-from wsgateway.config import QueueConfig
-from wsgateway.queue_store import NewEntry, QueueStore, QueueUnavailable, new_ulid
+from wsgateway.config.loader import QueueConfig
+from wsgateway.durable.sqlite import NewEntry, QueueStore, QueueUnavailable, new_ulid
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = 1_700_000_000.0
@@ -317,7 +317,7 @@ KILL_SCRIPT = """
 import os, sys
 from twisted.internet import reactor, task
 from twisted.internet.defer import gatherResults
-from wsgateway.queue_store import NewEntry, QueueStore
+from wsgateway.durable.sqlite import NewEntry, QueueStore
 
 path, n, tag = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 store = QueueStore(path, reactor=reactor)
@@ -419,7 +419,7 @@ async def write_queue_file(path: Path, entries: Sequence[NewEntry], *, dead: Seq
 
 @pytest_twisted.ensureDeferred
 async def test_adopting_a_gone_workers_file_moves_everything_once_and_in_order(tmp_path: Path) -> None:
-    from wsgateway.queue_store import adopt_file
+    from wsgateway.durable.sqlite import adopt_file
 
     async def fill(path: Path, conn_key: str, n: int, dead: int = 0) -> None:
         await write_queue_file(path, [entry(seq, route="r", conn=conn_key, message=f"{conn_key}:{seq}".encode())
@@ -455,7 +455,7 @@ async def test_adopting_a_gone_workers_file_moves_everything_once_and_in_order(t
 
 @pytest_twisted.ensureDeferred
 async def test_queue_files_of_another_layout_move_into_the_files_in_use(tmp_path: Path) -> None:
-    from wsgateway.queue_store import adopt_orphans
+    from wsgateway.durable.sqlite import adopt_orphans
 
     async def make(name: str, n: int) -> None:
         await write_queue_file(tmp_path / name, [entry(seq, route="r", conn=name) for seq in range(1, n + 1)])

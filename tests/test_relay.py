@@ -1,11 +1,11 @@
 """
-Protocol-unit tests of L{wsgateway.relay.Relay} (STYLE 2.7, layer 2): two
+Protocol-unit tests of L{wsgateway.relay.relay.Relay} (STYLE 2.7, layer 2): two
 in-memory transports and a L{task.Clock}, no reactor, no sockets.
 
 The relay is fed raw bytes as the client and upstream protocols would feed
 it (``client_data`` / ``upstream_data`` / ``*_connection_lost``) and what it
 writes to each transport is decoded by a small independent frame parser
-below (not by ``wsgateway.frames``), so a scanner bug cannot hide itself.
+below (not by ``wsgateway.relay.frames``), so a scanner bug cannot hide itself.
 
 Binding behaviour: SPEC section 3 (forwarding semantics, close codes).
 """
@@ -20,7 +20,7 @@ from twisted.internet import task
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import StringTransport
 
-from wsgateway.frames import (
+from wsgateway.relay.frames import (
     OP_BINARY,
     OP_CLOSE,
     OP_CONT,
@@ -30,7 +30,7 @@ from wsgateway.frames import (
     encode_close,
     encode_frame,
 )
-from wsgateway.relay import Relay, set_write_buffer
+from wsgateway.relay.relay import Relay, set_write_buffer
 
 # -- test doubles ----------------------------------------------------------
 
@@ -92,7 +92,7 @@ class Frame:
 
 
 def parse_frames(data: bytes) -> list[Frame]:
-    """Decode a complete byte stream of frames (independent of wsgateway.frames)."""
+    """Decode a complete byte stream of frames (independent of wsgateway.relay.frames)."""
     frames = []
     i = 0
     while i < len(data):

@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_routing -*-
 """
-Tests for L{wsgateway.routing}: path patterns, route precedence, host and
+Tests for L{wsgateway.routing.router}: path patterns, route precedence, host and
 header matching, templates and the upstream target.
 """
 
@@ -16,8 +16,8 @@ from urllib.parse import unquote
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from wsgateway import routing
-from wsgateway.routing import (
+from wsgateway.routing import router as routing
+from wsgateway.routing.router import (
     PathPattern,
     PatternError,
     RouteMatch,

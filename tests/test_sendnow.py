@@ -23,7 +23,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from wsgateway.sendnow import send_at_once
+from wsgateway._compat.sendnow import send_at_once
 
 
 class Held(Protocol):
@@ -211,8 +211,8 @@ async def test_under_tls_the_tcp_transport_sends_at_once(pair: Any) -> None:
 async def test_the_relay_sends_what_it_relays_in_the_same_turn(pair: Any) -> None:
     from twisted.internet.task import Clock
 
-    from wsgateway.frames import encode_frame
-    from wsgateway.relay import Relay
+    from wsgateway.relay.frames import encode_frame
+    from wsgateway.relay.relay import Relay
 
     client_proto, client_peer = await pair()
     upstream_proto, upstream_peer = await pair()

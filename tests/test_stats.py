@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from wsgateway.stats import C2U, U2C, Connection, GatewayStats
+from wsgateway.ops.stats import C2U, U2C, Connection, GatewayStats
 
 
 @dataclass

@@ -347,7 +347,7 @@ def test_bad_tls_files_stop_twistd_before_it_listens(problem, tmp_path, ca):
 
 
 def selfsigned(folder: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "wsgateway.selfsigned", str(folder)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "wsgateway.dev.selfsigned", str(folder)], capture_output=True,
                           text=True, env=source_env(), timeout=60)
 
 

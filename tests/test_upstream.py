@@ -9,9 +9,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from wsgateway.balance import RoundRobin
-from wsgateway.config import NodeConfig, UpstreamConfig
-from wsgateway.upstream import Upstream, UpstreamError, UpstreamRefused, UpstreamRequest, backoff_delay
+from wsgateway.upstream.balance import RoundRobin
+from wsgateway.config.loader import NodeConfig, UpstreamConfig
+from wsgateway.upstream.pool import Upstream, UpstreamError, UpstreamRefused, UpstreamRequest, backoff_delay
 
 
 def node(port: int) -> NodeConfig:

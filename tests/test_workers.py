@@ -1,5 +1,5 @@
 """
-``[gateway] workers = 2`` (wsgateway/workers.py, wsgateway/worker.py): a real
+``[gateway] workers = 2`` (wsgateway/workers/parent.py, wsgateway/workers/child.py): a real
 twistd parent and its real worker processes, real clients and upstreams on
 loopback. Which worker served a connection is told by the node id of its
 access line (``gw-1/w1``, ``gw-1/w2``, JSON logs).
@@ -27,7 +27,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from conftest import Gateway, free_port, proxy_ini, wait_for
-from wsgateway.config import ConfigError, load
+from wsgateway.config.loader import ConfigError, load
 
 ADMIN_TOKEN = "workers-test-admin-token-0123456789"
 LISTEN = "listen = tcp:{port}:interface=127.0.0.1"
@@ -548,8 +548,8 @@ async def _orphan_queue_file(path: Path, prefix: str = "") -> None:
     """A queue file as a worker of an earlier run left it: two connections' entries and a dead letter."""
     from test_queue_store import write_queue_file
 
-    from wsgateway.entries import NewEntry
-    from wsgateway.replay import stored_headers
+    from wsgateway.durable.entries import NewEntry
+    from wsgateway.durable.replay import stored_headers
 
     headers = stored_headers("/durable/old", {}, None, None)
 

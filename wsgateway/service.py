@@ -19,21 +19,24 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, gatherResults
 from twisted.logger import Logger
 
-from wsgateway import dashboard, logs, tls, wiring
-from wsgateway.admin import admin_site
-from wsgateway.config import ConfigError, GatewayConfig, RouteConfig, load, with_backlog
-from wsgateway.delivery import DeliveryService
-from wsgateway.limits import ConnectionLimiter
-from wsgateway.broker import make_broker
-from wsgateway.metrics import BrokerMetrics, GatewayMetrics, MetricsResource
-from wsgateway.proxy import GatewayServerFactory
-from wsgateway.upstreamleg import UpstreamProtocol
-from wsgateway.stats import GatewayStats
-from wsgateway.tracing import make_tracer
-from wsgateway.upstream import Upstream
+from wsgateway.ops import dashboard
+from wsgateway.ops import logs
+from wsgateway import tls
+from wsgateway import runtime
+from wsgateway.ops.admin import admin_site
+from wsgateway.config.loader import ConfigError, GatewayConfig, RouteConfig, load, with_backlog
+from wsgateway.durable.delivery import DeliveryService
+from wsgateway.handshake.admission import ConnectionLimiter
+from wsgateway.channels.broker import make_broker
+from wsgateway.ops.metrics import BrokerMetrics, GatewayMetrics, MetricsResource
+from wsgateway.handshake.server import GatewayServerFactory
+from wsgateway.upstream.leg import UpstreamProtocol
+from wsgateway.ops.stats import GatewayStats
+from wsgateway.ops.tracing import make_tracer
+from wsgateway.upstream.pool import Upstream
 
 if TYPE_CHECKING:
-    from wsgateway.worker import WorkerSetup
+    from wsgateway.workers.child import WorkerSetup
 
 # The 1001s of a shutdown are spread over this fraction of shutdown_timeout
 # (see drain_schedule); the rest of it is for the last close handshakes.
@@ -69,7 +72,7 @@ class GatewayService(MultiService):
     ) -> None:
         super().__init__()
         self.reactor = reactor
-        # In a worker process ([gateway] workers > 1, wsgateway.worker): the
+        # In a worker process ([gateway] workers > 1, wsgateway.workers.child): the
         # parent's sockets, node id ".../wN", no admin port or demo backend.
         self.worker = worker
         if worker is not None:
@@ -80,7 +83,7 @@ class GatewayService(MultiService):
         # reads routes, upstreams and stats through self at each scrape
         self.metrics = GatewayMetrics(self, upstreams=config.upstreams)
         # routes, upstreams (with their health checks) and auth: what a reload replaces
-        self._wiring = wiring.build(config, reactor, observer=self.metrics)
+        self._wiring = runtime.build(config, reactor, observer=self.metrics)
         self.config = config
         self.router = self._wiring.router
         self.upstreams: dict[str, Upstream[UpstreamProtocol]] = self._wiring.upstreams
@@ -120,7 +123,7 @@ class GatewayService(MultiService):
             # what the parent reads to serve the admin port for all workers
             worker.control_service(self, self.metrics.registry, reactor).setServiceParent(self)
         if config.demo is not None:
-            from wsgateway.demo import DemoFactory
+            from wsgateway.dev.demo import DemoFactory
 
             for desc in config.demo.listen:
                 strports.service(desc, DemoFactory(reactor=reactor), reactor=reactor).setServiceParent(self)
@@ -248,13 +251,13 @@ class GatewayService(MultiService):
             )
             return False
         running = self._wiring.config
-        restart = wiring.restart_needed(running, new)
+        restart = runtime.restart_needed(running, new)
         if self.queue is None and any(r.delivery == "at_least_once" for r in new.routes):
             # the queue is opened at start: until a restart these routes queue nothing
             restart.append("delivery = at_least_once (the durable queue opens at start)")
-        effective = wiring.keep_running_values(running, new)
+        effective = runtime.keep_running_values(running, new)
         try:
-            built = wiring.build(effective, self.reactor, self._wiring, observer=self.metrics)
+            built = runtime.build(effective, self.reactor, self._wiring, observer=self.metrics)
         except Exception:
             self.log.failure("reload of {path} rejected: the new configuration could not be built; still running "
                              "the previous one", path=path)
@@ -284,7 +287,7 @@ class GatewayService(MultiService):
             logs.set_level(effective.log.level)
         return True
 
-    def _swap(self, built: wiring.Wiring) -> wiring.Wiring:
+    def _swap(self, built: runtime.Wiring) -> runtime.Wiring:
         """Make ``built`` what new connections use; returns what it replaced. Nothing here can fail half-way."""
         previous = self._wiring
         keep = set(map(id, built.services()))
@@ -385,12 +388,12 @@ def make_queue(config: GatewayConfig, reactor: Any, metrics: Any) -> DeliverySer
     if not any(r.delivery == "at_least_once" for r in config.routes):
         return None
     if config.queue.backend == "redis" and config.redis is not None:
-        from wsgateway.queue_redis import RedisQueueStore
+        from wsgateway.durable.redis import RedisQueueStore
 
         store: Any = RedisQueueStore.from_config(config.queue, config.redis, node_id=config.gateway.node_id,
                                                  reactor=reactor)
     else:
-        from wsgateway.queue_store import QueueStore, adopt_orphans  # sqlite3 only in gateways that queue
+        from wsgateway.durable.sqlite import QueueStore, adopt_orphans  # sqlite3 only in gateways that queue
 
         if config.gateway.workers == 1:
             # files a run with workers > 1 left (a worker process's own queue is its parent's to sort out)

@@ -13,7 +13,7 @@ import sys
 from twisted.application.service import IService
 from twisted.python import usage
 
-from wsgateway import config as _config
+from wsgateway.config import loader as _config
 
 
 class Options(usage.Options):
@@ -33,7 +33,7 @@ class Options(usage.Options):
             raise SystemExit(1)
         parent = getattr(self, "parent", None)
         if parent is not None and not parent.get("logger"):
-            from wsgateway.logs import configure, observer_factory
+            from wsgateway.ops.logs import configure, observer_factory
 
             log = self.loaded.log
             parent["logger"] = configure(observer_factory(
@@ -52,8 +52,8 @@ def makeService(options: Options) -> IService:
     # absolute: SIGHUP re-reads it, and twistd may have changed directory by then (--rundir)
     path = os.path.abspath(options["config"])
     if options.loaded.gateway.workers > 1:
-        # a parent binding the sockets for N worker processes (wsgateway.workers)
-        from wsgateway.workers import WorkerParent
+        # a parent binding the sockets for N worker processes (wsgateway.workers.parent)
+        from wsgateway.workers.parent import WorkerParent
 
         return WorkerParent(options.loaded, reactor, config_path=path)
 

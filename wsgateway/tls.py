@@ -87,7 +87,7 @@ def parse_listen(desc: str) -> SSLListen:
     """
     # config.py owns the endpoint-string grammar; imported here, not at the top,
     # because config.py imports this module to check ssl: listeners.
-    from wsgateway.config import DEFAULT_BACKLOG, _split_endpoint
+    from wsgateway.config.loader import DEFAULT_BACKLOG, _split_endpoint
 
     parts = _split_endpoint(desc)
     if parts[0][0] is not None or parts[0][1].lower() != "ssl":

@@ -8,7 +8,7 @@ library changed what, the versions the test was last checked against, and
 which of our files to revisit::
 
     AssertionError: twisted 27.1.0 changed tcp.Server._tempDataLen
-    (checked against twisted 26.10): revisit wsgateway/sendnow.py
+    (checked against twisted 26.10): revisit wsgateway/_compat/sendnow.py
 
 Run them first after any dependency upgrade::
 

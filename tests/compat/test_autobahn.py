@@ -118,7 +118,7 @@ def test_formatting_helpers_are_module_globals_used_only_as_log_arguments(module
     # install() swaps these module globals for lazy ones: that works only
     # while Autobahn looks them up there and only hands them to a logger
     with relied_on(LIB, f"{module.__name__}.{'/'.join(sorted(names))} (module globals, log arguments only)",
-                   "wsgateway/_autobahn.py"):
+                   "wsgateway/_compat/autobahn.py"):
         for name in names:
             assert name in vars(module), f"{name} is not a global of {module.__name__} any more"
         calls = _calls_of(module, names)
@@ -132,13 +132,13 @@ def test_formatting_helpers_are_module_globals_used_only_as_log_arguments(module
 def test_hltype_and_hlval_keep_their_signatures() -> None:
     from autobahn import util
 
-    with relied_on(LIB, "autobahn.util.hltype / hlval", "wsgateway/_autobahn.py"):
+    with relied_on(LIB, "autobahn.util.hltype / hlval", "wsgateway/_compat/autobahn.py"):
         assert isinstance(util.hltype(test_hltype_and_hlval_keep_their_signatures), str)
         assert isinstance(util.hlval(3, color="white", bold=True), str)
 
 
 def test_timings_str_is_pformat_of_its_timings() -> None:
-    with relied_on(LIB, "protocol.Timings (._timings, __str__ = pformat(self._timings))", "wsgateway/_autobahn.py"):
+    with relied_on(LIB, "protocol.Timings (._timings, __str__ = pformat(self._timings))", "wsgateway/_compat/autobahn.py"):
         t = protocol.Timings()
         t.track("onOpen")
         assert isinstance(t._timings, dict) and "onOpen" in t._timings
@@ -152,7 +152,7 @@ def test_a_handshake_logged_at_debug_level_after_install() -> None:
     import txaio
     from twisted.logger import formatEvent, globalLogPublisher
 
-    from wsgateway import _autobahn
+    from wsgateway._compat import autobahn as _autobahn
 
     _autobahn.install()
     rendered: list[str] = []
@@ -165,7 +165,7 @@ def test_a_handshake_logged_at_debug_level_after_install() -> None:
     globalLogPublisher.addObserver(observer)
     txaio.set_global_log_level("debug")
     try:
-        with relied_on(LIB, "what Autobahn's debug log lines do with pformat/hltype/hlval", "wsgateway/_autobahn.py"):
+        with relied_on(LIB, "what Autobahn's debug log lines do with pformat/hltype/hlval", "wsgateway/_compat/autobahn.py"):
             p, t = server()
             p.trackTimings = True
             p.dataReceived(head() + masked_text(b"hi"))
@@ -183,10 +183,10 @@ def test_a_handshake_logged_at_debug_level_after_install() -> None:
 
 @pytest.mark.parametrize("side", ["server", "client"])
 def test_connection_made_copies_config_attrs_the_protocol_does_not_have(side: str) -> None:
-    from wsgateway import _autobahn
+    from wsgateway._compat import autobahn as _autobahn
 
     with relied_on(LIB, f"{side} protocol CONFIG_ATTRS / _connectionMade (copies an option unless the protocol "
-                        "has it)", "wsgateway/_autobahn.py"):
+                        "has it)", "wsgateway/_compat/autobahn.py"):
         if side == "server":
             factory = WebSocketServerFactory(reactor=Clock())
             base = WebSocketServerProtocol
@@ -218,7 +218,7 @@ def test_connection_made_copies_config_attrs_the_protocol_does_not_have(side: st
 @pytest.mark.parametrize("cls", [WebSocketServerProtocol, WebSocketClientProtocol])
 def test_data_received_goes_through_underscore_data_received(cls) -> None:
     with relied_on(LIB, f"{cls.__name__}.dataReceived -> _dataReceived(data)",
-                   "wsgateway/proxy.py, wsgateway/upstreamleg.py, wsgateway/delivery.py"):
+                   "wsgateway/handshake/server.py, wsgateway/upstream/leg.py, wsgateway/durable/delivery.py"):
         assert list(inspect.signature(cls._dataReceived).parameters) == ["self", "data"]
         p = cls.__new__(cls)
         seen = []
@@ -231,7 +231,7 @@ def test_data_received_goes_through_underscore_data_received(cls) -> None:
 
 def test_server_buffers_a_partial_head_in_data() -> None:
     with relied_on(LIB, "WebSocketServerProtocol.data (the unparsed head while STATE_CONNECTING)",
-                   "wsgateway/proxy.py"):
+                   "wsgateway/handshake/server.py"):
         p, t = server()
         p._dataReceived(head()[:25])
         assert p.state == WebSocketProtocol.STATE_CONNECTING and p.data == head()[:25]
@@ -247,7 +247,7 @@ def test_server_request_head_and_target_at_on_connect() -> None:
             seen["data"], seen["uri"] = self.http_request_data, self.http_request_uri
 
     with relied_on(LIB, "WebSocketServerProtocol.http_request_data / http_request_uri (raw head, raw target)",
-                   "wsgateway/proxy.py, wsgateway/headers.py"):
+                   "wsgateway/handshake/server.py, wsgateway/handshake/headers.py"):
         p, _ = server(S)
         p._dataReceived(head("/a/b?token=x&y=%20") + masked_text(b"early"))
         assert seen["data"] == head("/a/b?token=x&y=%20"), "not the raw head up to and including CRLF CRLF"
@@ -270,7 +270,7 @@ def test_server_frames_after_the_head_wait_in_data_until_after_on_open(keep: boo
             got.append(("msg", payload))
 
     with relied_on(LIB, "WebSocketServerProtocol.data at onOpen (early frames, consumed after onOpen)",
-                   "wsgateway/proxy.py"):
+                   "wsgateway/handshake/server.py"):
         p, _ = server(S)
         p._dataReceived(head() + masked_text(b"hi"))
         assert got[0] == ("open", masked_text(b"hi"))
@@ -294,7 +294,7 @@ def test_on_connect_may_answer_with_a_deferred_and_deny_through_fail_handshake()
             self.dropConnection(abort=False)
 
     with relied_on(LIB, "WebSocketServerProtocol.failHandshake(reason, code, responseHeaders) / "
-                        "sendHttpErrorResponse / dropConnection / wasClean", "wsgateway/proxy.py"):
+                        "sendHttpErrorResponse / dropConnection / wasClean", "wsgateway/handshake/server.py"):
         params = list(inspect.signature(WebSocketServerProtocol.failHandshake).parameters)
         assert params == ["self", "reason", "code", "responseHeaders"]
         p, t = server(S)
@@ -317,7 +317,7 @@ def test_client_keeps_frames_after_the_101_in_data_at_on_open() -> None:
             got["protocol"] = self.websocket_protocol_in_use
 
     with relied_on(LIB, "WebSocketClientProtocol.data at onOpen / websocket_protocol_in_use",
-                   "wsgateway/upstreamleg.py"):
+                   "wsgateway/upstream/leg.py"):
         p, t = client(C, ["chat"])
         p._dataReceived(accept(t.value(), "Sec-WebSocket-Protocol: chat\r\n") + b"\x81\x02hi")
         assert got == {"data": b"\x81\x02hi", "protocol": "chat"}
@@ -325,10 +325,10 @@ def test_client_keeps_frames_after_the_101_in_data_at_on_open() -> None:
 
 def test_client_checks_the_chosen_subprotocol_against_its_factory_attribute() -> None:
     # upstreamleg._FactoryView: one shared factory, each connection's own offer
-    from wsgateway.upstreamleg import _FactoryView
+    from wsgateway.upstream.leg import _FactoryView
 
     with relied_on(LIB, "WebSocketClientProtocol reads factory.protocols through self.factory",
-                   "wsgateway/upstreamleg.py"):
+                   "wsgateway/upstream/leg.py"):
         for offered, accepted in ((["chat"], True), (["other"], False)):
             p, t = client(Client, ["chat"])
             p.factory = _FactoryView(p.factory, offered)
@@ -345,7 +345,7 @@ def test_client_refusal_sets_the_status_line_before_fail_handshake() -> None:
             super().failHandshake(reason)
 
     with relied_on(LIB, "WebSocketClientProtocol.http_status_line / failHandshake(reason)",
-                   "wsgateway/upstreamleg.py"):
+                   "wsgateway/upstream/leg.py"):
         assert list(inspect.signature(WebSocketClientProtocol.failHandshake).parameters) == ["self", "reason"]
         p, t = client(C)
         p._dataReceived(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
@@ -354,8 +354,8 @@ def test_client_refusal_sets_the_status_line_before_fail_handshake() -> None:
 
 def test_close_state_names_we_read() -> None:
     with relied_on(LIB, "sendCloseFrame(code, reasonUtf8, isReply) / localCloseCode / remoteCloseCode / "
-                        "closedByMe / state constants", "wsgateway/broadcast.py, wsgateway/proxy.py, "
-                        "wsgateway/delivery.py"):
+                        "closedByMe / state constants", "wsgateway/channels/outbox.py, wsgateway/handshake/server.py, "
+                        "wsgateway/durable/delivery.py"):
         params = list(inspect.signature(WebSocketProtocol.sendCloseFrame).parameters)
         assert params[:4] == ["self", "code", "reasonUtf8", "isReply"]
         for name in ("STATE_CONNECTING", "STATE_OPEN"):
@@ -382,7 +382,8 @@ def _ours(cls) -> set[str]:
 
 @pytest.mark.parametrize("which", ["GatewayServerProtocol", "GatewayServerFactory", "UpstreamProtocol"])
 def test_our_attribute_names_do_not_shadow_autobahn_ones(which: str) -> None:
-    from wsgateway import proxy, upstreamleg
+    from wsgateway.handshake import server as proxy
+    from wsgateway.upstream import leg as upstreamleg
 
     cls = getattr(proxy, which, None) or getattr(upstreamleg, which)
     with relied_on(LIB, f"the names of {cls.__mro__[1].__name__} (one of ours now shadows one of Autobahn's)",
@@ -412,7 +413,7 @@ def test_nvx_flag_and_log_namespace() -> None:
     from autobahn.websocket import USES_NVX
 
     with relied_on(LIB, "autobahn.websocket.USES_NVX / the 'autobahn' log namespace",
-                   "wsgateway/service.py, wsgateway/logs.py"):
+                   "wsgateway/service.py, wsgateway/ops/logs.py"):
         assert isinstance(USES_NVX, bool)
         for cls in (WebSocketServerProtocol, WebSocketClientProtocol):
             namespace = getattr(getattr(cls.log, "_logger", None), "namespace", "autobahn")

@@ -1,7 +1,7 @@
 """
 prometheus_client behaviours wsgateway relies on (see tests/compat/helpers.py):
 the parent of worker processes parses its workers' /metrics and re-renders
-the merged families (wsgateway/aggregate.py), matching families by name.
+the merged families (wsgateway/workers/aggregate.py), matching families by name.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from .helpers import relied_on
 
 LIB = "prometheus-client"
-OURS = "wsgateway/aggregate.py"
+OURS = "wsgateway/workers/aggregate.py"
 
 
 def _exposition() -> str:
@@ -44,7 +44,7 @@ def test_the_parser_names_counter_families_without_total() -> None:
 
 
 def test_parsed_families_render_back_to_the_same_exposition() -> None:
-    from wsgateway.aggregate import parse, render
+    from wsgateway.workers.aggregate import parse, render
 
     with relied_on(LIB, "core.Metric(name, doc, type).add_sample / Collector / CollectorRegistry(auto_describe=False)"
                         " / generate_latest", OURS):
@@ -61,7 +61,7 @@ def test_process_collector_family_names() -> None:
     # aggregate.MIN_FAMILIES and the sum of process_max_fds name these
     from prometheus_client.process_collector import ProcessCollector
 
-    with relied_on(LIB, "process_collector.ProcessCollector family names", OURS + ", wsgateway/metrics.py"):
+    with relied_on(LIB, "process_collector.ProcessCollector family names", OURS + ", wsgateway/ops/metrics.py"):
         registry = CollectorRegistry()
         ProcessCollector(registry=registry)
         names = {f.name for f in registry.collect()}
@@ -71,6 +71,6 @@ def test_process_collector_family_names() -> None:
 def test_disable_created_metrics_drops_created_samples() -> None:
     from prometheus_client import disable_created_metrics
 
-    with relied_on(LIB, "disable_created_metrics (no *_created families)", "wsgateway/metrics.py, wsgateway/workers.py"):
+    with relied_on(LIB, "disable_created_metrics (no *_created families)", "wsgateway/ops/metrics.py, wsgateway/workers/parent.py"):
         disable_created_metrics()  # what metrics.py and workers.py do at start, process-wide
         assert "_created" not in _exposition()

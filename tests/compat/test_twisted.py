@@ -73,7 +73,7 @@ def _recv(sock: socket.socket) -> bytes:
 def test_accepted_and_connected_transports_are_exactly_tcp_server_and_client() -> None:
     # sendnow._SEND_AT_ONCE looks the transport's class up by identity
     with relied_on(LIB, "the transport classes of TCP connections (tcp.Port.transport, Connector -> tcp.Client)",
-                   "wsgateway/sendnow.py"):
+                   "wsgateway/_compat/sendnow.py"):
         assert tcp.Port.transport is tcp.Server
         reactor = MemoryReactorClock()
         client = tcp.Connector("127.0.0.1", 9, Factory.forProtocol(Protocol), 30, None, reactor)._makeTransport()
@@ -87,7 +87,7 @@ def test_accepted_and_connected_transports_are_exactly_tcp_server_and_client() -
 def test_tcp_server_has_what_sendnow_reads(server, name: str) -> None:
     t, _, _ = server
     expected = {"dataBuffer": b"", "_tempDataLen": 0, "connected": 1, "_writeDisconnected": False, "TLS": False}
-    with relied_on(LIB, f"tcp.Server.{name}", "wsgateway/sendnow.py"):
+    with relied_on(LIB, f"tcp.Server.{name}", "wsgateway/_compat/sendnow.py"):
         value = getattr(t, name)
         if name == "socket":
             assert isinstance(value, socket.socket) and callable(value.send)
@@ -100,7 +100,7 @@ def test_tcp_client_has_what_sendnow_reads(name: str) -> None:
     reactor = MemoryReactorClock()
     client = tcp.Connector("127.0.0.1", 9, Factory.forProtocol(Protocol), 30, None, reactor)._makeTransport()
     try:
-        with relied_on(LIB, f"tcp.Client.{name}", "wsgateway/sendnow.py"):
+        with relied_on(LIB, f"tcp.Client.{name}", "wsgateway/_compat/sendnow.py"):
             value = getattr(client, name)
             if name == "socket":
                 assert isinstance(value, socket.socket)
@@ -112,7 +112,7 @@ def test_tcp_client_has_what_sendnow_reads(name: str) -> None:
 
 def test_client_and_server_share_one_write_and_it_is_filedescriptor_write_when_not_tls() -> None:
     with relied_on(LIB, "tcp.Server.write / tcp.Client.write (one implementation, FileDescriptor.write unless TLS)",
-                   "wsgateway/sendnow.py"):
+                   "wsgateway/_compat/sendnow.py"):
         assert tcp.Server.write is tcp.Client.write
         assert "TLS" in tcp.Server.write.__code__.co_names
         assert "FileDescriptor" in tcp.Server.write.__code__.co_names or tcp.Server.write is FileDescriptor.write
@@ -121,7 +121,7 @@ def test_client_and_server_share_one_write_and_it_is_filedescriptor_write_when_n
 def test_filedescriptor_write_queues_and_sends_on_dowrite(server) -> None:
     t, peer, reactor = server
     with relied_on(LIB, "FileDescriptor.write (queues in _tempDataBuffer/_tempDataLen, sends on doWrite)",
-                   "wsgateway/sendnow.py"):
+                   "wsgateway/_compat/sendnow.py"):
         FileDescriptor.write(t, b"abc")
         assert _recv(peer) == b"", "write() sent at once: Twisted may now do what sendnow.py does"
         assert t._tempDataLen == 3
@@ -137,7 +137,7 @@ def test_filedescriptor_write_queues_and_sends_on_dowrite(server) -> None:
 def test_write_after_lose_write_connection_is_dropped(server) -> None:
     t, peer, _ = server
     with relied_on(LIB, "FileDescriptor._writeDisconnected (set by loseWriteConnection; write then drops)",
-                   "wsgateway/sendnow.py"):
+                   "wsgateway/_compat/sendnow.py"):
         t.loseWriteConnection()
         t.doWrite()  # nothing queued: the write side is shut down now
         assert t._writeDisconnected is True
@@ -149,7 +149,7 @@ def test_start_tls_sets_the_tls_flag(server) -> None:
     from twisted.internet.ssl import CertificateOptions
 
     t, _, _ = server
-    with relied_on(LIB, "tcp.Connection.TLS (True once startTLS wraps the transport)", "wsgateway/sendnow.py"):
+    with relied_on(LIB, "tcp.Connection.TLS (True once startTLS wraps the transport)", "wsgateway/_compat/sendnow.py"):
         t.startTLS(CertificateOptions())
         assert t.TLS is True
         t.write(b"plaintext")
@@ -158,11 +158,11 @@ def test_start_tls_sets_the_tls_flag(server) -> None:
 
 def test_send_at_once_on_a_real_transport(server) -> None:
     # the whole of sendnow.py against this Twisted: at once when idle, in order when not
-    from wsgateway.sendnow import send_at_once
+    from wsgateway._compat.sendnow import send_at_once
 
     t, peer, reactor = server
     with relied_on(LIB, "tcp.Server's write path (send_at_once no longer sends at once, or reorders)",
-                   "wsgateway/sendnow.py"):
+                   "wsgateway/_compat/sendnow.py"):
         send_at_once(t)
         assert type(t) is not tcp.Server and isinstance(t, tcp.Server)
         t.write(b"now")
@@ -180,7 +180,7 @@ def test_send_at_once_on_a_real_transport(server) -> None:
 def test_tcp_transport_reads_into_whatever_its_protocol_attribute_is(server) -> None:
     t, peer, _ = server
     other = Recorder()
-    with relied_on(LIB, "tcp.Connection.protocol (read at each doRead / connectionLost)", "wsgateway/upstreamleg.py"):
+    with relied_on(LIB, "tcp.Connection.protocol (read at each doRead / connectionLost)", "wsgateway/upstream/leg.py"):
         t.protocol = other
         peer.send(b"x")
         t.doRead()
@@ -190,7 +190,7 @@ def test_tcp_transport_reads_into_whatever_its_protocol_attribute_is(server) -> 
 
 
 def test_endpoint_wrapping_protocol_forwards_to_its_wrapped_protocol_attribute() -> None:
-    from wsgateway.upstreamleg import adopt
+    from wsgateway.upstream.leg import adopt
 
     reactor = MemoryReactor()
     built: list[Recorder] = []
@@ -201,7 +201,7 @@ def test_endpoint_wrapping_protocol_forwards_to_its_wrapped_protocol_attribute()
             return built[-1]
 
     with relied_on(LIB, "endpoints._WrappingProtocol._wrappedProtocol (TCP4ClientEndpoint's wrapper)",
-                   "wsgateway/upstreamleg.py"):
+                   "wsgateway/upstream/leg.py"):
         endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", 9).connect(Building())
         holder = reactor.tcpClients[0][2].buildProtocol(None)
         assert isinstance(holder, endpoints._WrappingProtocol)
@@ -276,12 +276,12 @@ def test_tls_wrapper_forwards_to_its_wrapped_protocol_attribute() -> None:
     from zope.interface import directlyProvides
     from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 
-    from wsgateway.upstreamleg import adopt
+    from wsgateway.upstream.leg import adopt
 
     creator = _Creator()
     directlyProvides(creator, IOpenSSLServerConnectionCreator)
     with relied_on(LIB, "TLSMemoryBIOProtocol.wrappedProtocol (read at each decrypted read)",
-                   "wsgateway/upstreamleg.py"):
+                   "wsgateway/upstream/leg.py"):
         sp, cp, pump = _tls_pair(Factory.forProtocol(Recorder), creator)
         proto = sp.wrappedProtocol
         assert isinstance(proto, Recorder) and proto.transport is sp
@@ -301,7 +301,7 @@ def test_tls_factory_asks_a_server_connection_creator_once_per_connection() -> N
     creator = _Creator()
     directlyProvides(creator, IOpenSSLServerConnectionCreator)
     with relied_on(LIB, "TLSMemoryBIOFactory with an IOpenSSLServerConnectionCreator (no getContext)",
-                   "wsgateway/tls.py, wsgateway/worker.py"):
+                   "wsgateway/tls.py, wsgateway/workers/child.py"):
         assert IOpenSSLServerConnectionCreator.implementedBy(CertificateOptions)
         sp, cp, pump = _tls_pair(Factory.forProtocol(Recorder), creator)
         assert creator.calls == 1
@@ -322,7 +322,7 @@ def test_exit_signal_is_set_by_the_reactor_and_read_by_twistd() -> None:
     from twisted.scripts import twistd
 
     with relied_on(LIB, "reactor._exitSignal (set by sigTerm, re-raised by twistd at exit)",
-                   "wsgateway/service.py, wsgateway/workers.py"):
+                   "wsgateway/service.py, wsgateway/workers/parent.py"):
         assert ReactorBase._exitSignal is None
         assert isinstance(installed_reactor, ReactorBase) and hasattr(installed_reactor, "_exitSignal")
         r = SimpleNamespace(callFromThread=lambda f, *a: None, stop=lambda: None, _exitSignal=None)
@@ -345,7 +345,7 @@ def test_raise_synchronously_makes_a_failed_listen_raise() -> None:
         def listen(self, factory):
             return fail(CannotListenError("127.0.0.1", 1, OSError(errno.EADDRINUSE, "in use")))
 
-    with relied_on(LIB, "StreamServerEndpointService._raiseSynchronously", "wsgateway/tls.py, wsgateway/worker.py"):
+    with relied_on(LIB, "StreamServerEndpointService._raiseSynchronously", "wsgateway/tls.py, wsgateway/workers/child.py"):
         assert StreamServerEndpointService._raiseSynchronously is False
         service = StreamServerEndpointService(Refusing(), Factory())
         service._raiseSynchronously = True
@@ -360,14 +360,14 @@ def test_a_reader_returning_connection_done_gets_connection_lost() -> None:
     from twisted.internet import main
     from twisted.internet.pollreactor import PollReactor
 
-    from wsgateway.worker import ParentWatch
+    from wsgateway.workers.child import ParentWatch
 
     gone: list[bool] = []
     r, w = os.pipe()
     reactor = PollReactor()
     try:
         with relied_on(LIB, "twisted.internet.main.CONNECTION_DONE (returned by doRead: the reactor disconnects)",
-                       "wsgateway/worker.py"):
+                       "wsgateway/workers/child.py"):
             assert isinstance(main.CONNECTION_DONE, ConnectionDone)
             watch = ParentWatch(reactor, r, lambda: gone.append(True))
             os.close(w)
@@ -394,7 +394,7 @@ def test_a_reader_returning_connection_done_gets_connection_lost() -> None:
 def test_connection_pool_builds_its_factory_from_the_pool_factory_attribute() -> None:
     from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 
-    from wsgateway.aggregate import _QuietFactory
+    from wsgateway.workers.aggregate import _QuietFactory
 
     class Capturing:
         factory = None
@@ -404,7 +404,7 @@ def test_connection_pool_builds_its_factory_from_the_pool_factory_attribute() ->
             return Deferred()
 
     with relied_on(LIB, "twisted.web.client._HTTP11ClientFactory / HTTPConnectionPool._factory",
-                   "wsgateway/aggregate.py"):
+                   "wsgateway/workers/aggregate.py"):
         pool = HTTPConnectionPool(MemoryReactorClock(), persistent=False)
         assert pool._factory is _HTTP11ClientFactory
         assert issubclass(_HTTP11ClientFactory, Factory) and hasattr(_HTTP11ClientFactory, "noisy")
@@ -422,7 +422,7 @@ def test_request_disconnected_is_set_when_the_connection_is_lost() -> None:
     from twisted.web.resource import Resource
     from twisted.web.server import Request, Site
 
-    with relied_on(LIB, "twisted.web Request._disconnected", "wsgateway/admin.py, wsgateway/parentadmin.py"):
+    with relied_on(LIB, "twisted.web Request._disconnected", "wsgateway/ops/admin.py, wsgateway/workers/admin.py"):
         channel = HTTPChannel()
         channel.site = Site(Resource())
         channel.makeConnection(StringTransport())
@@ -437,7 +437,7 @@ def test_request_disconnected_is_set_when_the_connection_is_lost() -> None:
 
 def test_server_from_string_parses_without_a_reactor() -> None:
     with relied_on(LIB, "endpoints.serverFromString(None, ...) (parses, never touches the reactor)",
-                   "wsgateway/config.py"):
+                   "wsgateway/config/loader.py"):
         ep = endpoints.serverFromString(None, "tcp:0:interface=127.0.0.1:backlog=511")
         assert isinstance(ep, endpoints.TCP4ServerEndpoint)
         with pytest.raises((ValueError, KeyError, TypeError)):

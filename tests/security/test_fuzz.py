@@ -29,11 +29,11 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from wsgateway import routing
-from wsgateway.auth import AuthFailed, KeySet, TokenVerifier, UnknownKey, extract_token
-from wsgateway.config import AuthConfig, ConfigError, GatewayConfig, load
-from wsgateway.headers import HeaderInjection, upstream_headers
-from wsgateway.routing import PatternError, Router, TemplateError, compile_pattern, upstream_target
+from wsgateway.routing import router as routing
+from wsgateway.auth.verifier import AuthFailed, KeySet, TokenVerifier, UnknownKey, extract_token
+from wsgateway.config.loader import AuthConfig, ConfigError, GatewayConfig, load
+from wsgateway.handshake.headers import HeaderInjection, upstream_headers
+from wsgateway.routing.router import PatternError, Router, TemplateError, compile_pattern, upstream_target
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FUZZ_SLOW = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -1,0 +1,224 @@
+# -*- test-case-name: tests.test_broadcast -*-
+"""
+The client side of channels: what a broker delivers to one connection, with
+a bounded outbound queue so a slow subscriber never holds back the others.
+
+``Outbox`` is the policy (reactor-free): messages go straight to the socket
+while it keeps up; once Twisted says the socket's buffer is full
+(``pauseProducing``), they wait in a queue of at most ``limit`` bytes, and
+when that overflows the route's ``slow_consumer`` policy applies: ``close``
+(1008 "slow consumer") or ``drop_oldest``. Either way it is counted.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from autobahn.websocket.protocol import WebSocketProtocol
+from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from wsgateway import codes
+from wsgateway.handshake.admission import TokenBucket
+
+SLOW_CONSUMER = "slow consumer"
+OPEN = WebSocketProtocol.STATE_OPEN
+TRY_AGAIN_LATER = 1013  # RFC 6455 registry: "Try Again Later"
+
+
+@implementer(IPushProducer)
+class Outbox:
+    """
+    Registered as the streaming producer of the client transport, which is
+    how it learns that the socket is full; ``send`` writes one whole
+    message, ``close`` ends the connection with a policy close.
+    """
+
+    __slots__ = ("_send", "_close", "limit", "policy", "queue", "queued", "paused", "dropped", "closed", "on_drop")
+
+    def __init__(
+        self,
+        send: Callable[[bytes, bool], None],
+        close: Callable[[int, str], None],
+        *,
+        limit: int,
+        policy: str,
+        on_drop: Callable[[int], None] | None = None,
+    ) -> None:
+        self._send = send
+        self._close = close
+        self.limit = limit
+        self.policy = policy
+        self.queue: deque[tuple[bytes, bool]] = deque()
+        self.queued = 0
+        self.paused = False
+        self.dropped = 0
+        self.closed = False
+        self.on_drop = on_drop
+
+    def deliver(self, payload: bytes, binary: bool) -> None:
+        if self.closed:
+            return
+        if not self.paused and not self.queue:
+            self._send(payload, binary)
+            return
+        self.queue.append((payload, binary))
+        self.queued += len(payload)
+        if self.queued <= self.limit:
+            return
+        if self.policy == "drop_oldest":
+            n = 0
+            while self.queued > self.limit and len(self.queue) > 1:
+                old, _ = self.queue.popleft()
+                self.queued -= len(old)
+                n += 1
+            self.dropped += n
+            if self.on_drop is not None:
+                self.on_drop(n)
+        else:
+            self.closed = True
+            self.dropped += len(self.queue)
+            if self.on_drop is not None:
+                self.on_drop(len(self.queue))
+            self.queue.clear()
+            self.queued = 0
+            self._close(codes.POLICY_VIOLATION, SLOW_CONSUMER)
+
+    # IPushProducer: the transport's signals about its own buffer
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        while self.queue and not self.paused and not self.closed:
+            payload, binary = self.queue.popleft()
+            self.queued -= len(payload)
+            self._send(payload, binary)  # may pause us again at once
+
+    def stopProducing(self) -> None:
+        self.closed = True
+        self.queue.clear()
+        self.queued = 0
+
+
+class Subscription:
+    """One connection's membership of channels on a broker."""
+
+    __slots__ = ("broker", "outbox", "channels")
+
+    def __init__(self, broker: Any, outbox: Outbox, channels: tuple[str, ...]) -> None:
+        self.broker = broker
+        self.outbox = outbox
+        self.channels = channels
+        for channel in channels:
+            broker.subscribe(channel, self)
+
+    def deliver(self, payload: bytes, binary: bool) -> None:
+        self.outbox.deliver(payload, binary)
+
+    def cancel(self) -> None:
+        for channel in self.channels:
+            self.broker.unsubscribe(channel, self)
+        self.channels = ()
+
+
+class ChannelSession:
+    """
+    A client of a ``mode = broadcast`` route: what it sends is published to
+    its channel (``client_publish``), what the channel carries is delivered
+    to it through its Outbox. Autobahn keeps the connection (pings, close,
+    UTF-8 checks); this object only connects it to the broker.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        proto: Any,
+        broker: Any,
+        channel: str,
+        *,
+        conn_id: str,
+        user: str | None,
+        client_publish: bool,
+        slow_consumer: str,
+        queue_limit: int,
+        messages_per_second: float,
+        clock: IReactorTime,
+        on_drop: Callable[[int], None] | None = None,
+    ) -> None:
+        self.proto = proto
+        self.broker = broker
+        self.channel = channel
+        self.conn_id = conn_id
+        self.client_publish = client_publish
+        self.clock = clock
+        # named like a relay's counters, for stats and the access line
+        self.messages_c2u = self.messages_u2c = self.bytes_c2u = self.bytes_u2c = 0
+        self.bucket = (
+            TokenBucket(messages_per_second, max(2.0 * messages_per_second, 1.0), clock.seconds())
+            if messages_per_second > 0
+            else None
+        )
+        self.outbox = Outbox(self._send, self._close, limit=queue_limit, policy=slow_consumer, on_drop=on_drop)
+        proto.transport.registerProducer(self.outbox, True)
+        self.subscription = Subscription(broker, self.outbox, (channel,))
+        broker.join(channel, conn_id, user)
+
+    def _send(self, payload: bytes, binary: bool) -> None:
+        self.messages_u2c += 1
+        self.bytes_u2c += len(payload)
+        self.proto.sendMessage(payload, binary)
+
+    def _close(self, code: int, reason: str) -> None:
+        self.log.info("{conn_id} closing client: {code} {reason}", conn_id=self.conn_id, code=code, reason=reason)
+        if self.proto.state == OPEN:
+            # not sendClose: Autobahn lets applications send only 1000 and
+            # 3000-4999, and these are the gateway's own protocol-level codes
+            self.proto.sendCloseFrame(code, reason.encode(), isReply=False)
+
+    def message(self, payload: bytes, binary: bool) -> None:
+        """A whole message from the client."""
+        if self.outbox.closed:
+            return
+        if self.bucket is not None and not self.bucket.take(self.clock.seconds()):
+            self.outbox.closed = True
+            self._close(codes.POLICY_VIOLATION, codes.REASON_RATE_LIMIT)
+            return
+        if not self.client_publish:
+            return  # a listen-only channel: what clients send goes nowhere (README)
+        self.messages_c2u += 1
+        self.bytes_c2u += len(payload)
+        self.broker.publish(self.channel, payload, binary, origin=self.subscription).addErrback(self._not_published)
+
+    def _not_published(self, f: Failure) -> None:
+        # Redis is down or lagging: say so rather than lose the message
+        # quietly; the client reconnects and gets 503 until the broker is back.
+        self.log.info("{conn_id} could not publish to {channel}: {error}", conn_id=self.conn_id,
+                      channel=self.channel, error=f.getErrorMessage())
+        if not self.outbox.closed:
+            self.outbox.closed = True
+            self._close(TRY_AGAIN_LATER, "broadcast unavailable")
+
+    upstream = None  # for the shutdown drain, which handles relays and sessions alike
+
+    @property
+    def client(self) -> Any:
+        return self.proto.transport
+
+    def drain(self, code: int = codes.GOING_AWAY, reason: str = "server shutting down") -> None:
+        """The shutdown close (docs/operations.md#signals-and-lifecycle): 1001, after what is already queued for the client."""
+        if not self.outbox.closed:
+            self.outbox.closed = True
+            self._close(code, reason)
+
+    def ended(self) -> None:
+        """The connection is gone: leave the channel."""
+        self.outbox.stopProducing()
+        self.subscription.cancel()
+        self.broker.leave(self.channel, self.conn_id)

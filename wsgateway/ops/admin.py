@@ -1,0 +1,444 @@
+# -*- test-case-name: tests.test_admin -*-
+"""
+The admin port (docs/admin-api.md): ``/healthz``, ``/readyz``, ``/metrics``,
+the dashboard at ``/``, and the bearer-token ``/admin/*`` JSON API.
+
+Every resource reads the gateway through a ``GatewayView`` at request time,
+never a copy taken at startup: a SIGHUP reload swaps routes and upstreams.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import json
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import pages
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+
+from wsgateway.config.loader import RouteConfig
+from wsgateway.upstream.health import eligible_nodes
+from wsgateway.ops.logs import LEVELS
+from wsgateway.durable.entries import QueueUnavailable
+from wsgateway.ops.stats import C2U, U2C, GatewayStats
+from wsgateway.upstream.pool import Upstream
+
+MAX_BODY = 64 * 1024  # admin requests are tiny JSON documents
+
+
+class GatewayView(Protocol):
+    """What the admin port needs of the running gateway (GatewayService provides it)."""
+
+    @property
+    def routes(self) -> Sequence[RouteConfig]: ...
+
+    @property
+    def upstreams(self) -> Mapping[str, Upstream[Any]]: ...
+
+    stats: GatewayStats
+    draining: bool
+    broker: Any  # broker.InProcessBroker | broker.RedisBroker
+
+    def listening(self) -> bool: ...
+
+    def now(self) -> float: ...
+
+    def set_log_level(self, level: str) -> None: ...
+
+
+class JSONResource(Resource):
+    isLeaf = True
+
+    def answer(self, request: Request, status: int, body: Any) -> bytes:
+        request.setResponseCode(status)
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        return json.dumps(body, indent=1).encode("utf-8") + b"\n"
+
+    def error(self, request: Request, status: int, message: str) -> bytes:
+        return self.answer(request, status, {"error": message})
+
+
+class Healthz(JSONResource):
+    """200 while the process runs: for liveness probes."""
+
+    def render_GET(self, request: Request) -> bytes:
+        return self.answer(request, 200, {"status": "ok"})
+
+
+def upstreams_view(view: GatewayView) -> dict[str, Any]:
+    now = view.now()
+    return {
+        name: {"ready": bool(eligible_nodes(up.nodes, now)), "balance": up.config.balance, "nodes": up.snapshot()}
+        for name, up in view.upstreams.items()
+    }
+
+
+def routes_view(view: GatewayView) -> list[dict[str, Any]]:
+    active = view.stats.active()
+    traffic = view.stats.traffic()
+    out = []
+    for r in view.routes:
+        t = traffic.get(r.name)
+        out.append({
+            "name": r.name,
+            "path": r.path,
+            "host": r.host,
+            "mode": r.mode,
+            "upstream": r.upstream,
+            "auth": r.auth,
+            "connections": active.get(r.name, 0),
+            "messages": {C2U: t.messages[C2U] if t else 0, U2C: t.messages[U2C] if t else 0},
+            "bytes": {C2U: t.bytes[C2U] if t else 0, U2C: t.bytes[U2C] if t else 0},
+        })
+    return out
+
+
+class Readyz(JSONResource):
+    """
+    200 ``ready`` when the gateway listens and every upstream has a node a
+    new connection may use; else 503 ``unready``, or ``draining`` once a
+    shutdown began. The body has every node's state (healthy, unhealthy,
+    ejected, draining) and the reason of its last failure.
+    """
+
+    def __init__(self, view: GatewayView) -> None:
+        super().__init__()
+        self.view = view
+
+    def render_GET(self, request: Request) -> bytes:
+        status, upstreams = readiness(self.view)
+        return self.answer(request, 200 if status in ("ready", "degraded") else 503,
+                           {"status": status, "broker": "up" if self.view.broker.ready else "down",
+                            "upstreams": upstreams})
+
+
+def readiness(view: GatewayView) -> tuple[str, dict[str, Any]]:
+    """The gateway's status as /readyz (and the dashboard) report it, with ``upstreams_view``."""
+    upstreams = upstreams_view(view)
+    if view.draining:
+        status = "draining"
+    elif not (view.listening() and all(u["ready"] for u in upstreams.values())):
+        status = "unready"
+    elif not view.broker.ready:
+        # proxying works, broadcast does not (Redis is away): still 200,
+        # so a load balancer keeps sending the proxied traffic
+        status = "degraded"
+    else:
+        status = "ready"
+    return status, upstreams
+
+
+class AdminAPI(Resource):
+    """
+    ``/admin/*``: every request needs ``Authorization: Bearer TOKEN``,
+    compared in constant time; 401 otherwise (with no hint which part was
+    wrong). Without a configured token this tree is not mounted at all.
+    """
+
+    log = Logger()
+    isLeaf = True  # dispatches on request.postpath itself
+
+    def __init__(self, view: GatewayView, token: str) -> None:
+        super().__init__()
+        self.view = view
+        self._token = token.encode()
+        self._handlers: dict[tuple[bytes, tuple[bytes, ...]], Callable[[Request, tuple[bytes, ...]], Any]] = {}
+        self.route(b"GET", (b"routes",), lambda req, _: routes_view(self.view))
+        self.route(b"GET", (b"upstreams",), lambda req, _: upstreams_view(self.view))
+        self.route(b"GET", (b"connections",), self._connections)
+        self.route(b"PUT", (b"log-level",), self._log_level)
+        self.route(b"POST", (b"upstreams", b"*", b"drain"), self._drain)
+        self.route(b"POST", (b"upstreams", b"*", b"undrain"), self._undrain)
+        self.route(b"POST", (b"publish",), self._publish)
+        self.route(b"GET", (b"channels",), lambda req, _: self.view.broker.channels())
+        self.route(b"GET", (b"channels", b"*"), self._channel)
+        self.route(b"GET", (b"queue",), self._queue)
+        self.route(b"POST", (b"queue", b"replay"), self._queue_replay)
+        self.route(b"POST", (b"queue", b"purge"), self._queue_purge)
+
+    def route(self, method: bytes, path: tuple[bytes, ...], handler: Callable[[Request, tuple[bytes, ...]], Any]) -> None:
+        """Add an endpoint; ``*`` in ``path`` matches one segment, handed to the handler."""
+        self._handlers[(method, path)] = handler
+
+    def render(self, request: Request) -> bytes:
+        leaf = JSONResource()
+        if not self._authorized(request):
+            request.setHeader(b"www-authenticate", b'Bearer realm="wsgateway-admin"')
+            return leaf.error(request, 401, "a valid admin bearer token is required")
+        segments = tuple(s for s in request.postpath if s)
+        found = self._find(request.method, segments)
+        if found is None:
+            known = any(self._find(m, segments) for m in (b"GET", b"PUT", b"POST"))
+            if known:
+                return leaf.error(request, 405, "method not allowed")
+            return leaf.error(request, 404, "no such admin endpoint")
+        handler, args = found
+        try:
+            result = handler(request, args)
+        except _Refused as e:
+            return leaf.error(request, e.status, e.message)
+        if not isinstance(result, Deferred):
+            return leaf.answer(request, 200, result)
+
+        def done(value: Any) -> None:
+            if not request.finished and not request._disconnected:
+                request.write(leaf.answer(request, 200, value))
+                request.finish()
+
+        def failed(f: Failure) -> None:
+            e = f.value
+            if isinstance(e, _Refused):
+                status, message = e.status, e.message
+            else:
+                status, message = 503, "queue unavailable" if f.check(QueueUnavailable) else "broker unavailable"
+            if not isinstance(e, _Refused):
+                self.log.info("admin request failed: {error}", error=f.getErrorMessage())
+            if not request.finished and not request._disconnected:
+                request.write(leaf.error(request, status, message))
+                request.finish()
+
+        result.addCallbacks(done, failed)
+        return NOT_DONE_YET
+
+    def _authorized(self, request: Request) -> bool:
+        scheme, _, value = (request.getHeader(b"authorization") or b"").partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(value.strip(), self._token)
+
+    def _find(
+        self, method: bytes, segments: tuple[bytes, ...]
+    ) -> tuple[Callable[[Request, tuple[bytes, ...]], Any], tuple[bytes, ...]] | None:
+        for (m, pattern), handler in self._handlers.items():
+            if m != method or len(pattern) != len(segments):
+                continue
+            args = []
+            for want, got in zip(pattern, segments):
+                if want == b"*":
+                    args.append(got)
+                elif want != got:
+                    break
+            else:
+                return handler, tuple(args)
+        return None
+
+    def _connections(self, request: Request, _: tuple[bytes, ...]) -> Any:
+        route = request.args.get(b"route", [None])[0]
+        now = self.view.now()
+        return [
+            {
+                "conn_id": c.conn_id,
+                "route": c.route,
+                "upstream": c.upstream,
+                "node": c.node,
+                "peer": c.peer,
+                "trace_id": c.trace_id,
+                "subject": c.subject,
+                "age": round(now - c.started, 3),
+                "messages": {C2U: c.relay.messages_c2u, U2C: c.relay.messages_u2c},
+                "bytes": {C2U: c.relay.bytes_c2u, U2C: c.relay.bytes_u2c},
+            }
+            for c in self.view.stats.connections(route.decode() if route else None)
+        ]
+
+    def _log_level(self, request: Request, _: tuple[bytes, ...]) -> Any:
+        body = json_body(request)
+        level = body.get("level")
+        if level not in LEVELS:
+            raise _Refused(400, f"level must be one of {', '.join(LEVELS)}")
+        # logged before the switch, so raising the level still leaves a trace of it
+        self.log.info("log level set to {new_level} through the admin API", new_level=level)
+        self.view.set_log_level(level)
+        return {"level": level}
+
+    def _node(self, request: Request, name: bytes) -> Any:
+        up = self.view.upstreams.get(name.decode("utf-8", "replace"))
+        if up is None:
+            raise _Refused(404, "no such upstream")
+        node_url = json_body(request).get("node")
+        node = next((n for n in up.nodes if n.url == node_url), None)
+        if node is None:
+            raise _Refused(404, f"no such node in upstream {up.name}")
+        return up, node
+
+    def _drain(self, request: Request, args: tuple[bytes, ...]) -> Any:
+        up, node = self._node(request, args[0])
+        up.drain(node.url)
+        self.log.info("node {node} of {upstream} drained through the admin API", node=node.url, upstream=up.name)
+        return {"upstream": up.name, "node": node.url, "draining": True, "active": node.active}
+
+    def _undrain(self, request: Request, args: tuple[bytes, ...]) -> Any:
+        up, node = self._node(request, args[0])
+        up.undrain(node.url)
+        self.log.info("node {node} of {upstream} back in service", node=node.url, upstream=up.name)
+        return {"upstream": up.name, "node": node.url, "draining": False, "active": node.active}
+
+
+    def _publish(self, request: Request, _: tuple[bytes, ...]) -> Any:
+        """docs/protocol.md#broadcast-channels: ``{"channel": "...", "message": "...", "binary": false}``; binary messages in base64."""
+        body = json_body(request)
+        channel, message, binary = body.get("channel"), body.get("message"), body.get("binary", False)
+        if not isinstance(channel, str) or not channel or not isinstance(message, str) or not isinstance(binary, bool):
+            raise _Refused(400, 'expected {"channel": "...", "message": "...", "binary": false}')
+        if binary:
+            try:
+                payload = base64.b64decode(message, validate=True)
+            except ValueError:
+                raise _Refused(400, "a binary message must be base64") from None
+        else:
+            payload = message.encode("utf-8", "surrogatepass")
+        if not self.view.broker.ready:
+            raise _Refused(503, "broker unavailable")
+        d = self.view.broker.publish(channel, payload, binary, origin=None)
+        return d.addCallback(lambda _: {"channel": channel, "published": True, "bytes": len(payload)})
+
+    def _channel(self, request: Request, args: tuple[bytes, ...]) -> Any:
+        """Who is on a channel, across the cluster (presence)."""
+        name = args[0].decode("utf-8", "replace")  # twisted.web has percent-decoded the segment
+        return self.view.broker.presence(name).addCallback(
+            lambda entries: {"channel": name, "connections": list(entries)}
+        )
+
+
+    # -- the durable queue (docs/durable-delivery.md) ------------------------------------
+
+    def _delivery(self) -> Any:
+        queue = getattr(self.view, "queue", None)
+        if queue is None:
+            raise _Refused(404, "no route has delivery = at_least_once: the durable queue is not in use")
+        return queue
+
+    def _queue(self, request: Request, _: tuple[bytes, ...]) -> Any:
+        """Depth and oldest age per route, dead letters (oldest 100, or ?route=, ?limit=)."""
+        queue = self._delivery()
+        route = request.args.get(b"route", [None])[0]
+        try:
+            limit = max(0, min(int(request.args.get(b"limit", [b"100"])[0]), 10000))
+        except ValueError:
+            raise _Refused(400, "limit must be a number") from None
+        name = route.decode("utf-8", "replace") if route else None
+        store = queue.store
+
+        async def read() -> dict[str, Any]:
+            depth = await store.depth()
+            dead = await store.dead_letters(limit, name)
+            routes = {r: v for r, v in depth.items() if name is None or r == name}
+            return {
+                "backend": type(store).__name__,
+                "depth": int(sum(v["depth"] for v in routes.values())),
+                "dead": int(sum(v["dead"] for v in routes.values())),
+                "routes": {r: {"depth": int(v["depth"]), "oldest_age": round(v["oldest_age"], 3), "dead": int(v["dead"])}
+                           for r, v in sorted(routes.items())},
+                "live_connections": len(queue.live),
+                "delivered": queue.deliverer.delivered if queue.deliverer is not None else 0,
+                "failures": queue.failures,
+                "dead_letters": [_dead_letter(d) for d in dead],
+            }
+
+        return Deferred.fromCoroutine(read())
+
+    def _queue_replay(self, request: Request, _: tuple[bytes, ...]) -> Any:
+        """
+        ``{}``: deliver what is queued now (no waiting for the next pass);
+        ``{"dead": true}`` (optionally with ``"route"`` or ``"ids"``): put
+        dead letters back in the queue first, with fresh attempts.
+        """
+        queue = self._delivery()
+        body = json_body(request)
+        route, ids, dead = body.get("route"), body.get("ids"), body.get("dead", False)
+        bad_ids = ids is not None and not (isinstance(ids, list) and all(isinstance(i, (int, str)) for i in ids))
+        if (route is not None and not isinstance(route, str)) or not isinstance(dead, bool) or bad_ids:
+            raise _Refused(400, 'expected {"dead": true, "route": "...", "ids": [...]} (all optional)')
+        store = queue.store
+
+        async def run() -> dict[str, Any]:
+            moved = 0
+            if dead or ids is not None:
+                chosen = ids
+                if chosen is None and route is not None:
+                    chosen = [d.entry.id for d in await store.dead_letters(1_000_000, route)]
+                moved = await store.replay_dead(chosen)
+                self.log.info("{n} dead letters put back in the queue through the admin API", n=moved)
+            if queue.deliverer is not None:
+                queue.deliverer.kick()
+            return {"replayed": moved, "delivering": True}
+
+        return Deferred.fromCoroutine(run())
+
+    def _queue_purge(self, request: Request, _: tuple[bytes, ...]) -> Any:
+        """``{"route": "..."}`` or ``{"all": true}``; ``"dead": true`` purges dead letters instead."""
+        queue = self._delivery()
+        body = json_body(request)
+        route, everything, dead = body.get("route"), body.get("all", False), body.get("dead", False)
+        if not isinstance(dead, bool) or not isinstance(everything, bool) or (route is None) != everything \
+                or route is not None and not isinstance(route, str):
+            raise _Refused(400, 'expected {"route": "..."} or {"all": true}, and optionally "dead": true')
+        d = queue.store.purge(route, dead=dead)
+
+        def done(n: int) -> dict[str, Any]:
+            self.log.warn("purged {n} {what} of {scope} through the admin API", n=n,
+                          what="dead letters" if dead else "queued entries", scope=route or "every route")
+            if queue.deliverer is not None:
+                queue.deliverer.kick()  # its pass refreshes wsgateway_queue_depth
+            return {"purged": n, "dead": dead, "route": route}
+
+        return d.addCallback(done)
+
+
+def _dead_letter(d: Any) -> dict[str, Any]:
+    e = d.entry
+    return {"id": e.id, "entry_id": e.entry_id, "route": e.route, "conn_id": e.conn_key, "seq": e.seq,
+            "binary": e.binary, "bytes": len(e.message), "attempts": e.attempts, "first_seen": e.first_seen,
+            "reason": d.reason, "dead_at": d.dead_at}
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def json_body(request: Request) -> dict[str, Any]:
+    """The request's JSON object; 400 for anything else, 413 over MAX_BODY."""
+    data = request.content.read(MAX_BODY + 1) if request.content is not None else b""
+    if len(data) > MAX_BODY:
+        raise _Refused(413, "request body too large")
+    try:
+        body = json.loads(data or b"{}")
+    except ValueError:
+        raise _Refused(400, "the body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise _Refused(400, "the body must be a JSON object")
+    return body
+
+
+class Root(Resource):
+    """The admin port's root: an unknown path is Twisted's escaped 404 page
+    (``Resource``'s own default is deprecated for not escaping HTML)."""
+
+    def getChild(self, path: bytes, request: Request) -> IResource:
+        return pages.notFound()
+
+
+def admin_site(view: GatewayView, *, token: str | None, extra: Mapping[bytes, Resource] | None = None) -> Site:
+    """
+    The admin port's tree. ``extra`` mounts further top-level resources
+    (``metrics``, the dashboard) built by their own modules.
+    """
+    root = Root()
+    root.putChild(b"healthz", Healthz())
+    root.putChild(b"readyz", Readyz(view))
+    if token:
+        root.putChild(b"admin", AdminAPI(view, token))
+    for name, resource in (extra or {}).items():
+        root.putChild(name, resource)
+    site = Site(root)
+    site.displayTracebacks = False
+    site.noisy = False
+    return site

@@ -1,0 +1,496 @@
+# -*- test-case-name: tests.test_workers -*-
+"""
+``[gateway] workers = N`` (N > 1): the twistd process becomes a parent that
+binds every ``[gateway] listen`` socket, starts N worker processes
+(``wsgateway.workers.child``) sharing them, and looks after them. It never accepts
+a client connection itself: the kernel hands each new connection to one of
+the workers waiting on the shared socket.
+
+The parent:
+
+- binds ``tcp:``, ``tcp6:`` and ``ssl:`` listeners (for ``ssl:`` only the
+  TCP socket: each worker does TLS itself, with its own reloadable
+  certificate) before twistd drops privileges, so ports below 1024 work
+  with ``--uid``;
+- starts each worker with the sockets as inherited file descriptors, a pipe
+  whose EOF tells the worker that the parent is gone (so ``kill -9`` of the
+  parent leaves no orphan serving clients), and its stdout and stderr as
+  pipes whose lines go into the parent's log (one writer per log file);
+- restarts a worker that dies, after 0.5 s, doubling up to 30 s while
+  replacements keep dying within 10 s of their start (a bad file on disk, a
+  port the worker cannot adopt), each restart logged with the reason;
+- SIGHUP: re-validates the file (logging what is wrong, if anything) and
+  forwards SIGHUP to every worker, which reloads exactly as a single process
+  does; SIGUSR1 reopens the log file (only the parent writes it);
+- SIGTERM: ``/readyz`` says draining, the parent closes its copies of the
+  listening sockets and sends SIGTERM to every worker, which stops accepting
+  (the sockets are then closed for good: new connections are refused) and
+  drains with its 1001 jitter; the parent waits up to drain_grace +
+  shutdown_timeout + 5 s, kills what is left, and exits 0;
+- serves the admin port once: ``/healthz`` is its own, the rest is merged
+  from the workers (``wsgateway.workers.aggregate``), which each serve their admin
+  resources on a private unix socket in a 0700 temporary folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics, generate_latest
+from prometheus_client.process_collector import ProcessCollector
+from twisted.application import strports
+from twisted.application.service import MultiService
+from twisted.internet import error
+from twisted.internet.defer import Deferred, DeferredList, gatherResults
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+import wsgateway
+from wsgateway.workers import aggregate
+from wsgateway.ops import logs
+from wsgateway import runtime
+from wsgateway.config.loader import DEFAULT_BACKLOG, ConfigError, GatewayConfig, _split_endpoint, load
+from wsgateway.service import _on_signal, _restore_signal, _sleep
+from wsgateway.workers.child import ENV, FIRST_FD, WorkerSetup
+
+RESTART_INITIAL = 0.5  # seconds before a dead worker's replacement starts
+RESTART_MAX = 30.0  # the cap while replacements keep dying young
+STABLE_AFTER = 10.0  # a worker that lived this long starts the backoff afresh
+STOP_MARGIN = 5.0  # beyond drain_grace + shutdown_timeout, before stragglers are killed
+REFRESH = 5.0  # seconds between background scrapes of the workers' counters
+MAX_LINE = 1024 * 1024  # a worker's output line longer than this is cut
+
+# The worker imports this very wsgateway: not "python -m wsgateway.workers.child",
+# which would look in the current folder first (twistd's, maybe holding
+# another checkout), nor a PYTHONPATH that an installed copy could follow.
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(wsgateway.__file__)))
+BOOT = "import sys; sys.path.insert(0, sys.argv.pop(1)); from wsgateway.workers.child import main; sys.exit(main())"
+
+
+def bind(desc: str) -> socket.socket:
+    """Bind and listen on one ``tcp:``, ``tcp6:`` or ``ssl:`` entry, as Twisted's endpoint would."""
+    parts = _split_endpoint(desc)
+    kind = parts[0][1].lower()
+    kw = {k: v for k, v in parts[1:] if k is not None}
+    positional = [v for k, v in parts[1:] if k is None]
+    port = int(kw.get("port", positional[0] if positional else "0"))
+    interface = kw.get("interface", "::" if kind == "tcp6" else "")
+    backlog = int(kw.get("backlog", DEFAULT_BACKLOG))
+    family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Twisted's tcp.Port
+        sock.bind((interface, port))
+        sock.listen(backlog)
+        sock.setblocking(False)  # the workers' adoptStreamPort needs it
+    except OSError as e:
+        sock.close()
+        raise error.CannotListenError(interface, port, e) from None
+    return sock
+
+
+def describe_exit(reason: Any) -> str:
+    signum = getattr(reason, "signal", None)
+    if signum:
+        try:
+            name = signal.Signals(signum).name
+        except ValueError:
+            name = str(signum)
+        return f"was killed by signal {signum} ({name})"
+    return f"exited with status {getattr(reason, 'exitCode', None)}"
+
+
+class WorkerSlot:
+    """Worker number ``id``: its current process, if any, and its history."""
+
+    def __init__(self, id: int, client: aggregate.WorkerClient) -> None:
+        self.id = id
+        self.client = client
+        self.process: Any = None  # IProcessTransport while it runs
+        self.pid: int | None = None
+        self.started = 0.0
+        self.restarts = 0
+        self.young_deaths = 0
+        self.pending: Any = None  # the IDelayedCall of a replacement
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None
+
+
+class WorkerOutput(ProcessProtocol):
+    """A worker's stdout lines into the parent's log as they are; its stderr lines as warnings."""
+
+    log = Logger()
+
+    def __init__(self, ended: Callable[[WorkerOutput, Any], None], worker: int) -> None:
+        self.ended = ended
+        self.worker = worker
+        self._out = b""
+        self._err = b""
+
+    def outReceived(self, data: bytes) -> None:
+        self._out = self._lines(self._out + data, logs.relay)
+
+    def errReceived(self, data: bytes) -> None:
+        self._err = self._lines(self._err + data, self._stderr)
+
+    def _stderr(self, line: str) -> None:
+        if line.strip():
+            self.log.warn("worker {worker} stderr: {line}", worker=self.worker, line=line)
+
+    @staticmethod
+    def _lines(buffer: bytes, emit: Callable[[str], None]) -> bytes:
+        *lines, rest = buffer.split(b"\n")
+        for line in lines:
+            emit(line.decode("utf-8", "replace"))
+        if len(rest) > MAX_LINE:
+            emit(rest.decode("utf-8", "replace"))
+            rest = b""
+        return rest
+
+    def processEnded(self, reason: Failure) -> None:
+        for rest, emit in ((self._out, logs.relay), (self._err, self._stderr)):
+            if rest:
+                emit(rest.decode("utf-8", "replace"))
+        self._out = self._err = b""
+        self.ended(self, reason.value)
+
+
+class WorkerPool:
+    """Starts, watches, signals and stops the worker processes."""
+
+    log = Logger()
+
+    def __init__(self, parent: WorkerParent) -> None:
+        self.parent = parent
+        self.reactor = parent.reactor
+        self.slots: list[WorkerSlot] = []
+        self.stopping = False
+
+    def start(self) -> None:
+        for slot in self.slots:
+            self._spawn(slot)
+
+    def _spawn(self, slot: WorkerSlot) -> None:
+        slot.pending = None
+        if self.stopping:
+            return
+        setup = self.parent.setup(slot.id)
+        try:
+            os.unlink(setup.control)  # a dead predecessor's socket file
+        except FileNotFoundError:
+            pass
+        env = dict(os.environ)
+        env[ENV] = setup.to_env()
+        child_fds: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
+        for index, sock in enumerate(self.parent.sockets):
+            child_fds[FIRST_FD + index] = sock.fileno()
+        args = [sys.executable, "-c", BOOT, PACKAGE_ROOT, "--id", str(slot.id), self.parent.config_path]
+        protocol = WorkerOutput(lambda p, reason: self._ended(slot, p, reason), slot.id)
+        try:
+            process = self.reactor.spawnProcess(protocol, sys.executable, args, env=env, childFDs=child_fds)
+        except Exception:
+            self.log.failure("worker {worker} could not be started", worker=slot.id)
+            self._schedule(slot, young=True)
+            return
+        slot.process, slot.pid, slot.started = process, process.pid, self.reactor.seconds()
+        if slot.restarts:
+            self.log.info("worker {worker} started again: pid {pid} (restart {restarts})", worker=slot.id,
+                          pid=process.pid, restarts=slot.restarts)
+        else:
+            self.log.info("worker {worker} started: pid {pid}", worker=slot.id, pid=process.pid)
+
+    def _ended(self, slot: WorkerSlot, protocol: WorkerOutput, reason: Any) -> None:
+        if slot.process is None or slot.process is not protocol.transport:
+            return
+        pid, lived = slot.pid, self.reactor.seconds() - slot.started
+        slot.process = slot.pid = None
+        if pid is not None:
+            self.parent.aggregate.retire(pid)
+        how = describe_exit(reason)
+        if self.stopping:
+            self.log.info("worker {worker} (pid {pid}) {how}", worker=slot.id, pid=pid, how=how)
+            return
+        delay = self._schedule(slot, young=lived < STABLE_AFTER)
+        self.log.error("worker {worker} (pid {pid}) {how} after {lived:.1f} s; a replacement starts in {delay:.1f} s",
+                       worker=slot.id, pid=pid, how=how, lived=lived, delay=delay)
+
+    def _schedule(self, slot: WorkerSlot, *, young: bool) -> float:
+        slot.young_deaths = slot.young_deaths + 1 if young else 1
+        delay = min(RESTART_MAX, RESTART_INITIAL * 2 ** (slot.young_deaths - 1))
+        slot.restarts += 1
+        self.parent.restarts.inc()
+        slot.pending = self.reactor.callLater(delay, self._spawn, slot)
+        return delay
+
+    def signal_all(self, name: str) -> int:
+        """Send SIGname to every running worker; how many got it."""
+        sent = 0
+        for slot in self.slots:
+            if slot.alive:
+                try:
+                    slot.process.signalProcess(name)
+                    sent += 1
+                except error.ProcessExitedAlready:
+                    pass
+        return sent
+
+    async def stop(self, timeout: float) -> None:
+        """SIGTERM to every worker; wait ``timeout`` seconds for them to drain and exit, then kill the rest."""
+        self.stopping = True
+        for slot in self.slots:
+            if slot.pending is not None and slot.pending.active():
+                slot.pending.cancel()
+            slot.pending = None
+        self.signal_all("TERM")
+        deadline = self.reactor.seconds() + timeout
+        while any(s.alive for s in self.slots) and self.reactor.seconds() < deadline:
+            await _sleep(self.reactor, 0.05)
+        left = [s.id for s in self.slots if s.alive]
+        if left:
+            self.log.warn("workers {left} still running {timeout} s after SIGTERM: killing them",
+                          left=", ".join(map(str, left)), timeout=timeout)
+            self.signal_all("KILL")
+            deadline = self.reactor.seconds() + 5.0
+            while any(s.alive for s in self.slots) and self.reactor.seconds() < deadline:
+                await _sleep(self.reactor, 0.05)
+
+
+class WorkerParent(MultiService):
+    """The service twistd runs when ``[gateway] workers`` > 1 (see the module docstring)."""
+
+    log = Logger()
+
+    def __init__(self, config: GatewayConfig, reactor: Any, *, config_path: str | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.config_path = config_path or config.path
+        self.draining = False
+        self.sockets: list[socket.socket] = []
+        self.control_dir = ""
+        self._token = secrets.token_urlsafe(32)  # the workers' /admin/*: only the parent knows it
+        # with a Redis queue every worker reports the whole cluster's depth: counted once
+        self.aggregate = aggregate.MetricsAggregate(
+            frozenset({"wsgateway_queue_depth"}) if config.queue.backend == "redis" else frozenset())
+        disable_created_metrics()
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        self.reloads = Counter("wsgateway_config_reloads", "Configuration reloads (SIGHUP) by result.", ["result"],
+                               registry=self.registry)
+        for result in ("ok", "error"):
+            self.reloads.labels(result)
+        # the parent's own: a crash loop shows here (and in the log)
+        self.restarts = Counter("wsgateway_worker_restarts",
+                                "Workers that died while the gateway ran (each is replaced).", registry=self.registry)
+        Gauge("wsgateway_workers_running", "Worker processes running now.",
+              registry=self.registry).set_function(lambda: sum(s.alive for s in self.pool.slots))
+        self.pool = WorkerPool(self)
+        self._refresh = LoopingCall(self._background_scrape)
+        self._refresh.clock = reactor
+        self._previous_sighup: Any = None
+        self._previous_sigusr1: Any = None
+        if config.admin is not None:
+            from wsgateway.workers.admin import parent_site
+
+            site = parent_site(self, config.admin.token or None)
+            for desc in config.admin.listen:
+                strports.service(desc, site, reactor=reactor).setServiceParent(self)
+        if config.demo is not None:
+            from wsgateway.dev.demo import DemoFactory
+
+            for desc in config.demo.listen:
+                strports.service(desc, DemoFactory(reactor=reactor), reactor=reactor).setServiceParent(self)
+
+    def setup(self, worker: int) -> WorkerSetup:
+        gw = self.config.gateway
+        return WorkerSetup(id=worker, node_id=gw.node_id, listen=gw.listen, workers=gw.workers,
+                           control=os.path.join(self.control_dir, f"w{worker}.sock"), token=self._token)
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def privilegedStartService(self) -> None:
+        # before twistd drops privileges (--uid): ports below 1024 need them
+        self._bind()
+        super().privilegedStartService()
+
+    def _bind(self) -> None:
+        if self.sockets:
+            return
+        try:
+            for desc in self.config.gateway.listen:
+                self.sockets.append(bind(desc))
+        except Exception:
+            for sock in self.sockets:
+                sock.close()
+            self.sockets = []
+            raise
+
+    def startService(self) -> None:
+        self._bind()
+        self._adopt_orphaned_queues()
+        gw = self.config.gateway
+        self.log.info("wsgateway node {node_id} starting {workers} worker processes sharing {listen}",
+                      node_id=gw.node_id, workers=gw.workers, listen=" ".join(gw.listen))
+        self.control_dir = tempfile.mkdtemp(prefix="wsgateway-")  # 0700: only our user reaches the workers
+        self.pool.slots = [
+            WorkerSlot(i, aggregate.WorkerClient(self.reactor, os.path.join(self.control_dir, f"w{i}.sock"),
+                                                 self._token))
+            for i in range(1, gw.workers + 1)
+        ]
+        self._previous_sighup = _on_signal("SIGHUP", self.reactor, self.reload)
+        self._previous_sigusr1 = _on_signal("SIGUSR1", self.reactor, self.reopen_logs)
+        super().startService()
+        self.reactor.callWhenRunning(self.pool.start)
+        self._refresh.start(REFRESH, now=False)
+
+    def _adopt_orphaned_queues(self) -> None:
+        if self.config.queue.backend == "sqlite":
+            from wsgateway.durable.sqlite import adopt_orphans  # sqlite3 only when it is the queue
+
+            adopt_orphans(self.config.queue.path, self.config.gateway.workers)
+
+    def reopen_logs(self) -> None:
+        count = logs.reopen()
+        self.log.info("SIGUSR1: reopened {count} log file(s)", count=count)
+
+    def reload(self) -> None:
+        """SIGHUP: check the file here (the workers each reload it, and log, themselves), then forward."""
+        if self.draining:
+            self.log.info("SIGHUP during the shutdown drain: nothing reloaded")
+            return
+        path = self.config_path
+        try:
+            new = load(path)
+        except ConfigError as e:
+            for line in e.errors:
+                self.log.error("{problem}", problem=line)
+            self.log.error("SIGHUP: {path} has {count} error(s), each logged above: the workers will reject it and "
+                           "keep their running configuration (they still reload their TLS certificates)",
+                           path=path, count=len(e.errors))
+            self.reloads.labels("error").inc()
+        else:
+            self.log.info("SIGHUP: {path} checked, no errors", path=path)
+            running = self.config
+            restart = runtime.restart_needed(running, new)
+            self.config = runtime.keep_running_values(running, new)
+            if restart:
+                self.log.warn("reload of {path}: {keys} changed, which takes a restart; still using the running "
+                              "value(s)", path=path, keys=", ".join(restart))
+            if self.config.log.level != running.log.level:
+                logs.set_level(self.config.log.level)
+            self.reloads.labels("ok").inc()
+        sent = self.pool.signal_all("HUP")
+        self.log.info("SIGHUP forwarded to {sent} worker(s); each logs its own reload", sent=sent)
+
+    def stopService(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        self.draining = True  # /readyz: draining
+        if self._refresh.running:
+            self._refresh.stop()
+        # Our copies first: once every worker has closed its own too, the
+        # socket is gone and new connections are refused, not left waiting.
+        for sock in self.sockets:
+            sock.close()
+        gw = self.config.gateway
+        self.log.info("stopping: SIGTERM to the workers; each drains its connections (1001 from {grace} s on, "
+                      "cut off at {end} s)", grace=gw.drain_grace, end=gw.drain_grace + gw.shutdown_timeout)
+        await self.pool.stop(gw.drain_grace + gw.shutdown_timeout + STOP_MARGIN)
+        await DeferredList([Deferred.fromCoroutine(_maybe(svc.stopService())) for svc in self])
+        self.running = 0
+        shutil.rmtree(self.control_dir, ignore_errors=True)
+        for name, previous in (("SIGHUP", self._previous_sighup), ("SIGUSR1", self._previous_sigusr1)):
+            if previous is not None:
+                _restore_signal(name, previous)
+        self._previous_sighup = self._previous_sigusr1 = None
+        if getattr(self.reactor, "_exitSignal", None) is not None:
+            self.reactor._exitSignal = None  # an orderly drain exits 0 (docs/operations.md#signals-and-lifecycle)
+        self.log.info("all workers stopped")
+
+    # -- asking the workers --------------------------------------------------
+
+    async def ask(self, slot: WorkerSlot, method: bytes, uri: bytes, body: bytes | None = None
+                  ) -> tuple[int, bytes] | None:
+        """One worker's answer, or None (not running, not answering in time)."""
+        if not slot.alive:
+            return None
+        try:
+            return await slot.client.request(method, uri, body)
+        except Exception:
+            return None
+
+    async def ask_all(self, method: bytes, uri: bytes, body: bytes | None = None
+                      ) -> list[tuple[WorkerSlot, tuple[int, bytes] | None]]:
+        slots = list(self.pool.slots)
+        answers = await gatherResults([Deferred.fromCoroutine(self.ask(s, method, uri, body)) for s in slots])
+        return list(zip(slots, answers))
+
+    async def scrape(self) -> None:
+        """Every running worker's /metrics into the aggregate."""
+        pids = {s.id: s.pid for s in self.pool.slots}
+        for slot, answer in await self.ask_all(b"GET", b"/metrics"):
+            pid = pids[slot.id]
+            # only if it is still the process that answered (a dead one is retired for good)
+            if answer is not None and answer[0] == 200 and pid is not None and slot.pid == pid:
+                try:
+                    self.aggregate.update(pid, answer[1].decode("utf-8", "replace"))
+                except ValueError:
+                    self.log.warn("worker {worker} answered /metrics with text that does not parse", worker=slot.id)
+
+    def _background_scrape(self) -> Deferred[None]:
+        # keeps each worker's last counters fresh, for when it dies; never stops the loop
+        d = Deferred.fromCoroutine(self.scrape())
+        d.addErrback(lambda f: self.log.failure("background scrape of the workers failed", f))
+        return d
+
+    async def metrics(self) -> bytes:
+        await self.scrape()
+        return self.aggregate.render(generate_latest(self.registry).decode())
+
+    async def views(self, uri: bytes) -> list[tuple[WorkerSlot, Any]]:
+        """Each worker's JSON at ``uri`` (None where it did not answer 200)."""
+        out = []
+        for slot, answer in await self.ask_all(b"GET", uri):
+            body = None
+            if answer is not None and answer[0] == 200:
+                try:
+                    body = json.loads(answer[1])
+                except ValueError:
+                    pass
+            out.append((slot, body))
+        return out
+
+    async def readiness(self) -> dict[str, Any]:
+        """/readyz for the whole gateway: ready when every worker is; the workers, each with its pid."""
+        answers = await self.views(b"/readyz")
+        workers, upstreams, broker_down = [], [], False
+        for slot, body in answers:
+            if isinstance(body, dict):
+                status = body.get("status", "unready")
+                upstreams.append(body.get("upstreams", {}))
+                broker_down = broker_down or body.get("broker") == "down"
+            else:
+                status = "starting" if slot.alive else "down"
+            workers.append({"id": slot.id, "pid": slot.pid, "status": status, "restarts": slot.restarts})
+        status = aggregate.combine_status(self.draining, [w["status"] for w in workers])
+        return {"status": status, "broker": "down" if broker_down else "up",
+                "upstreams": aggregate.merge_upstreams(upstreams), "workers": workers}
+
+
+async def _maybe(result: Any) -> None:
+    if isinstance(result, Deferred):
+        await result
