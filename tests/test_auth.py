@@ -17,20 +17,10 @@ import pytest_twisted
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from wsgateway.auth.verifier import (
-    AuthFailed,
-    Authenticator,
-    Identity,
-    KeySet,
-    TokenVerifier,
-    UnknownKey,
-    api_key_identity,
-    check_roles,
-    claim_headers,
-    extract_token,
-    parse_api_keys,
-    roles_of,
-)
+from wsgateway.auth.credentials import check_roles, claim_headers, extract_token, roles_of
+from wsgateway.auth.identity import AuthFailed, Identity, UnknownKey
+from wsgateway.auth.keys import KeySet, parse_api_keys
+from wsgateway.auth.verifier import Authenticator, TokenVerifier, api_key_identity
 from wsgateway.config.loader import AuthConfig
 
 SECRET = "s" * 32

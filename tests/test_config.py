@@ -1106,6 +1106,6 @@ def test_api_keys_file_is_checked_without_quoting_a_key(tmp_path: Path) -> None:
     ("systemd:domain=INET:index=0", "systemd:domain=INET:index=0"),
 ])
 def test_listeners_get_a_default_backlog_unless_they_name_one(desc: str, expected: str) -> None:
-    from wsgateway.config.loader import with_backlog
+    from wsgateway.endpoints import with_backlog
 
     assert with_backlog(desc) == expected

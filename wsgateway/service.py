@@ -17,26 +17,44 @@ from autobahn.websocket import USES_NVX
 from twisted.application import strports
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, gatherResults
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from wsgateway.ops import dashboard
-from wsgateway.ops import logs
-from wsgateway import tls
-from wsgateway import runtime
-from wsgateway.ops.admin import admin_site
-from wsgateway.config.loader import ConfigError, GatewayConfig, RouteConfig, load, with_backlog
-from wsgateway.durable.delivery import DeliveryService
-from wsgateway.handshake.admission import ConnectionLimiter
+from wsgateway import runtime, tls
 from wsgateway.channels.broker import make_broker
-from wsgateway.ops.metrics import BrokerMetrics, GatewayMetrics, MetricsResource
+from wsgateway.config.loader import ConfigError, GatewayConfig, RouteConfig, load
+from wsgateway.durable.delivery import DeliveryService
+from wsgateway.endpoints import with_backlog
+from wsgateway.signals import on_signal, restore_signal
+from wsgateway.handshake.admission import ConnectionLimiter
 from wsgateway.handshake.server import GatewayServerFactory
-from wsgateway.upstream.leg import UpstreamProtocol
+from wsgateway.ops import dashboard, logs
+from wsgateway.ops.admin import admin_site
+from wsgateway.ops.metrics import BrokerMetrics, GatewayMetrics, MetricsResource
 from wsgateway.ops.stats import GatewayStats
 from wsgateway.ops.tracing import make_tracer
+from wsgateway.upstream.leg import UpstreamProtocol
 from wsgateway.upstream.pool import Upstream
 
 if TYPE_CHECKING:
-    from wsgateway.workers.child import WorkerSetup
+    from wsgateway.interfaces import ProcessRole
+
+class SingleProcess:
+    """The L{ProcessRole} of a gateway without workers: it binds its own listeners."""
+
+    def adapt(self, config: GatewayConfig) -> GatewayConfig:
+        return config
+
+    def listener(self, index: int, desc: str, factory: Any, reactor: Any) -> tuple[Any, Any]:
+        if tls.is_ssl(desc):
+            # built by wsgateway.tls, not strports: its certificate can be swapped on SIGHUP
+            service, reloadable = tls.server_service(desc, factory, reactor)
+            return service, reloadable
+        return strports.service(with_backlog(desc), factory, reactor=reactor), None
+
+    def control_service(self, view: Any, registry: Any, reactor: Any) -> None:
+        return None
+
 
 # The 1001s of a shutdown are spread over this fraction of shutdown_timeout
 # (see drain_schedule); the rest of it is for the last close handshakes.
@@ -68,15 +86,14 @@ class GatewayService(MultiService):
 
     def __init__(
         self, config: GatewayConfig, reactor: Any, *, config_path: str | None = None, rng: random.Random | None = None,
-        worker: WorkerSetup | None = None,
+        role: ProcessRole | None = None,
     ) -> None:
         super().__init__()
         self.reactor = reactor
-        # In a worker process ([gateway] workers > 1, wsgateway.workers.child): the
-        # parent's sockets, node id ".../wN", no admin port or demo backend.
-        self.worker = worker
-        if worker is not None:
-            config = worker.adapt(config)
+        # the one process, or a worker of N (wsgateway.workers.child: the
+        # parent's sockets, node id ".../wN", no admin port or demo backend)
+        self.role: ProcessRole = role or SingleProcess()
+        config = self.role.adapt(config)
         # what SIGHUP re-reads (tap.py passes it absolute: twistd may chdir)
         self.config_path = config_path or config.path
         self._rng = rng or random.Random()  # the drain's jitter
@@ -119,9 +136,10 @@ class GatewayService(MultiService):
             )
             for desc in config.admin.listen:
                 strports.service(desc, site, reactor=reactor).setServiceParent(self)
-        if worker is not None:
-            # what the parent reads to serve the admin port for all workers
-            worker.control_service(self, self.metrics.registry, reactor).setServiceParent(self)
+        control = self.role.control_service(self, self.metrics.registry, reactor)
+        if control is not None:
+            # what a parent reads to serve the admin port for all workers
+            control.setServiceParent(self)
         if config.demo is not None:
             from wsgateway.dev.demo import DemoFactory
 
@@ -146,17 +164,9 @@ class GatewayService(MultiService):
                 factory.queue = self.queue
                 if self.queue.deliverer is None:
                     self.queue.attach(factory.replay)
-            if worker is not None:
-                # the socket the parent bound; ssl: gets this worker's own reloadable TLS
-                listener, reloadable = worker.listener(index, desc, factory, reactor)
-                if reloadable is not None:
-                    self.tls.append(reloadable)
-            elif tls.is_ssl(desc):
-                # built by wsgateway.tls, not strports: its certificate can be swapped on SIGHUP
-                listener, reloadable = tls.server_service(desc, factory, reactor)
+            listener, reloadable = self.role.listener(index, desc, factory, reactor)
+            if reloadable is not None:
                 self.tls.append(reloadable)
-            else:
-                listener = strports.service(with_backlog(desc), factory, reactor=reactor)
             listener.setServiceParent(self)
             self.listeners.append(listener)
 
@@ -195,11 +205,11 @@ class GatewayService(MultiService):
             )
         # Before the listeners start: once the gateway listens, SIGHUP reloads
         # (twistd installs no SIGHUP handler, and the default one kills the process).
-        self._previous_sighup = _on_signal("SIGHUP", self.reactor, self.reload)
+        self._previous_sighup = on_signal("SIGHUP", self.reactor, self.reload)
         # SIGUSR1 (logrotate's postrotate) reopens the log file; its default
         # action would end the process, and twistd handles it only for a log
         # file of its own making, not for our --logger.
-        self._previous_sigusr1 = _on_signal("SIGUSR1", self.reactor, self.reopen_logs)
+        self._previous_sigusr1 = on_signal("SIGUSR1", self.reactor, self.reopen_logs)
         # A file size limit (systemd's LimitFSIZE=, ulimit -f) reached by the
         # queue or a log file must fail that write (EFBIG, handled like a full
         # disk), not kill the daemon, which is SIGXFSZ's default action.
@@ -238,9 +248,7 @@ class GatewayService(MultiService):
         """
         path = self.config_path
         try:
-            new = load(path)
-            if self.worker is not None:
-                new = self.worker.adapt(new)
+            new = self.role.adapt(load(path))
         except ConfigError as e:
             for line in e.errors:
                 self.log.error("{problem}", problem=line)
@@ -336,7 +344,7 @@ class GatewayService(MultiService):
                     # its handshake was in flight when the listeners stopped
                     told.add(relay)
                     relay.drain()
-            await _sleep(self.reactor, 0.05)
+            await deferLater(self.reactor, 0.05)
         for call in calls:
             if call.active():
                 call.cancel()
@@ -359,7 +367,7 @@ class GatewayService(MultiService):
                 n=open_now, grace=gw.drain_grace, last=gw.drain_grace + gw.shutdown_timeout * DRAIN_SPREAD,
                 end=gw.drain_grace + gw.shutdown_timeout,
             )
-            await _sleep(self.reactor, gw.drain_grace)
+            await deferLater(self.reactor, gw.drain_grace)
             # 2. tell everyone, spread out, then give them shutdown_timeout to finish
             await self._drain(gw.shutdown_timeout)
         # 3. the rest (demo backend)
@@ -369,10 +377,10 @@ class GatewayService(MultiService):
         self.running = 0
         # Last, so a SIGHUP during the drain still reloads instead of killing us.
         if self._previous_sighup is not None:
-            _restore_signal("SIGHUP", self._previous_sighup)
+            restore_signal("SIGHUP", self._previous_sighup)
             self._previous_sighup = None
         if self._previous_sigusr1 is not None:
-            _restore_signal("SIGUSR1", self._previous_sigusr1)
+            restore_signal("SIGUSR1", self._previous_sigusr1)
             self._previous_sigusr1 = None
         # twistd re-raises the stopping signal at exit (so SIGTERM ends in
         # status -15); after an orderly drain docs/operations.md#signals-and-lifecycle wants status 0.
@@ -393,7 +401,10 @@ def make_queue(config: GatewayConfig, reactor: Any, metrics: Any) -> DeliverySer
         store: Any = RedisQueueStore.from_config(config.queue, config.redis, node_id=config.gateway.node_id,
                                                  reactor=reactor)
     else:
-        from wsgateway.durable.sqlite import QueueStore, adopt_orphans  # sqlite3 only in gateways that queue
+        from wsgateway.durable.sqlite import (  # sqlite3 only in gateways that queue
+            QueueStore,
+            adopt_orphans,
+        )
 
         if config.gateway.workers == 1:
             # files a run with workers > 1 left (a worker process's own queue is its parent's to sort out)
@@ -402,38 +413,6 @@ def make_queue(config: GatewayConfig, reactor: Any, metrics: Any) -> DeliverySer
     return DeliveryService(store, clock=reactor, metrics=metrics)
 
 
-def _on_signal(name: str, reactor: Any, work: Any) -> Any:
-    """
-    Call C{work()} in the reactor thread each time signal C{name} arrives;
-    returns the handler it replaced (None when it installed nothing).
-
-    The way twistd rotates its log on SIGUSR1: the Python-level handler runs
-    between two bytecodes of whatever the reactor thread was doing, so it
-    only queues the work with C{callFromThread}, which is safe there and
-    wakes the reactor up.
-    """
-    signum = getattr(signal, name, None)
-    if signum is None or threading.current_thread() is not threading.main_thread():
-        return None  # no such signal here (Windows), or not the main thread (signal.signal would fail)
-
-    def handler(number: int, frame: Any) -> None:
-        reactor.callFromThread(work)
-
-    previous = signal.signal(signum, handler)
-    return signal.SIG_DFL if previous is None else previous  # None: a handler not set from Python
-
-
-def _restore_signal(name: str, previous: Any) -> None:
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(getattr(signal, name), previous)
-
-
 async def _maybe(result: Any) -> None:
     if isinstance(result, Deferred):
         await result
-
-
-def _sleep(reactor: Any, seconds: float) -> Deferred[None]:
-    d: Deferred[None] = Deferred()
-    reactor.callLater(seconds, d.callback, None)
-    return d

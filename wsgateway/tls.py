@@ -30,13 +30,18 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet.endpoints import SSL4ServerEndpoint
-from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IProtocolFactory
 from twisted.internet import ssl
+from twisted.internet.endpoints import SSL4ServerEndpoint
+from twisted.internet.interfaces import (
+    IOpenSSLServerConnectionCreator,
+    IProtocolFactory,
+)
 from twisted.internet.ssl import CertificateOptions, DiffieHellmanParameters, TLSVersion
 from twisted.logger import Logger
 from twisted.python.filepath import FilePath
 from zope.interface import implementer
+
+from wsgateway.endpoints import DEFAULT_BACKLOG, split_endpoint
 
 __all__ = [
     "MINIMUM_TLS_VERSION", "ReloadableServerTLS", "SSLListen", "TLSFileError", "check_listen", "is_ssl",
@@ -63,7 +68,7 @@ class SSLListen:
     private_key: str
     cert: str  # = private_key when certKey= is absent: then that one file holds both (Twisted's convention)
     interface: str = ""
-    backlog: int = 511  # config.DEFAULT_BACKLOG
+    backlog: int = DEFAULT_BACKLOG
     extra_chain: str | None = None
     dh_parameters: str | None = None
 
@@ -85,11 +90,7 @@ def parse_listen(desc: str) -> SSLListen:
 
     @raise ValueError: with a message fit for C{[gateway] listen: ...}.
     """
-    # config.py owns the endpoint-string grammar; imported here, not at the top,
-    # because config.py imports this module to check ssl: listeners.
-    from wsgateway.config.loader import DEFAULT_BACKLOG, _split_endpoint
-
-    parts = _split_endpoint(desc)
+    parts = split_endpoint(desc)
     if parts[0][0] is not None or parts[0][1].lower() != "ssl":
         raise ValueError("not an ssl: endpoint")
     positional = [value for key, value in parts[1:] if key is None]

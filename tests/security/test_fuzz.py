@@ -30,7 +30,10 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from wsgateway.routing import router as routing
-from wsgateway.auth.verifier import AuthFailed, KeySet, TokenVerifier, UnknownKey, extract_token
+from wsgateway.auth.credentials import extract_token
+from wsgateway.auth.identity import AuthFailed, UnknownKey
+from wsgateway.auth.keys import KeySet
+from wsgateway.auth.verifier import TokenVerifier
 from wsgateway.config.loader import AuthConfig, ConfigError, GatewayConfig, load
 from wsgateway.handshake.headers import HeaderInjection, upstream_headers
 from wsgateway.routing.router import PatternError, Router, TemplateError, compile_pattern, upstream_target

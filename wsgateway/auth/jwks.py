@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, ResponseDone
 from twisted.web.http_headers import Headers
 
-from wsgateway.auth.verifier import KeySet
+from wsgateway.auth.keys import KeySet
 from wsgateway.tls import trust_root
 
 UNKNOWN_KID_INTERVAL = 10.0  # seconds between refetches caused by unknown kids

@@ -34,8 +34,16 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from twisted.internet.endpoints import serverFromString
 
-from wsgateway.auth.verifier import load_api_keys
-from wsgateway.routing.router import PatternError, check_host, check_template, compile_pattern, template_fields
+from wsgateway.auth.keys import load_api_keys
+from wsgateway.endpoints import join_endpoint, split_endpoint
+from wsgateway.routing.router import (
+    PatternError,
+    check_host,
+    check_template,
+    compile_pattern,
+    template_fields,
+)
+from wsgateway.tls import check_listen
 
 __all__ = [
     "AdminSection", "AuthConfig", "ConfigError", "DemoConfig", "FrozenMap", "GatewayConfig",
@@ -498,55 +506,6 @@ def _balance(v: _Value) -> str:
                f"{_did_you_mean(text, BALANCE_STRATEGIES[:5])}")
 
 
-# ------------------------------------------------------------ endpoints
-
-
-def _split_endpoint(desc: str) -> list[tuple[str | None, str]]:
-    """Twisted's strports syntax: ':'-separated, key=value or positional, backslash escapes."""
-    parts: list[tuple[str | None, str]] = []
-    key: str | None = None
-    current = ""
-    chars = iter(desc)
-    for char in chars:
-        if char == "\\":
-            escaped = next(chars, None)
-            if escaped is None:
-                raise ValueError("ends with a lone backslash")
-            current += escaped
-        elif char == ":":
-            parts.append((key, current))
-            key, current = None, ""
-        elif char == "=" and key is None:
-            key, current = current, ""
-        else:
-            current += char
-    parts.append((key, current))
-    return parts
-
-
-# Twisted listens with a backlog of 50. Thousands of clients reconnecting at
-# once (a deploy, a network blip) overflow that, and the kernel drops their
-# SYNs: they wait out retransmits of 1 s, 3 s, 7 s. 511 is nginx's default;
-# the kernel caps it at net.core.somaxconn. backlog= in the string wins.
-DEFAULT_BACKLOG = 511
-_BACKLOG_KINDS = frozenset({"tcp", "tcp6", "ssl", "unix"})
-
-
-def with_backlog(desc: str) -> str:
-    """``desc`` with ``backlog=DEFAULT_BACKLOG`` when it listens on a socket with a queue and names none."""
-    parts = _split_endpoint(desc)
-    kind = (parts[0][1] if parts[0][0] is None else "").lower()
-    if kind in _BACKLOG_KINDS and not any(k == "backlog" for k, _ in parts[1:]):
-        return f"{desc}:backlog={DEFAULT_BACKLOG}"
-    return desc
-
-
-def _join_endpoint(parts: list[tuple[str | None, str]]) -> str:
-    def esc(s: str) -> str:
-        return s.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
-    return ":".join(esc(v) if k is None else f"{esc(k)}={esc(v)}" for k, v in parts)
-
-
 # ------------------------------------------------------------- the loader
 
 
@@ -678,7 +637,7 @@ class _Loader:
     def endpoint(self, desc: str) -> tuple[str, tuple[Any, ...]]:
         """Validate one endpoint string -> (it with absolute paths, what it binds)."""
         try:
-            parts = _split_endpoint(desc)
+            parts = split_endpoint(desc)
         except ValueError as e:
             raise _Bad(f"invalid endpoint {desc!r}: {e}") from None
         kind = (parts[0][1] if parts[0][0] is None else "").lower()
@@ -690,13 +649,11 @@ class _Loader:
                 parts[i] = (key, self.abspath(value))
         if kind == "ssl" and not any(k == "privateKey" for k, _ in parts):
             raise _Bad(f"invalid endpoint {desc!r}: ssl needs privateKey=KEY.pem (and certKey=CERT.pem)")
-        resolved = _join_endpoint(parts) if parts != _split_endpoint(desc) else desc
+        resolved = join_endpoint(parts) if parts != split_endpoint(desc) else desc
         if kind == "ssl":
             # The daemon builds ssl: listeners itself (wsgateway.tls, reloadable
             # on SIGHUP): check them with that same code, whose messages name
             # the file and the problem (missing, not PEM, key not matching).
-            from wsgateway.tls import check_listen
-
             try:
                 check_listen(resolved)
             except ValueError as e:

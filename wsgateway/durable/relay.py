@@ -53,7 +53,7 @@ from wsgateway import codes
 from wsgateway.durable.clientstream import Message, MessageReader, Window
 from wsgateway.relay.frames import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, encode_close, encode_frame, parse_close
 from wsgateway.durable.entries import Entry, NewEntry, QueueUnavailable
-from wsgateway.relay.relay import CLIENT, Relay, _lose
+from wsgateway.relay.relay import CLIENT, Relay, lose
 from wsgateway.durable.replay import CONN_HEADER, SEQ_HEADER, consecutive
 
 # Upstream close codes after which the messages it may not have read are
@@ -273,7 +273,7 @@ class DurableRelay(Relay):
                     self.upstream.abortConnection()
                 else:
                     self.upstream.write(encode_close(code, "", mask=True))
-                    _lose(self.upstream)
+                    lose(self.upstream)
                 return False
         return super()._from_upstream(opcode, payload)
 
@@ -523,7 +523,7 @@ class DurableRelay(Relay):
         if self.upstream is not None and not self.upstream_lost:
             self.upstream.write(encode_close(codes.GOING_AWAY, "renumbering", mask=True))
             self._upstream_going = True
-            _lose(self.upstream)
+            lose(self.upstream)
 
     def _confirm_timed_out(self) -> None:
         if self.upstream is not None and not self.upstream_lost:
@@ -574,7 +574,7 @@ class DurableRelay(Relay):
         if self.upstream is not None and not self.upstream_lost:
             self.closed_to_upstream = True
             self.upstream.write(encode_close(codes.GOING_AWAY, "client gone", mask=True))
-            _lose(self.upstream)
+            lose(self.upstream)
 
     def _close_upstream(self, code: int, reason: str) -> None:
         if self.reader is None:

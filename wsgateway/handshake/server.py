@@ -28,7 +28,9 @@ from twisted.python.failure import Failure
 from wsgateway._compat import autobahn as _autobahn
 from wsgateway import codes
 from wsgateway.ops import logs
-from wsgateway.auth.verifier import AuthFailed, Authenticator, Identity, check_roles, claim_headers
+from wsgateway.auth.credentials import check_roles, claim_headers
+from wsgateway.auth.identity import AuthFailed, Identity
+from wsgateway.auth.verifier import Authenticator
 from wsgateway.upstream.balance import hash_key
 from wsgateway.channels.outbox import ChannelSession, Outbox, Subscription
 from wsgateway.config.loader import AuthConfig, GatewayConfig, RouteConfig

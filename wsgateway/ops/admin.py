@@ -182,7 +182,7 @@ class AdminAPI(Resource):
         handler, args = found
         try:
             result = handler(request, args)
-        except _Refused as e:
+        except Refused as e:
             return leaf.error(request, e.status, e.message)
         if not isinstance(result, Deferred):
             return leaf.answer(request, 200, result)
@@ -194,11 +194,11 @@ class AdminAPI(Resource):
 
         def failed(f: Failure) -> None:
             e = f.value
-            if isinstance(e, _Refused):
+            if isinstance(e, Refused):
                 status, message = e.status, e.message
             else:
                 status, message = 503, "queue unavailable" if f.check(QueueUnavailable) else "broker unavailable"
-            if not isinstance(e, _Refused):
+            if not isinstance(e, Refused):
                 self.log.info("admin request failed: {error}", error=f.getErrorMessage())
             if not request.finished and not request._disconnected:
                 request.write(leaf.error(request, status, message))
@@ -250,7 +250,7 @@ class AdminAPI(Resource):
         body = json_body(request)
         level = body.get("level")
         if level not in LEVELS:
-            raise _Refused(400, f"level must be one of {', '.join(LEVELS)}")
+            raise Refused(400, f"level must be one of {', '.join(LEVELS)}")
         # logged before the switch, so raising the level still leaves a trace of it
         self.log.info("log level set to {new_level} through the admin API", new_level=level)
         self.view.set_log_level(level)
@@ -259,11 +259,11 @@ class AdminAPI(Resource):
     def _node(self, request: Request, name: bytes) -> Any:
         up = self.view.upstreams.get(name.decode("utf-8", "replace"))
         if up is None:
-            raise _Refused(404, "no such upstream")
+            raise Refused(404, "no such upstream")
         node_url = json_body(request).get("node")
         node = next((n for n in up.nodes if n.url == node_url), None)
         if node is None:
-            raise _Refused(404, f"no such node in upstream {up.name}")
+            raise Refused(404, f"no such node in upstream {up.name}")
         return up, node
 
     def _drain(self, request: Request, args: tuple[bytes, ...]) -> Any:
@@ -284,16 +284,16 @@ class AdminAPI(Resource):
         body = json_body(request)
         channel, message, binary = body.get("channel"), body.get("message"), body.get("binary", False)
         if not isinstance(channel, str) or not channel or not isinstance(message, str) or not isinstance(binary, bool):
-            raise _Refused(400, 'expected {"channel": "...", "message": "...", "binary": false}')
+            raise Refused(400, 'expected {"channel": "...", "message": "...", "binary": false}')
         if binary:
             try:
                 payload = base64.b64decode(message, validate=True)
             except ValueError:
-                raise _Refused(400, "a binary message must be base64") from None
+                raise Refused(400, "a binary message must be base64") from None
         else:
             payload = message.encode("utf-8", "surrogatepass")
         if not self.view.broker.ready:
-            raise _Refused(503, "broker unavailable")
+            raise Refused(503, "broker unavailable")
         d = self.view.broker.publish(channel, payload, binary, origin=None)
         return d.addCallback(lambda _: {"channel": channel, "published": True, "bytes": len(payload)})
 
@@ -310,7 +310,7 @@ class AdminAPI(Resource):
     def _delivery(self) -> Any:
         queue = getattr(self.view, "queue", None)
         if queue is None:
-            raise _Refused(404, "no route has delivery = at_least_once: the durable queue is not in use")
+            raise Refused(404, "no route has delivery = at_least_once: the durable queue is not in use")
         return queue
 
     def _queue(self, request: Request, _: tuple[bytes, ...]) -> Any:
@@ -320,7 +320,7 @@ class AdminAPI(Resource):
         try:
             limit = max(0, min(int(request.args.get(b"limit", [b"100"])[0]), 10000))
         except ValueError:
-            raise _Refused(400, "limit must be a number") from None
+            raise Refused(400, "limit must be a number") from None
         name = route.decode("utf-8", "replace") if route else None
         store = queue.store
 
@@ -353,7 +353,7 @@ class AdminAPI(Resource):
         route, ids, dead = body.get("route"), body.get("ids"), body.get("dead", False)
         bad_ids = ids is not None and not (isinstance(ids, list) and all(isinstance(i, (int, str)) for i in ids))
         if (route is not None and not isinstance(route, str)) or not isinstance(dead, bool) or bad_ids:
-            raise _Refused(400, 'expected {"dead": true, "route": "...", "ids": [...]} (all optional)')
+            raise Refused(400, 'expected {"dead": true, "route": "...", "ids": [...]} (all optional)')
         store = queue.store
 
         async def run() -> dict[str, Any]:
@@ -377,7 +377,7 @@ class AdminAPI(Resource):
         route, everything, dead = body.get("route"), body.get("all", False), body.get("dead", False)
         if not isinstance(dead, bool) or not isinstance(everything, bool) or (route is None) != everything \
                 or route is not None and not isinstance(route, str):
-            raise _Refused(400, 'expected {"route": "..."} or {"all": true}, and optionally "dead": true')
+            raise Refused(400, 'expected {"route": "..."} or {"all": true}, and optionally "dead": true')
         d = queue.store.purge(route, dead=dead)
 
         def done(n: int) -> dict[str, Any]:
@@ -397,7 +397,7 @@ def _dead_letter(d: Any) -> dict[str, Any]:
             "reason": d.reason, "dead_at": d.dead_at}
 
 
-class _Refused(Exception):
+class Refused(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
@@ -408,13 +408,13 @@ def json_body(request: Request) -> dict[str, Any]:
     """The request's JSON object; 400 for anything else, 413 over MAX_BODY."""
     data = request.content.read(MAX_BODY + 1) if request.content is not None else b""
     if len(data) > MAX_BODY:
-        raise _Refused(413, "request body too large")
+        raise Refused(413, "request body too large")
     try:
         body = json.loads(data or b"{}")
     except ValueError:
-        raise _Refused(400, "the body must be a JSON object") from None
+        raise Refused(400, "the body must be a JSON object") from None
     if not isinstance(body, dict):
-        raise _Refused(400, "the body must be a JSON object")
+        raise Refused(400, "the body must be a JSON object")
     return body
 
 

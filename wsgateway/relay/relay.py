@@ -158,7 +158,7 @@ class _Overflow:
 
 
 
-def _lose(transport: Any) -> None:
+def lose(transport: Any) -> None:
     """
     loseConnection, after unregistering the other leg as its producer: a TLS
     transport (Twisted's TLSMemoryBIOProtocol) does not send its close_notify
@@ -346,14 +346,14 @@ class Relay:
         self.client.write(chunk)
         self._budget_client = budget - len(chunk)
         if self._budget_client == 0 and self._lose_client_after:
-            _lose(self.client)
+            lose(self.client)
 
     def _owed_to_upstream(self, out: bytes, budget: int) -> None:
         chunk = out if len(out) <= budget else out[:budget]
         self.upstream.write(chunk)
         self._budget_upstream = budget - len(chunk)
         if self._budget_upstream == 0 and self._lose_upstream_after:
-            _lose(self.upstream)
+            lose(self.upstream)
 
     @property
     def messages_c2u(self) -> int:
@@ -402,7 +402,7 @@ class Relay:
                 # the upstream is going away (restart, overload): complete its
                 # close handshake and find another leg; the client sees nothing
                 self.upstream.write(encode_close(code, "", mask=True))
-                _lose(self.upstream)
+                lose(self.upstream)
                 self._start_reconnect(vanished=False)
                 return False
             self.close_from_upstream = True
@@ -631,7 +631,7 @@ class Relay:
         if self._budget_client:
             self._lose_client_after = True
         else:
-            _lose(self.client)
+            lose(self.client)
 
     def _lose_upstream(self) -> None:
         if self.upstream_lost:
@@ -639,7 +639,7 @@ class Relay:
         if self._budget_upstream:
             self._lose_upstream_after = True
         else:
-            _lose(self.upstream)
+            lose(self.upstream)
 
     def _start_close_timer(self) -> None:
         if self._close_call is None and self._close_timeout > 0:
@@ -655,7 +655,7 @@ class Relay:
             # a client that never answered drain()'s close: the upstream,
             # which has had no close yet, gets one rather than a dropped TCP
             self._close_upstream(codes.GOING_AWAY, "client gone")
-            _lose(self.upstream)
+            lose(self.upstream)
         else:
             self.upstream.abortConnection()
 
@@ -808,7 +808,7 @@ class Relay:
             self._stop_reconnecting()
         if self.mirror is not None:
             # it had the client's close too, if there was one; no waiting for it
-            _lose(self.mirror)
+            lose(self.mirror)
         for name in ("_close_call", "_ping_call", "_pong_call", "_idle_call", "_expiry_call"):
             call = getattr(self, name)
             if call is not None and call.active():

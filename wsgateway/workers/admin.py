@@ -29,11 +29,11 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from wsgateway.workers import aggregate
 from wsgateway.ops import dashboard
 from wsgateway.ops import logs
-from wsgateway.ops.admin import MAX_BODY, AdminAPI, Healthz, JSONResource, Root, _Refused
+from wsgateway.ops.admin import MAX_BODY, AdminAPI, Healthz, JSONResource, Root, Refused
 from wsgateway.ops.logs import LEVELS
 
 if TYPE_CHECKING:
-    from wsgateway.workers.parent import WorkerParent, WorkerSlot
+    from wsgateway.interfaces import WorkerParentView, WorkerSlotView
 
 
 class _Async(JSONResource):
@@ -41,7 +41,7 @@ class _Async(JSONResource):
 
     log = Logger()
 
-    def __init__(self, parent: WorkerParent) -> None:
+    def __init__(self, parent: WorkerParentView) -> None:
         super().__init__()
         self.parent = parent
 
@@ -83,7 +83,7 @@ class ParentMetrics(Resource):
     isLeaf = True
     log = Logger()
 
-    def __init__(self, parent: WorkerParent) -> None:
+    def __init__(self, parent: WorkerParentView) -> None:
         super().__init__()
         self.parent = parent
 
@@ -113,7 +113,7 @@ class ParentAdminAPI(AdminAPI):
     config.py's check).
     """
 
-    def __init__(self, parent: WorkerParent, token: str) -> None:
+    def __init__(self, parent: WorkerParentView, token: str) -> None:
         super().__init__(parent, token)  # type: ignore[arg-type]  # only the token check and dispatch are used
         self.parent = parent
         self._handlers.clear()
@@ -149,10 +149,10 @@ class ParentAdminAPI(AdminAPI):
                     for c in b]
         return self._run(work())
 
-    async def _views(self, request: Request) -> list[tuple[WorkerSlot, Any]]:
+    async def _views(self, request: Request) -> list[tuple[WorkerSlotView, Any]]:
         views = await self.parent.views(request.uri)
         if not any(b is not None for _, b in views):
-            raise _Refused(503, "no worker answered")
+            raise Refused(503, "no worker answered")
         return views
 
     def _log_level(self, request: Request, _: Any) -> Deferred[Any]:
@@ -162,7 +162,7 @@ class ParentAdminAPI(AdminAPI):
         except (ValueError, AttributeError):
             level = None
         if level not in LEVELS:
-            raise _Refused(400, f"level must be one of {', '.join(LEVELS)}")
+            raise Refused(400, f"level must be one of {', '.join(LEVELS)}")
         self.log.info("log level set to {new_level} through the admin API", new_level=level)
         logs.set_level(level)
         return self._to_all(request, _, body)
@@ -174,10 +174,10 @@ class ParentAdminAPI(AdminAPI):
         async def work() -> Any:
             answers = [a for _, a in await self.parent.ask_all(request.method, request.uri, data) if a is not None]
             if not answers:
-                raise _Refused(503, "no worker answered")
+                raise Refused(503, "no worker answered")
             status, first = _decode(answers[0])
             if status != 200:
-                raise _Refused(status, first.get("error", "refused") if isinstance(first, dict) else "refused")
+                raise Refused(status, first.get("error", "refused") if isinstance(first, dict) else "refused")
             if isinstance(first, dict) and "active" in first:
                 first["active"] = sum(_decode(a)[1].get("active", 0) for a in answers if a[0] == 200)
             return first
@@ -188,7 +188,7 @@ class ParentAdminAPI(AdminAPI):
         async def work() -> Any:
             views = [(slot, b) for slot, b in await self._views(request) if isinstance(b, dict)]
             if not views:
-                raise _Refused(404, "no route has delivery = at_least_once: the durable queue is not in use")
+                raise Refused(404, "no route has delivery = at_least_once: the durable queue is not in use")
             return aggregate.merge_queue([(slot.id, b) for slot, b in views])
         return self._run(work())
 
@@ -200,11 +200,11 @@ class ParentAdminAPI(AdminAPI):
             answers = [_decode(a) for _, a in await self.parent.ask_all(request.method, request.uri, data)
                        if a is not None]
             if not answers:
-                raise _Refused(503, "no worker answered")
+                raise Refused(503, "no worker answered")
             refused = [(st, b) for st, b in answers if st != 200]
             if refused:
                 st, b = refused[0]
-                raise _Refused(st, b.get("error", "refused") if isinstance(b, dict) else "refused")
+                raise Refused(st, b.get("error", "refused") if isinstance(b, dict) else "refused")
             first = dict(answers[0][1])
             for key in ("replayed", "purged"):
                 if key in first:
@@ -216,21 +216,21 @@ class ParentAdminAPI(AdminAPI):
         data = _body(request) if request.method == b"POST" else None
 
         async def work() -> Any:
-            for slot in self.parent.pool.slots:
+            for slot in self.parent.slots:
                 answer = await self.parent.ask(slot, request.method, request.uri, data)
                 if answer is not None:
                     status, body = _decode(answer)
                     if status != 200:
-                        raise _Refused(status, body.get("error", "refused") if isinstance(body, dict) else "refused")
+                        raise Refused(status, body.get("error", "refused") if isinstance(body, dict) else "refused")
                     return body
-            raise _Refused(503, "no worker answered")
+            raise Refused(503, "no worker answered")
         return self._run(work())
 
 
 def _body(request: Request) -> bytes:
     data = request.content.read(MAX_BODY + 1) if request.content is not None else b""
     if len(data) > MAX_BODY:
-        raise _Refused(413, "request body too large")
+        raise Refused(413, "request body too large")
     return data
 
 
@@ -241,7 +241,7 @@ def _decode(answer: tuple[int, bytes]) -> tuple[int, Any]:
         return answer[0], None
 
 
-def parent_site(parent: WorkerParent, token: str | None) -> Site:
+def parent_site(parent: WorkerParentView, token: str | None) -> Site:
     """The admin port of a gateway with workers: the same paths as one process's."""
     root = Root()
     root.putChild(b"healthz", Healthz())

@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from wsgateway.service import GatewayService
 
-    service = GatewayService(config, reactor, config_path=args.config, worker=setup)
+    service = GatewayService(config, reactor, config_path=args.config, role=setup)
     stopping = []
 
     def stop(why: str) -> None:

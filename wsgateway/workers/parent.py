@@ -45,23 +45,31 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.process_collector import ProcessCollector
 from twisted.application import strports
 from twisted.application.service import MultiService
 from twisted.internet import error
 from twisted.internet.defer import Deferred, DeferredList, gatherResults
 from twisted.internet.protocol import ProcessProtocol
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 import wsgateway
-from wsgateway.workers import aggregate
-from wsgateway.ops import logs
 from wsgateway import runtime
-from wsgateway.config.loader import DEFAULT_BACKLOG, ConfigError, GatewayConfig, _split_endpoint, load
-from wsgateway.service import _on_signal, _restore_signal, _sleep
+from wsgateway.config.loader import ConfigError, GatewayConfig, load
+from wsgateway.endpoints import DEFAULT_BACKLOG, split_endpoint
+from wsgateway.ops import logs
+from wsgateway.signals import on_signal, restore_signal
+from wsgateway.workers import aggregate
+from wsgateway.workers.admin import parent_site
 from wsgateway.workers.child import ENV, FIRST_FD, WorkerSetup
 
 RESTART_INITIAL = 0.5  # seconds before a dead worker's replacement starts
@@ -80,7 +88,7 @@ BOOT = "import sys; sys.path.insert(0, sys.argv.pop(1)); from wsgateway.workers.
 
 def bind(desc: str) -> socket.socket:
     """Bind and listen on one ``tcp:``, ``tcp6:`` or ``ssl:`` entry, as Twisted's endpoint would."""
-    parts = _split_endpoint(desc)
+    parts = split_endpoint(desc)
     kind = parts[0][1].lower()
     kw = {k: v for k, v in parts[1:] if k is not None}
     positional = [v for k, v in parts[1:] if k is None]
@@ -257,7 +265,7 @@ class WorkerPool:
         self.signal_all("TERM")
         deadline = self.reactor.seconds() + timeout
         while any(s.alive for s in self.slots) and self.reactor.seconds() < deadline:
-            await _sleep(self.reactor, 0.05)
+            await deferLater(self.reactor, 0.05)
         left = [s.id for s in self.slots if s.alive]
         if left:
             self.log.warn("workers {left} still running {timeout} s after SIGTERM: killing them",
@@ -265,7 +273,7 @@ class WorkerPool:
             self.signal_all("KILL")
             deadline = self.reactor.seconds() + 5.0
             while any(s.alive for s in self.slots) and self.reactor.seconds() < deadline:
-                await _sleep(self.reactor, 0.05)
+                await deferLater(self.reactor, 0.05)
 
 
 class WorkerParent(MultiService):
@@ -303,8 +311,6 @@ class WorkerParent(MultiService):
         self._previous_sighup: Any = None
         self._previous_sigusr1: Any = None
         if config.admin is not None:
-            from wsgateway.workers.admin import parent_site
-
             site = parent_site(self, config.admin.token or None)
             for desc in config.admin.listen:
                 strports.service(desc, site, reactor=reactor).setServiceParent(self)
@@ -350,15 +356,17 @@ class WorkerParent(MultiService):
                                                  self._token))
             for i in range(1, gw.workers + 1)
         ]
-        self._previous_sighup = _on_signal("SIGHUP", self.reactor, self.reload)
-        self._previous_sigusr1 = _on_signal("SIGUSR1", self.reactor, self.reopen_logs)
+        self._previous_sighup = on_signal("SIGHUP", self.reactor, self.reload)
+        self._previous_sigusr1 = on_signal("SIGUSR1", self.reactor, self.reopen_logs)
         super().startService()
         self.reactor.callWhenRunning(self.pool.start)
         self._refresh.start(REFRESH, now=False)
 
     def _adopt_orphaned_queues(self) -> None:
         if self.config.queue.backend == "sqlite":
-            from wsgateway.durable.sqlite import adopt_orphans  # sqlite3 only when it is the queue
+            from wsgateway.durable.sqlite import (
+                adopt_orphans,  # sqlite3 only when it is the queue
+            )
 
             adopt_orphans(self.config.queue.path, self.config.gateway.workers)
 
@@ -415,13 +423,17 @@ class WorkerParent(MultiService):
         shutil.rmtree(self.control_dir, ignore_errors=True)
         for name, previous in (("SIGHUP", self._previous_sighup), ("SIGUSR1", self._previous_sigusr1)):
             if previous is not None:
-                _restore_signal(name, previous)
+                restore_signal(name, previous)
         self._previous_sighup = self._previous_sigusr1 = None
         if getattr(self.reactor, "_exitSignal", None) is not None:
             self.reactor._exitSignal = None  # an orderly drain exits 0 (docs/operations.md#signals-and-lifecycle)
         self.log.info("all workers stopped")
 
     # -- asking the workers --------------------------------------------------
+
+    @property
+    def slots(self) -> list[WorkerSlot]:
+        return self.pool.slots
 
     async def ask(self, slot: WorkerSlot, method: bytes, uri: bytes, body: bytes | None = None
                   ) -> tuple[int, bytes] | None:
