@@ -57,6 +57,9 @@ def makeService(options: Options) -> IService:
 
         return WorkerParent(options.loaded, reactor, config_path=path)
 
+    from wsgateway._compat import autobahn
     from wsgateway.service import GatewayService
 
+    # process-wide patches, applied where the process and its reactor are set up, never on import
+    autobahn.install()
     return GatewayService(options.loaded, reactor, config_path=path)

@@ -212,7 +212,7 @@ def test_connection_made_copies_config_attrs_the_protocol_does_not_have(side: st
         assert p.openHandshakeTimeout == 3 and "openHandshakeTimeout" not in vars(p)
 
 
-# -- proxy.py / upstreamleg.py / delivery.py: _dataReceived and the data buffer -------
+# -- wsgateway/handshake/server.py / wsgateway/upstream/leg.py / wsgateway/durable/delivery.py: _dataReceived and the data buffer -------
 
 
 @pytest.mark.parametrize("cls", [WebSocketServerProtocol, WebSocketClientProtocol])
@@ -262,7 +262,7 @@ def test_server_frames_after_the_head_wait_in_data_until_after_on_open(keep: boo
         def onOpen(self):
             got.append(("open", self.data))
             if not keep:
-                self.data = b""  # proxy.py: the relay takes them
+                self.data = b""  # wsgateway/handshake/server.py: the relay takes them
             else:
                 self.data += masked_text(b"more")  # broadcast: Autobahn reads them right after onOpen
 
@@ -406,7 +406,7 @@ def test_our_attribute_names_do_not_shadow_autobahn_ones(which: str) -> None:
             assert "_options_of" not in theirs  # _autobahn.preset_options keeps its base class there
 
 
-# -- service.py / logs.py -------------------------------------------------------------
+# -- wsgateway/service.py / wsgateway/ops/logs.py -------------------------------------------------------------
 
 
 def test_nvx_flag_and_log_namespace() -> None:

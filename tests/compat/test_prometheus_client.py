@@ -72,5 +72,5 @@ def test_disable_created_metrics_drops_created_samples() -> None:
     from prometheus_client import disable_created_metrics
 
     with relied_on(LIB, "disable_created_metrics (no *_created families)", "wsgateway/ops/metrics.py, wsgateway/workers/parent.py"):
-        disable_created_metrics()  # what metrics.py and workers.py do at start, process-wide
+        disable_created_metrics()  # what wsgateway/ops/metrics.py and wsgateway/workers/parent.py do at start, process-wide
         assert "_created" not in _exposition()

@@ -67,7 +67,7 @@ def _recv(sock: socket.socket) -> bytes:
         return b""
 
 
-# -- sendnow.py: tcp.Server / tcp.Client and FileDescriptor.write ------------------
+# -- wsgateway/_compat/sendnow.py: tcp.Server / tcp.Client and FileDescriptor.write ------------------
 
 
 def test_accepted_and_connected_transports_are_exactly_tcp_server_and_client() -> None:
@@ -123,7 +123,7 @@ def test_filedescriptor_write_queues_and_sends_on_dowrite(server) -> None:
     with relied_on(LIB, "FileDescriptor.write (queues in _tempDataBuffer/_tempDataLen, sends on doWrite)",
                    "wsgateway/_compat/sendnow.py"):
         FileDescriptor.write(t, b"abc")
-        assert _recv(peer) == b"", "write() sent at once: Twisted may now do what sendnow.py does"
+        assert _recv(peer) == b"", "write() sent at once: Twisted may now do what wsgateway/_compat/sendnow.py does"
         assert t._tempDataLen == 3
         assert t in reactor.getWriters()
         t.write(b"def")  # the transport's own write: also queued
@@ -157,7 +157,7 @@ def test_start_tls_sets_the_tls_flag(server) -> None:
 
 
 def test_send_at_once_on_a_real_transport(server) -> None:
-    # the whole of sendnow.py against this Twisted: at once when idle, in order when not
+    # the whole of wsgateway/_compat/sendnow.py against this Twisted: at once when idle, in order when not
     from wsgateway._compat.sendnow import send_at_once
 
     t, peer, reactor = server
@@ -310,7 +310,7 @@ def test_tls_factory_asks_a_server_connection_creator_once_per_connection() -> N
         assert b"".join(sp.wrappedProtocol.received) == b"ok"
 
 
-# -- service.py / workers.py: reactor._exitSignal ----------------------------------
+# -- wsgateway/service.py / wsgateway/workers/parent.py: reactor._exitSignal ----------------------------------
 
 
 def test_exit_signal_is_set_by_the_reactor_and_read_by_twistd() -> None:
@@ -334,7 +334,7 @@ def test_exit_signal_is_set_by_the_reactor_and_read_by_twistd() -> None:
         assert callable(app._exitWithSignal)
 
 
-# -- tls.py / worker.py: StreamServerEndpointService._raiseSynchronously ----------
+# -- wsgateway/tls.py / wsgateway/workers/child.py: StreamServerEndpointService._raiseSynchronously ----------
 
 
 def test_raise_synchronously_makes_a_failed_listen_raise() -> None:
@@ -353,7 +353,7 @@ def test_raise_synchronously_makes_a_failed_listen_raise() -> None:
             service.privilegedStartService()
 
 
-# -- worker.py: twisted.internet.main.CONNECTION_DONE from doRead ------------------
+# -- wsgateway/workers/child.py: twisted.internet.main.CONNECTION_DONE from doRead ------------------
 
 
 def test_a_reader_returning_connection_done_gets_connection_lost() -> None:
@@ -388,7 +388,7 @@ def test_a_reader_returning_connection_done_gets_connection_lost() -> None:
         reactor.waker.connectionLost(None) if hasattr(reactor, "waker") else None
 
 
-# -- aggregate.py: _HTTP11ClientFactory and HTTPConnectionPool._factory ------------
+# -- wsgateway/workers/aggregate.py: _HTTP11ClientFactory and HTTPConnectionPool._factory ------------
 
 
 def test_connection_pool_builds_its_factory_from_the_pool_factory_attribute() -> None:
@@ -414,7 +414,7 @@ def test_connection_pool_builds_its_factory_from_the_pool_factory_attribute() ->
         assert isinstance(endpoint.factory, _QuietFactory) and endpoint.factory.noisy is False
 
 
-# -- admin.py / parentadmin.py: Request._disconnected ---------------------------------
+# -- wsgateway/ops/admin.py / wsgateway/workers/admin.py: Request._disconnected ---------------------------------
 
 
 def test_request_disconnected_is_set_when_the_connection_is_lost() -> None:
@@ -432,7 +432,7 @@ def test_request_disconnected_is_set_when_the_connection_is_lost() -> None:
         assert request._disconnected is True and not request.finished
 
 
-# -- config.py: serverFromString with no reactor ------------------------------------
+# -- wsgateway/config/loader.py: serverFromString with no reactor ------------------------------------
 
 
 def test_server_from_string_parses_without_a_reactor() -> None:

@@ -63,7 +63,6 @@ from wsgateway.ops.tracing import NoTracer, OtelTracer
 from wsgateway.upstream.pool import Node, Upstream, UpstreamError, UpstreamRequest
 from wsgateway.upstream.leg import UpstreamProtocol, adopt
 
-_autobahn.install()
 
 OPEN = WebSocketProtocol.STATE_OPEN
 CONNECTING = WebSocketProtocol.STATE_CONNECTING

@@ -219,8 +219,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from twisted.internet import reactor
 
+    from wsgateway._compat import autobahn
     from wsgateway.service import GatewayService
 
+    autobahn.install()  # as tap.makeService does for one process
     service = GatewayService(config, reactor, config_path=args.config, role=setup)
     stopping = []
 
