@@ -1,4 +1,4 @@
-"""Tests for wsgateway.config.loader: the INI file -> GatewayConfig, every error at once."""
+"""Tests for wsgateway.config: the INI file -> GatewayConfig, every error at once."""
 
 from __future__ import annotations
 
@@ -17,20 +17,15 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from hypothesis import given
 from hypothesis import strategies as st
 
-from wsgateway.config.loader import (
-    KNOWN_KEYS,
-    AdminSection,
-    ConfigError,
-    DemoConfig,
-    FrozenMap,
-    GatewayConfig,
-    GatewaySection,
-    Limits,
-    LogConfig,
-    QueueConfig,
-    load,
-    main,
-)
+from wsgateway.config.admin import AdminConfig
+from wsgateway.config.check import main
+from wsgateway.config.demo import DemoConfig
+from wsgateway.config.gateway import ServerConfig
+from wsgateway.config.limits import LimitsConfig
+from wsgateway.config.loader import KNOWN_KEYS, ConfigError, GatewayConfig, load
+from wsgateway.config.log import LogConfig
+from wsgateway.config.queue import QueueConfig
+from wsgateway.config.values import FrozenMap
 from wsgateway.dev.selfsigned import ensure
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,7 +73,7 @@ def run_check(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT) -
     environ = {k: v for k, v in os.environ.items() if not k.startswith("WSGW_")}
     environ.update(env or {})
     environ["PYTHONPATH"] = str(ROOT) + (os.pathsep + environ["PYTHONPATH"] if environ.get("PYTHONPATH") else "")
-    return subprocess.run([sys.executable, "-m", "wsgateway.config.loader", *args], cwd=cwd, env=environ,
+    return subprocess.run([sys.executable, "-m", "wsgateway.config", *args], cwd=cwd, env=environ,
                           capture_output=True, text=True, timeout=60)
 
 
@@ -107,7 +102,7 @@ def test_example_config_loads(checkout: Path) -> None:
         "tcp:8080:interface=127.0.0.1",
         f"ssl:8443:interface=127.0.0.1:privateKey={tls}/key.pem:certKey={tls}/cert.pem",
     )
-    assert config.admin == AdminSection(listen=("tcp:9090:interface=127.0.0.1",), token=None)
+    assert config.admin == AdminConfig(listen=("tcp:9090:interface=127.0.0.1",), token=None)
     assert config.demo == DemoConfig(listen=("tcp:8081:interface=127.0.0.1",))
     assert (config.auth, config.redis) == (None, None)
     assert config.log.format == "text"
@@ -149,11 +144,11 @@ def test_example_config_without_the_development_certificate(checkout: Path) -> N
 
 def test_defaults(tmp_path: Path) -> None:
     config = cfg(tmp_path, "")
-    assert config.gateway == GatewaySection(node_id=config.gateway.node_id)
+    assert config.gateway == ServerConfig(node_id=config.gateway.node_id)
     assert config.gateway.node_id  # the host name
     assert config.gateway.listen == ("tcp:8080",)
     assert (config.gateway.workers, config.gateway.shutdown_timeout, config.gateway.drain_grace) == (1, 10.0, 2.0)
-    assert config.limits == Limits(max_connections=10000, max_connections_per_ip=256, max_message_size=1048576,
+    assert config.limits == LimitsConfig(max_connections=10000, max_connections_per_ip=256, max_message_size=1048576,
                                    handshake_timeout=5, idle_timeout=600, ping_interval=25, ping_timeout=10,
                                    messages_per_second=0, write_buffer=1048576)
     assert (config.admin, config.auth, config.redis, config.demo) == (None, None, None, None)
@@ -172,7 +167,7 @@ def test_defaults(tmp_path: Path) -> None:
 
 def test_section_defaults_when_present_but_empty(tmp_path: Path) -> None:
     config = cfg(tmp_path, "[admin]\n[demo]\n[queue]\n[log]\n[limits]\n[redis]\n")
-    assert config.admin == AdminSection()
+    assert config.admin == AdminConfig()
     assert config.demo == DemoConfig()
     assert config.redis is not None and (config.redis.url, config.redis.prefix) == ("redis://127.0.0.1:6379/0", "wsgw")
     assert config.queue.max_attempts == 20 and config.queue.retention == 86400
@@ -232,8 +227,8 @@ def test_bad_sizes(tmp_path: Path, text: str, message: str) -> None:
 
 @given(number=st.integers(0, 10**6), suffix=st.sampled_from(["", "k", "K", "m", "M", "g", "G"]))
 def test_size_property(number: int, suffix: str) -> None:
-    from wsgateway.config.loader import _size, _Value  # the parser alone: no file per example
-    assert _size()(_Value(f"{number}{suffix}", None)) == number * 1024 ** " kmg".index(suffix.lower() or " ")
+    from wsgateway.config.values import Value, size  # the parser alone: no file per example
+    assert size()(Value(f"{number}{suffix}", None)) == number * 1024 ** " kmg".index(suffix.lower() or " ")
 
 
 @pytest.mark.parametrize("text, seconds", [("0", 0.0), ("2.5", 2.5), (".5", 0.5), ("10", 10.0), ("3.", 3.0)])
@@ -908,7 +903,7 @@ def test_log(tmp_path: Path) -> None:
 
 
 def test_admin_token(tmp_path: Path) -> None:
-    assert cfg(tmp_path, "[admin]\ntoken = abc.DEF-123\n").admin == AdminSection(token="abc.DEF-123")
+    assert cfg(tmp_path, "[admin]\ntoken = abc.DEF-123\n").admin == AdminConfig(token="abc.DEF-123")
     line = one_problem(tmp_path, "[admin]\ntoken = two words\n")
     assert line.startswith("[admin] token: must be printable ASCII without spaces") and "two" not in line
 
@@ -1084,7 +1079,7 @@ def test_node_id_and_rate(tmp_path: Path) -> None:
 
 def test_values_can_be_built_by_hand_with_spec_defaults() -> None:
     config = GatewayConfig(path="x.ini")
-    assert config.limits == Limits() and config.queue.backend == "sqlite" and config.routes == ()
+    assert config.limits == LimitsConfig() and config.queue.backend == "sqlite" and config.routes == ()
     assert config.upstreams == {} and hash(config)
 
 

@@ -14,8 +14,8 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from wsgateway.config.loader import (
     FrozenMap,
     GatewayConfig,
-    GatewaySection,
-    Limits,
+    ServerConfig,
+    LimitsConfig,
     NodeConfig,
     RouteConfig,
     UpstreamConfig,
@@ -45,7 +45,7 @@ def factory(router: Router | None = None) -> tuple[GatewayServerFactory, MemoryR
     route = RouteConfig(name="chat", path="/chat", upstream="u")
     config = GatewayConfig(
         path="test.ini",
-        gateway=GatewaySection(node_id="t", listen=("tcp:0",)),
+        gateway=ServerConfig(node_id="t", listen=("tcp:0",)),
         routes=(route,),
         upstreams=FrozenMap({"u": UpstreamConfig(name="u", nodes=(node,))}),
     )
@@ -179,7 +179,7 @@ def test_listeners_share_the_limiter_they_are_given_even_while_it_is_empty():
 def test_reconfigure_changes_what_new_connections_get():
     f, clock = factory()
     route = RouteConfig(name="other", path="/other", upstream="u", allowed_origins=("https://a.example",))
-    config = replace(f.config, routes=(route,), limits=Limits(max_message_size=1234, write_buffer=4096))
+    config = replace(f.config, routes=(route,), limits=LimitsConfig(max_message_size=1234, write_buffer=4096))
     router = Router(config.routes)
     f.reconfigure(config, router, {}, None)
     assert (f.config, f.router, f.upstreams, f.auth) == (config, router, {}, None)
