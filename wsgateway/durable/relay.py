@@ -45,16 +45,27 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from wsgateway import codes
 from wsgateway.durable.clientstream import Message, MessageReader, Window
-from wsgateway.relay.frames import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, encode_close, encode_frame, parse_close
 from wsgateway.durable.entries import Entry, NewEntry, QueueUnavailable
-from wsgateway.relay.relay import CLIENT, Relay, lose
 from wsgateway.durable.replay import CONN_HEADER, SEQ_HEADER, consecutive
+from wsgateway.interfaces import RelayControl, RelayTransport
+from wsgateway.relay.frames import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    encode_close,
+    encode_frame,
+    parse_close,
+)
+from wsgateway.relay.relay import Relay
+from wsgateway.relay.transport import lose
 
 # Upstream close codes after which the messages it may not have read are
 # queued and a new leg is sought: going away, internal error, restart, try
@@ -69,9 +80,6 @@ CONFIRM_INTERVAL = 0.1
 CONFIRM_BYTES = 64 * 1024
 RETRY_MAX = 5.0  # seconds between attempts to reach the upstream again, at most
 CONFIRM_TIMEOUT = 10.0
-
-
-# -- the relay ------------------------------------------------------------------
 
 
 @dataclass
@@ -89,7 +97,7 @@ class QueueLink:
     retry_initial: float = 0.1
 
 
-class _Recording:
+class Recording:
     """
     Every upstream transport of a durable relay, so that the relay's own
     mechanism (which compares ``relay.upstream`` with a leg's transport) sees
@@ -99,9 +107,9 @@ class _Recording:
     it is holding (a flush leg's entries are in the store already).
     """
 
-    __slots__ = ("transport", "_sent")
+    __slots__ = ("_sent", "transport")
 
-    def __init__(self, transport: Any, sent: Callable[[bytes], None]) -> None:
+    def __init__(self, transport: RelayTransport, sent: Callable[[bytes], None]) -> None:
         object.__setattr__(self, "transport", transport)
         object.__setattr__(self, "_sent", sent)
 
@@ -117,21 +125,19 @@ class _Recording:
 
 
 @implementer(IPushProducer)
-class _GatedReader:
-    """The client as the upstream's producer, kept paused while the relay needs it to be."""
+class GatedReader:
+    """The client as the upstream's producer, kept paused while durable delivery needs it to be."""
 
-    __slots__ = ("_relay",)
+    __slots__ = ("_delivery",)
 
-    def __init__(self, relay: DurableRelay) -> None:
-        self._relay = relay
+    def __init__(self, delivery: DurableDelivery) -> None:
+        self._delivery = delivery
 
     def pauseProducing(self) -> None:
-        self._relay._upstream_full = True
-        self._relay.client.pauseProducing()
+        self._delivery.upstream_paused(True)
 
     def resumeProducing(self) -> None:
-        self._relay._upstream_full = False
-        self._relay._maybe_resume()
+        self._delivery.upstream_paused(False)
 
     def stopProducing(self) -> None:
         pass
@@ -139,15 +145,62 @@ class _GatedReader:
 
 class DurableRelay(Relay):
     """
-    A relay that queues what its upstream did not take (module docstring).
+    The frame relay of an ``at_least_once`` route: a L{Relay} whose hooks
+    are a L{DurableDelivery} (module docstring). It overrides nothing of
+    Relay; it only builds the collaborator and shows its state.
     ``upstream`` is None when no node was reachable at the handshake.
     ``reconnect(relay)`` opens a new leg with ``relay.leg_headers()`` and
-    hands it to ``upstream_reconnected`` (proxy.py), or fails.
+    hands it to ``upstream_reconnected`` (handshake/server.py), or fails.
     """
 
-    def __init__(self, client: Any, upstream: Any, *, link: QueueLink,
+    def __init__(self, client: RelayTransport, upstream: RelayTransport | None, *, link: QueueLink,
                  reconnect: Callable[[Relay], Deferred[None]], **kwargs: Any) -> None:
+        self.delivery = DurableDelivery(link, reconnect, clock=kwargs["clock"], write_buffer=kwargs["write_buffer"])
+        super().__init__(client, upstream, hooks=self.delivery, **kwargs)
+
+    @property
+    def link(self) -> QueueLink:
+        return self.delivery.link
+
+    @property
+    def left_queued(self) -> bool:
+        """Entries of this connection may still be in the store (or on their way there)."""
+        return self.delivery.left_queued
+
+    @property
+    def flushing(self) -> bool:
+        return self.delivery.flushing
+
+    @property
+    def queued(self) -> int:
+        return self.delivery.queued
+
+    @property
+    def delivered(self) -> int:
+        return self.delivery.delivered
+
+    def leg_headers(self) -> dict[str, str]:
+        return self.delivery.leg_headers()
+
+
+class DurableDelivery:
+    """
+    The L{wsgateway.interfaces.RelayHooks} of durable delivery: the window
+    and its confirming pings while live; holding (queueing what the client
+    sends) once the upstream is lost; the reconnect loop; the flush of the
+    queued entries on a new leg; then live again.
+    """
+
+    mirrors_held = False  # queued client frames are not copied to a mirror
+    relay: RelayControl
+
+    def __init__(self, link: QueueLink, reconnect: Callable[[Any], Deferred[None]], *, clock: IReactorTime,
+                 write_buffer: int) -> None:
         self.link = link
+        self._reconnect = reconnect
+        self._reconnect_d: Deferred[None] | None = None
+        self._clock = clock
+        self._cap = max(4 * write_buffer, 1 << 20)
         self._upstream_full = False
         self._appending = 0
         self._append_gen = 0
@@ -165,56 +218,52 @@ class DurableRelay(Relay):
         self._confirm_call: Any = None
         self.reader: MessageReader | None = None
         self.leg_seq = 1
-        recording = _Recording(upstream, self._sent) if upstream is not None else None
-        super().__init__(client, recording, reconnect=reconnect, **kwargs)
-        self._cap = max(4 * self._write_buffer, 1 << 20)
-        if upstream is None:
-            self.upstream_lost = True
+        self._upstream_going = False
+
+    # -- wiring (RelayHooks) --------------------------------------------------------
+
+    def attach(self, relay: RelayControl) -> None:
+        self.relay = relay
+
+    def upstream_transport(self, transport: RelayTransport) -> RelayTransport:
+        return Recording(transport, self._sent)  # type: ignore[return-value]
+
+    def client_reader(self, client: RelayTransport) -> Any:
+        return GatedReader(self)
+
+    def started(self) -> None:
+        if self.relay.upstream is None:
+            self.relay.upstream_gone(False)
             self._hold_from(MessageReader(1))
             self._clock.callLater(0, self._start_reconnect_loop)
 
     @property
-    def holding(self) -> bool:
-        return self.reader is not None
-
-    @property
     def left_queued(self) -> bool:
-        """Entries of this connection may still be in the store (or on their way there)."""
         return bool(self._appending) or self.queued > self.delivered
-
-    def _client_reader(self) -> Any:
-        return _GatedReader(self)
 
     def leg_headers(self) -> dict[str, str]:
         return {CONN_HEADER: self.link.conn_key, SEQ_HEADER: str(self.leg_seq)}
 
-    # -- data path -------------------------------------------------------------
+    def upstream_paused(self, full: bool) -> None:
+        """The upstream's write buffer went over (True) or under its mark."""
+        self._upstream_full = full
+        if full:
+            self.relay.client.pauseProducing()
+        else:
+            self._maybe_resume()
 
-    def client_data(self, data: bytes) -> None:
-        if self.reader is None:
-            super().client_data(data)  # what it writes upstream goes through _Recording
-            return
-        self.bytes_c2u += len(data)
-        c2u = self.c2u
-        active, frames = c2u.in_frame, c2u.data_frames
-        out = c2u.feed(data)
-        if active or c2u.data_frames != frames:
-            self._last_activity = self._clock.seconds()
-        if out and not self._queue_failed:
-            self._read(out)
-        if c2u.error is not None:
-            self._client_violation(*c2u.error)
+    # -- live: the window and its confirmations ------------------------------------
 
     def _sent(self, out: bytes) -> None:
         window = self.window
         if window is None:
             return
         window.add(out)
-        if not self._confirms and self._confirm_call is None and not self.closed_to_upstream:
+        if not self._confirms and self._confirm_call is None and not self.relay.closed_to_upstream:
             self._pace_confirm(window)
         if len(window) > self._cap:
             # the upstream is not confirming as fast as the client sends
-            self.client.pauseProducing()
+            self.relay.client.pauseProducing()
 
     def _pace_confirm(self, window: Window) -> None:
         """
@@ -229,9 +278,9 @@ class DurableRelay(Relay):
 
     def _confirm_due(self) -> None:
         self._confirm_call = None
-        window = self.window
-        if window is not None and len(window) and not self._confirms and not self.done \
-                and not self.upstream_lost and not self.closed_to_upstream:
+        window, relay = self.window, self.relay
+        if window is not None and len(window) and not self._confirms and not relay.done \
+                and not relay.upstream_lost and not relay.closed_to_upstream:
             self._send_confirm(window.total)
 
     def _cancel_confirm_call(self) -> None:
@@ -244,11 +293,12 @@ class DurableRelay(Relay):
         payload = b"wsgq" + self._confirm_id.to_bytes(8, "big")
         self._confirms[payload] = (mark, d)
         frame = encode_frame(OP_PING, payload, mask=True)
-        out = frame if direct else self.c2u.inject(frame)
+        out = frame if direct else self.relay.c2u.inject(frame)
         if out:
-            self.upstream.write(out)
+            self.relay.upstream.write(out)
 
-    def _from_upstream(self, opcode: int, payload: bytes) -> bool:
+    def upstream_control(self, opcode: int, payload: bytes) -> bool | None:
+        relay = self.relay
         if opcode == OP_PONG and payload in self._confirms:
             mark, d = self._confirms.pop(payload)
             if d is not None:
@@ -258,42 +308,46 @@ class DurableRelay(Relay):
                 window = self.window
                 window.confirm(self._confirmed_mark)
                 self._confirmed_mark = mark
-                if len(window) and not self.closed_to_upstream and not self.upstream_lost \
+                if len(window) and not relay.closed_to_upstream and not relay.upstream_lost \
                         and self._confirm_call is None:
                     self._pace_confirm(window)
                 self._maybe_resume()
             return False
-        if opcode == OP_CLOSE and not self.closed_to_upstream and not self.close_from_upstream:
+        if opcode == OP_CLOSE and not relay.closed_to_upstream and not relay.close_from_upstream:
             code, _ = parse_close(payload)
-            if code in LOSS_CODES and not self.done:
+            if code in LOSS_CODES and not relay.done:
                 # The upstream is going away: answer its close and keep what it may not have read.
-                self.close_from_upstream = True
+                relay.close_from_upstream = True
                 self._upstream_going = True
-                if self.c2u.in_frame and self.reader is None:
-                    self.upstream.abortConnection()
+                if relay.c2u.in_frame and self.reader is None:
+                    relay.upstream.abortConnection()
                 else:
-                    self.upstream.write(encode_close(code, "", mask=True))
-                    lose(self.upstream)
+                    relay.upstream.write(encode_close(code, "", mask=True))
+                    lose(relay.upstream)
                 return False
-        return super()._from_upstream(opcode, payload)
-
-    _upstream_going = False
+        return None
 
     # -- holding: queueing what the client sends ---------------------------------
 
     def _hold_from(self, reader: MessageReader) -> None:
         self.reader = reader
         self.window = None
+        self.relay.holding = True
+
+    def hold(self, out: bytes) -> None:
+        if not self._queue_failed:
+            self._read(out)
 
     def _read(self, out: bytes, answer_pings: bool = True) -> None:
         assert self.reader is not None
+        relay = self.relay
         messages, pings = self.reader.feed(out)
         for p in pings if answer_pings else ():
             # nobody upstream answers them now
-            if not (self.closed_to_client or self.client_lost):
-                pong = self.u2c.inject(encode_frame(OP_PONG, p, mask=False))
+            if not (relay.closed_to_client or relay.client_lost):
+                pong = relay.u2c.inject(encode_frame(OP_PONG, p, mask=False))
                 if pong:
-                    self.client.write(pong)
+                    relay.client.write(pong)
         if messages:
             self._append(messages)
 
@@ -305,7 +359,7 @@ class DurableRelay(Relay):
                             first_seen=now) for m in messages]
         self._appending += 1
         self._append_gen += 1
-        self.client.pauseProducing()
+        self.relay.client.pauseProducing()
         d = link.store.append(entries)
         d.addCallbacks(self._appended, self._append_failed, callbackArgs=(len(entries),))
 
@@ -318,11 +372,11 @@ class DurableRelay(Relay):
     def _append_failed(self, f: Failure) -> None:
         self._appending -= 1
         why = f.getErrorMessage() if f.check(QueueUnavailable) else repr(f.value)
-        self.log.error("queue unavailable: closing the client with 1011 ({why})", why=why)
+        self.relay.log.error("queue unavailable: closing the client with 1011 ({why})", why=why)
         self.link.on_failure("append")
         self._queue_failed = True
-        if not self.done and not self.client_lost:
-            self._client_violation(codes.INTERNAL_ERROR, "queue unavailable")
+        if not self.relay.done and not self.relay.client_lost:
+            self.relay.client_violation(codes.INTERNAL_ERROR, "queue unavailable")
         self._settle()
 
     def _settle(self) -> None:
@@ -341,23 +395,20 @@ class DurableRelay(Relay):
         return d
 
     def _maybe_resume(self) -> None:
-        if self.client_lost or self._upstream_full or self._appending:
+        if self.relay.client_lost or self._upstream_full or self._appending:
             return
         if self.window is not None and len(self.window) > self._cap:
             return
-        self.client.resumeProducing()
+        self.relay.client.resumeProducing()
 
     # -- losing the upstream ------------------------------------------------------
 
-    def upstream_connection_lost(self) -> None:
-        if self.upstream_lost:
-            return
-        vanished = not self.close_from_upstream and not self.closed_to_upstream
-        if self.close_from_upstream and not self._upstream_going:
+    def upstream_connection_lost(self, vanished: bool) -> bool:
+        relay = self.relay
+        if relay.close_from_upstream and not self._upstream_going:
             # it ended the session itself, or answered our close (after reading
             # everything before it): nothing of the window is in doubt
-            super().upstream_connection_lost()
-            return
+            return False
         self._upstream_going = False
         self._cancel_confirm_call()
         self._fail_confirms()
@@ -374,39 +425,29 @@ class DurableRelay(Relay):
             self._read(bytes(window.buf), answer_pings=False)
         # nothing goes to the old leg any more, and its full buffer no longer holds the client back
         self._upstream_full = False
-        self.upstream_lost = True
-        self.upstream_vanished = vanished
-        self.upstream = None
+        relay.upstream_gone(vanished)
         self.flushing = False
-        if self.u2c.in_frame or self.u2c.in_message or self.closed_to_client or self.client_lost \
-                or self.closed_by is not None:
+        if relay.u2c.in_frame or relay.u2c.in_message or relay.closed_to_client or relay.client_lost \
+                or relay.closed_by is not None:
             # The client's stream cannot go on (a message from the upstream
             # was cut), or it is ending anyway: what it sent is queued, and
             # the connection ends as without durability.
-            if self.closed_to_client and self.close_from_client:
-                self._finish_client()
-            self._give_up()  # 1014 to the client, unless it is closing already
-            return
-        self.log.info("upstream gone: queueing client messages")
-        self.client.resumeProducing()
+            if relay.closed_to_client and relay.close_from_client:
+                relay.finish_client()
+            relay.give_up()  # 1014 to the client, unless it is closing already
+            return True
+        relay.log.info("upstream gone: queueing client messages")
+        relay.client.resumeProducing()
         self._start_reconnect_loop()
+        return True
 
-    def client_connection_lost(self) -> None:
-        if self.client_lost:
-            return
-        if self.reader is None and self.window is not None and len(self.window) \
-                and not self.upstream_lost and not self.closed_to_upstream:
-            # Relay would drop the upstream right after its close frame; here
-            # its close answer is awaited (bounded by the close timer): it
-            # confirms what the window holds, which is queued otherwise.
-            self.client_lost = True
-            if self.closed_by is None:
-                self.closed_by = CLIENT
-                self.close_code = 1006
-            self._close_upstream(codes.GOING_AWAY, "client gone")
-            self._maybe_done()
-            return
-        super().client_connection_lost()
+    def awaits_upstream_close(self) -> bool:
+        # Relay would drop the upstream right after its close frame; here
+        # its close answer is awaited (bounded by the close timer): it
+        # confirms what the window holds, which is queued otherwise.
+        relay = self.relay
+        return self.reader is None and self.window is not None and bool(len(self.window)) \
+            and not relay.upstream_lost and not relay.closed_to_upstream
 
     def _fail_confirms(self) -> None:
         confirms, self._confirms = self._confirms, {}
@@ -415,66 +456,66 @@ class DurableRelay(Relay):
                 d.callback(False)
 
     def _start_reconnect_loop(self) -> None:
-        if self.done or self.client_lost or self.closed_to_client or self._reconnect_d is not None:
+        relay = self.relay
+        if relay.done or relay.client_lost or relay.closed_to_client or self._reconnect_d is not None:
             return
-        self.reconnecting = True
+        relay.reconnecting = True
         self._reconnect_d = Deferred.fromCoroutine(self._reconnect_loop())
         self._reconnect_d.addErrback(self._loop_failed)
 
     def _loop_failed(self, f: Failure) -> None:
         if not f.check(CancelledError):
-            self.log.failure("durable reconnect loop failed", f)
+            self.relay.log.failure("durable reconnect loop failed", f)
 
     async def _reconnect_loop(self) -> None:
+        relay = self.relay
         delay = self.link.retry_initial
-        while self.reconnecting and not self.done:
+        while relay.reconnecting and not relay.done:
             try:
                 # the leg announces its first seq: what is being appended now may be it
                 await self._appends_settled()
                 first = await self.link.store.pending_for(self.link.conn_key, 1)
                 self.leg_seq = first[0].seq if first else self.reader.next_seq if self.reader else 1
-                assert self._reconnect is not None
-                await self._reconnect(self)
+                await self._reconnect(relay)
                 return
             except CancelledError:
                 return
             except Exception as e:
-                if not self.reconnecting or self.done:
+                if not relay.reconnecting or relay.done:
                     return
-                self.log.debug("upstream still unreachable: {error}", error=str(e))
+                relay.log.debug("upstream still unreachable: {error}", error=str(e))
                 sleep: Deferred[None] = Deferred(lambda d: call.cancel())
                 call = self._clock.callLater(delay, sleep.callback, None)
                 await sleep
                 delay = min(delay * 2, RETRY_MAX)
 
-    def _stop_reconnecting(self) -> None:
-        # Relay's version also drops held bytes; here they are in the store.
-        self.reconnecting = False
+    def stop_reconnecting(self) -> None:
+        # Unlike an in-memory reconnect, nothing held is dropped: it is in the store.
+        self.relay.reconnecting = False
         d, self._reconnect_d = self._reconnect_d, None
         if d is not None:
             d.cancel()
 
     # -- a new leg: flush, then live ----------------------------------------------
 
-    def upstream_reconnected(self, transport: Any) -> Any:
-        leg = super().upstream_reconnected(_Recording(transport, self._sent))
+    def upstream_reconnected(self) -> None:
         self._reconnect_d = None
         self._flush_d = Deferred.fromCoroutine(self._flush())
         self._flush_d.addErrback(self._loop_failed)
-        return leg
 
     async def _flush(self) -> None:
+        relay = self.relay
         self.flushing = True
         store, key = self.link.store, self.link.conn_key
         next_seq = self.leg_seq  # what the upstream counts the next message as
-        while self.flushing and not self.done and self.upstream is not None:
+        while self.flushing and not relay.done and relay.upstream is not None:
             busy, gen = self._appending, self._append_gen
             try:
                 entries: list[Entry] = await store.pending_for(key, FLUSH_BATCH)
             except QueueUnavailable:
                 self._flush_failed()
                 return
-            if not self.flushing or self.upstream is None:
+            if not self.flushing or relay.upstream is None:
                 return
             if not entries:
                 if not busy and not self._appending and gen == self._append_gen:
@@ -492,7 +533,7 @@ class DurableRelay(Relay):
             entries = consecutive(entries)
             next_seq = entries[-1].seq + 1
             self._flush_batch = entries
-            self.upstream.write(b"".join(
+            relay.upstream.write(b"".join(
                 encode_frame(OP_BINARY if e.binary else OP_TEXT, e.message, mask=True) for e in entries
             ))
             timer = self._clock.callLater(CONFIRM_TIMEOUT, self._confirm_timed_out)
@@ -518,85 +559,63 @@ class DurableRelay(Relay):
 
     def _renumber(self) -> None:
         """A gap in the seqs this leg carries: a new leg, whose X-Wsgateway-Seq says where it starts."""
-        self.log.info("gap in queued sequence numbers: opening a new upstream leg")
+        relay = self.relay
+        relay.log.info("gap in queued sequence numbers: opening a new upstream leg")
         self.flushing = False
-        if self.upstream is not None and not self.upstream_lost:
-            self.upstream.write(encode_close(codes.GOING_AWAY, "renumbering", mask=True))
+        if relay.upstream is not None and not relay.upstream_lost:
+            relay.upstream.write(encode_close(codes.GOING_AWAY, "renumbering", mask=True))
             self._upstream_going = True
-            lose(self.upstream)
+            lose(relay.upstream)
 
     def _confirm_timed_out(self) -> None:
-        if self.upstream is not None and not self.upstream_lost:
-            self.log.warn("upstream did not confirm delivered entries in time: dropping it")
-            self.upstream.abortConnection()
+        relay = self.relay
+        if relay.upstream is not None and not relay.upstream_lost:
+            relay.log.warn("upstream did not confirm delivered entries in time: dropping it")
+            relay.upstream.abortConnection()
 
     def _flush_failed(self) -> None:
         self.link.on_failure("read")
-        self.log.error("queue unavailable while delivering: closing the client with 1011")
+        self.relay.log.error("queue unavailable while delivering: closing the client with 1011")
         self.flushing = False
-        self.close(codes.INTERNAL_ERROR, "queue unavailable")
+        self.relay.close(codes.INTERNAL_ERROR, "queue unavailable")
 
     def _go_live(self) -> None:
         """Nothing of this client is queued any more: relay its stream again, from where the reader is."""
-        reader = self.reader
+        reader, relay = self.reader, self.relay
         assert reader is not None
         rest = reader.rest()
         self.reader = None
+        relay.holding = False
         self.flushing = False
-        self.reconnecting = False
+        relay.reconnecting = False
         self.window = Window(reader.next_seq - 1)
         self._confirmed_mark = 0
         if rest:
-            self.upstream.write(rest)  # kept in the window from here on
-        self.log.info("queue delivered: relaying live again")
+            relay.upstream.write(rest)  # kept in the window from here on
+        relay.log.info("queue delivered: relaying live again")
         self._maybe_resume()
 
     # -- the gateway's and the client's closes while holding -------------------
 
-    def _from_client(self, opcode: int, payload: bytes) -> bool:
-        if self.reader is None or opcode != OP_CLOSE:
-            return super()._from_client(opcode, payload)
-        self.close_from_client = True
-        self._note_close(CLIENT, payload)
-        self._stop_reconnecting()
+    def closing_upstream(self) -> bool:
+        if self.reader is None:
+            return False
+        self.stop_reconnecting()
         self._stop_flushing()
-        if self.closed_to_client:
-            self._clock.callLater(0, self._finish_client)
-        else:
-            code, reason = parse_close(payload)
-            self._close_client(code or codes.NORMAL, reason)
-            self._clock.callLater(0, self._finish_client)
-        return False
+        return True
 
     def _stop_flushing(self) -> None:
         """End a flush leg (its unconfirmed batch stays queued for the replay)."""
+        relay = self.relay
         self.flushing = False
-        if self.upstream is not None and not self.upstream_lost:
-            self.closed_to_upstream = True
-            self.upstream.write(encode_close(codes.GOING_AWAY, "client gone", mask=True))
-            lose(self.upstream)
+        if relay.upstream is not None and not relay.upstream_lost:
+            relay.closed_to_upstream = True
+            relay.upstream.write(encode_close(codes.GOING_AWAY, "client gone", mask=True))
+            lose(relay.upstream)
 
-    def _close_upstream(self, code: int, reason: str) -> None:
-        if self.reader is None:
-            super()._close_upstream(code, reason)
-            return
-        self._stop_reconnecting()
-        self._stop_flushing()
-
-    def _ping(self) -> None:
-        if self.reader is not None and not self.upstream_lost:
-            # A flush leg has its own confirmations; the client's stream is not its stream.
-            self.upstream_lost = True
-            try:
-                super()._ping()
-            finally:
-                self.upstream_lost = False
-            return
-        super()._ping()
-
-    def _maybe_done(self) -> None:
-        if self.client_lost and self.upstream_lost:
+    def maybe_done(self) -> None:
+        relay = self.relay
+        if relay.client_lost and relay.upstream_lost:
             self._cancel_confirm_call()
-        if not self.done and self.client_lost and not self.upstream_lost and self.reader is not None:
+        if not relay.done and relay.client_lost and not relay.upstream_lost and self.reader is not None:
             self._stop_flushing()
-        super()._maybe_done()

@@ -1,0 +1,118 @@
+# -*- test-case-name: tests.test_relay -*-
+"""
+The gateway's own pings on each hop, and the idle timeout
+(docs/protocol.md#forwarding-and-close-codes): a peer that does not answer a
+ping in time is dropped; a connection with no data frame either way for
+``idle_timeout`` is closed with 1001.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+
+from wsgateway import codes
+from wsgateway.ids import random_bytes
+from wsgateway.interfaces import RelayControl
+from wsgateway.relay.frames import OP_PING, encode_frame
+
+
+class Keepalive:
+    """One relay's ping and idle timers; ``payload`` marks the pongs that answer its pings."""
+
+    __slots__ = (
+        "_clock",
+        "_idle_call",
+        "_idle_timeout",
+        "_interval",
+        "_ping_call",
+        "_pong_call",
+        "_relay",
+        "_timeout",
+        "payload",
+        "pong_from_client",
+        "pong_from_upstream",
+    )
+
+    def __init__(self, relay: RelayControl, clock: IReactorTime, *, ping_interval: float, ping_timeout: float,
+                 idle_timeout: float) -> None:
+        self._relay = relay
+        self._clock = clock
+        self.payload = b"wsgw" + random_bytes(4)
+        self._interval = ping_interval
+        self._timeout = ping_timeout
+        self._ping_call: IDelayedCall | None = None
+        self._pong_call: IDelayedCall | None = None
+        self.pong_from_client = True
+        self.pong_from_upstream = True
+        self._idle_timeout = idle_timeout
+        self._idle_call: IDelayedCall | None = None
+
+    def start(self) -> None:
+        if self._interval > 0:
+            self._ping_call = self._clock.callLater(self._interval, self._ping)
+        if self._idle_timeout > 0:
+            self._idle_call = self._clock.callLater(self._idle_timeout, self._check_idle)
+
+    def stop(self) -> None:
+        for call in (self._ping_call, self._pong_call, self._idle_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._ping_call = self._pong_call = self._idle_call = None
+
+    def _ping(self) -> None:
+        self._ping_call = None
+        relay = self._relay
+        if relay.done or relay.closed_by is not None:
+            return
+        self.pong_from_client = self.pong_from_upstream = False
+        out = relay.u2c.inject(encode_frame(OP_PING, self.payload, mask=False))
+        if out:
+            relay.client.write(out)
+        # A leg that delivers held client frames (a durable flush) has its
+        # own confirmations; the client's stream is not its stream.
+        if not relay.upstream_lost and not relay.holding:
+            out = relay.c2u.inject(encode_frame(OP_PING, self.payload, mask=True))
+            if out:
+                relay.upstream.write(out)
+        else:
+            self.pong_from_upstream = True
+        self._pong_call = self._clock.callLater(self._timeout, self._check_pongs)
+
+    def _check_pongs(self) -> None:
+        self._pong_call = None
+        relay = self._relay
+        if relay.done:
+            return
+        # A peer is only judged once our ping has really gone out (it waits
+        # behind a data frame in flight) and it could answer (a peer in the
+        # middle of sending a frame cannot put a pong in it): a slow but
+        # working peer moving a large message is not a dead one.
+        waiting = False
+        if not self.pong_from_client and not relay.client_lost:
+            if relay.u2c.in_frame or relay.c2u.in_frame:
+                waiting = True
+            else:
+                relay.log.info("client did not answer a ping in time: dropping it")
+                relay.client.abortConnection()
+        if not self.pong_from_upstream and not relay.upstream_lost:
+            if relay.c2u.in_frame or relay.u2c.in_frame:
+                waiting = True
+            else:
+                relay.log.warn("upstream did not answer a ping in time: dropping it")
+                relay.upstream.abortConnection()
+        if waiting:
+            self._pong_call = self._clock.callLater(self._timeout, self._check_pongs)
+            return
+        if relay.closed_by is None:
+            self._ping_call = self._clock.callLater(max(self._interval - self._timeout, 0.001), self._ping)
+
+    def _check_idle(self) -> None:
+        self._idle_call = None
+        relay = self._relay
+        if relay.done or relay.closed_by is not None:
+            return
+        left = relay.last_activity + self._idle_timeout - self._clock.seconds()
+        if left <= 0:
+            relay.close(codes.GOING_AWAY, "idle timeout")
+            return
+        self._idle_call = self._clock.callLater(left, self._check_idle)

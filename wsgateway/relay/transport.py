@@ -1,0 +1,134 @@
+# -*- test-case-name: tests.test_relay -*-
+"""
+What the frame relay does with the transports it owns: the protocol each
+one talks to once the relay has it (L{Leg}), the write buffer and send-now
+set-up (L{take}), each transport as the streaming producer of the other
+(L{Reader}, L{Both}), a mirror's overflow alarm (L{Overflow}) and the one
+right way to end a leg (L{lose}).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from wsgateway._compat.sendnow import send_at_once
+from wsgateway.interfaces import RelayTransport
+
+
+def set_write_buffer(transport: Any, size: int) -> None:
+    """
+    Make ``size`` the high-water mark at which ``transport`` pauses its
+    producer. TLS transports wrap the TCP one; the socket buffer that fills
+    up is the innermost one's.
+    """
+    t = transport
+    for _ in range(4):
+        if t is None:
+            return
+        if hasattr(t, "bufferSize"):
+            t.bufferSize = size
+        t = getattr(t, "transport", None)
+
+
+def take(transport: RelayTransport, write_buffer: int) -> None:
+    """Set up a transport the relay writes to: paused over ``write_buffer``, and sending at once (sendnow.py)."""
+    set_write_buffer(transport, write_buffer)
+    send_at_once(transport)
+
+
+@implementer(IPushProducer)
+class Reader:
+    """
+    One transport as the streaming producer of the other: pause and resume
+    reach it, but not stopProducing. Twisted calls that on a consumer's
+    loss and it would drop the other leg at once; how each leg ends (a close
+    frame first, 1001 or 1014) is the relay's decision.
+    """
+
+    __slots__ = ("_transport",)
+
+    def __init__(self, transport: RelayTransport) -> None:
+        self._transport = transport
+
+    def pauseProducing(self) -> None:
+        self._transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+@implementer(IPushProducer)
+class Both:
+    """The client transport's producer when pushes share it: the upstream's reader and the push outbox."""
+
+    __slots__ = ("_outbox", "_reader")
+
+    def __init__(self, reader: Reader, outbox: Any) -> None:
+        self._reader = reader
+        self._outbox = outbox
+
+    def pauseProducing(self) -> None:
+        self._reader.pauseProducing()
+        self._outbox.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._reader.resumeProducing()
+        self._outbox.resumeProducing()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class Leg(Protocol):
+    """
+    What a transport talks to once the relay owns it: the Autobahn protocol
+    that did the handshake is let go (its per-connection state is most of a
+    proxied connection's memory), and each read goes to the relay with no
+    layer in between.
+    """
+
+    def __init__(self, data: Callable[[bytes], None], lost: Callable[[], None]) -> None:
+        self.dataReceived = data  # type: ignore[method-assign]
+        self._lost = lost
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._lost()
+
+
+@implementer(IPushProducer)
+class Overflow:
+    """Registered with a transport only to hear when its write buffer overflows."""
+
+    __slots__ = ("_on_pause",)
+
+    def __init__(self, on_pause: Callable[[], None]) -> None:
+        self._on_pause = on_pause
+
+    def pauseProducing(self) -> None:
+        self._on_pause()
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+def lose(transport: RelayTransport) -> None:
+    """
+    loseConnection, after unregistering the other leg as its producer: a TLS
+    transport (Twisted's TLSMemoryBIOProtocol) does not send its close_notify
+    while a producer is registered, so a wss:// client would wait for our
+    close until the close timer aborted the connection.
+    """
+    transport.unregisterProducer()
+    transport.loseConnection()
