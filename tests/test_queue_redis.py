@@ -1,8 +1,9 @@
 """
-queue_redis.py against a real redis-server (tests/redis_fixture.py): the
-QueueStore tests that apply (exact fields, order, ack, attempts and dead
-letters, retention on an injected Clock, depth, replay, purge,
-pending_for, conn_keys), Redis down, hung and refusing writes, and
+What only the Redis store does, against a real redis-server
+(tests/redis_fixture.py; the behaviour both stores share is
+tests/test_queue_contract.py): its ids, capped append scripts, the key
+layout and what ack and purge leave in Redis, expire and replay in chunks,
+the scripts' flags, Redis down, hung and refusing writes, the backlog, and
 several stores with their own node ids on one Redis standing for gateway
 nodes: ownership, adoption of a dead node's entries by exactly one
 survivor, and the way back when the dead node returns.
@@ -23,14 +24,13 @@ from twisted.internet.defer import gatherResults
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
 
+from queue_stores import PREFIX, T0, Started, entry, redis_store
 from redis_fixture import RedisServer, running_redis
 from wsgateway.config.loader import QueueConfig, RedisConfig
-from wsgateway.durable.redis import SCRIPTS, RedisQueueStore
-from wsgateway.durable.sqlite import Entry, NewEntry, QueueUnavailable
-from wsgateway.redislink import Backoff
+from wsgateway.durable.entries import Entry, QueueUnavailable
+from wsgateway.durable.redis import RedisQueueStore
+from wsgateway.durable.redis_scripts import SCRIPTS
 
-T0 = 1_700_000_000.0
-PREFIX = "t"
 BEAT = 0.1  # heartbeat of the cluster tests: a node is dead 0.3 s after its last one
 
 MakeStore = Callable[..., Awaitable[RedisQueueStore]]
@@ -45,29 +45,14 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 @pytest_twisted.async_yield_fixture
 async def make_store(redis_server: RedisServer) -> AsyncIterator[MakeStore]:
     """make_store(node_id="gw-a", clock=Clock at T0, **options) -> a started store on the test's Redis."""
-    made: list[RedisQueueStore] = []
+    started = Started()
 
     async def make(node_id: str = "gw-a", clock: Clock | None = None, url: str | None = None,
                    **options: Any) -> RedisQueueStore:
-        if clock is None:
-            clock = Clock()
-            clock.advance(T0)
-        options.setdefault("reply_timeout", 1.0)
-        options.setdefault("connect_timeout", 1.0)
-        options.setdefault("backoff", Backoff(initial=0.05, maximum=0.2))
-        store = RedisQueueStore(url or redis_server.url, prefix=PREFIX, node_id=node_id, reactor=reactor,
-                                clock=clock, **options)
-        made.append(store)
-        await store.start()
-        return store
+        return await started.start(redis_store(url or redis_server.url, node_id, clock, **options))
 
     yield make
-    for s in made:
-        await s.stop()
-
-
-def entry(seq: int, *, route: str = "chat", conn: str = "c1", message: bytes | None = None, **kw: Any) -> NewEntry:
-    return NewEntry(route=route, conn_key=conn, seq=seq, message=message if message is not None else b"m%d" % seq, **kw)
+    await started.stop_all()
 
 
 async def sleep(seconds: float) -> None:
@@ -85,82 +70,18 @@ def seqs(entries: list[Entry]) -> list[tuple[str, int]]:
     return [(e.conn_key, e.seq) for e in entries]
 
 
-# -- what QueueStore does, on Redis --------------------------------------------
+# -- the store's own ------------------------------------------------------------
 
 
 @pytest_twisted.ensureDeferred
-async def test_append_then_pending_gives_exact_fields_in_order(make_store: MakeStore) -> None:
+async def test_ids_name_the_route_and_the_stream_entry(make_store: MakeStore) -> None:
     store = await make_store()
-    blob = bytes(range(256)) * 3 + b"\x00\xff\x00\r\n$5\r\n"
-    first = NewEntry(
-        route="telemetry",
-        conn_key="conn-7",
-        seq=0,
-        message=blob,
-        binary=True,
-        claims={"sub": "alice", "roles": ["a", "b"], "n": 1, "x": "caf\u00e9"},
-        headers=(("X-User", "alice"), ("X-Roles", "a,b"), ("X-User", "dup")),
-        trace_id="4bf92f3577b34da6a3ce929d0e0e4736",
-        first_seen=T0 - 5,
-    )
-    text = NewEntry(route="telemetry", conn_key="conn-7", seq=1, message="h\u00e9llo".encode())
-    numeric = NewEntry(route="telemetry", conn_key="conn-7", seq=2, message=b"007", trace_id="")
-    empty = NewEntry(route="telemetry", conn_key="conn-7", seq=3, message=b"", binary=True)
-    ids = await store.append([first, text, numeric, empty])
-    assert len(ids) == 4 and len(set(ids)) == 4 and all(isinstance(i, str) and i.startswith("telemetry/") for i in ids)
-    got = await store.pending()
-    assert [e.id for e in got] == ids
-    a, b, c, d = got
-    assert a.route == "telemetry" and a.conn_key == "conn-7" and a.seq == 0
-    assert a.message == blob and isinstance(a.message, bytes) and a.binary is True
-    assert a.claims == {"sub": "alice", "roles": ["a", "b"], "n": 1, "x": "caf\u00e9"}
-    assert a.headers == (("X-User", "alice"), ("X-Roles", "a,b"), ("X-User", "dup"))
-    assert a.trace_id == "4bf92f3577b34da6a3ce929d0e0e4736"
-    assert a.attempts == 0 and a.first_seen == T0 - 5 and a.enqueued_at == T0
-    assert len(a.entry_id) == 26 and len({e.entry_id for e in got}) == 4
-    assert b.message.decode() == "h\u00e9llo" and b.binary is False and b.claims == {} and b.headers == ()
-    assert b.trace_id is None and b.first_seen == T0
-    assert c.message == b"007" and c.trace_id == ""  # not turned into 7, "" is not None
-    assert d.message == b"" and d.binary is True
+    ids = await store.append([entry(0, route="telemetry"), entry(1, route="telemetry")])
+    assert len(set(ids)) == 2 and all(isinstance(i, str) and i.startswith("telemetry/") for i in ids)
 
 
 @pytest_twisted.ensureDeferred
-async def test_pending_orders_by_append_and_each_connection_by_seq(make_store: MakeStore) -> None:
-    store = await make_store()
-    # c1's seq 1 is appended before its seq 0 (a retry path); c2 interleaves; routes are separate streams.
-    await store.append([entry(1, conn="c1"), entry(0, conn="c2")])
-    await store.append([entry(0, conn="c1"), entry(1, conn="c2"), entry(0, conn="c3", route="other")])
-    await store.append([entry(2, conn="c2")])
-    assert seqs(await store.pending()) == [("c1", 0), ("c2", 0), ("c1", 1), ("c2", 1), ("c3", 0), ("c2", 2)]
-    assert seqs(await store.pending(route="chat", limit=3)) == [("c1", 0), ("c2", 0), ("c1", 1)]
-    assert [e.route for e in await store.pending(route="other")] == ["other"]
-    assert await store.pending(route="nothing") == []
-
-
-@pytest_twisted.ensureDeferred
-async def test_pending_for_and_conn_keys_walk_connections_oldest_first(make_store: MakeStore) -> None:
-    store = await make_store()
-    ids = await store.append([entry(2, conn="b"), entry(1, conn="a", route="orders"), entry(1, conn="b"),
-                              entry(2, conn="a", route="orders")])
-    assert await store.conn_keys() == [("chat", "b"), ("orders", "a")]
-    assert seqs(await store.pending_for("b")) == [("b", 1), ("b", 2)]
-    assert [e.seq for e in await store.pending_for("a", limit=1)] == [1]
-    assert await store.pending_for("nobody") == []
-    assert await store.conn_keys(limit=1) == [("chat", "b")]
-    await store.ack([ids[0], ids[2]])  # b is done: a comes first, and b is gone from the index
-    assert await store.conn_keys() == [("orders", "a")]
-
-
-@pytest_twisted.ensureDeferred
-async def test_many_appends_in_one_reactor_turn_share_one_script(make_store: MakeStore) -> None:
-    store = await make_store()
-    ds = [store.append([entry(i)]) for i in range(1000)]
-    ids = await gatherResults(ds)
-    assert store.transactions == 1 and store.appended == 1000
-    flat = [i for chunk in ids for i in chunk]
-    assert len(set(flat)) == 1000
-    assert [e.seq for e in await store.pending(limit=2000)] == list(range(1000))
-    # Batches are capped, but one append call is never split.
+async def test_append_scripts_are_capped_but_one_append_call_is_never_split(make_store: MakeStore) -> None:
     small = await make_store("gw-small", max_batch_entries=10)
     ds = [small.append([entry(i, conn="s") for i in range(25)])] + [small.append([entry(i, conn="t")])
                                                                      for i in range(15)]
@@ -169,47 +90,13 @@ async def test_many_appends_in_one_reactor_turn_share_one_script(make_store: Mak
 
 
 @pytest_twisted.ensureDeferred
-async def test_ack_removes_only_the_given_entries(make_store: MakeStore, redis_server: RedisServer) -> None:
+async def test_ack_deletes_the_stream_entry_and_its_indexes(make_store: MakeStore, redis_server: RedisServer) -> None:
     store = await make_store()
     ids = await store.append([entry(i) for i in range(5)])
-    assert await store.ack([ids[0], ids[2], ids[2]]) == 2
-    assert await store.ack([ids[0], "chat/1-1", "nonsense"]) == 0
-    assert [e.id for e in await store.pending()] == [ids[1], ids[3], ids[4]]
-    await store.ack(ids)
+    assert await store.ack(ids) == 5
     assert redis_server.command("XLEN", f"{PREFIX}:q:s:chat") == 0  # deleted, not only acknowledged
     assert redis_server.command("XPENDING", f"{PREFIX}:q:s:chat", "gw")[0] == 0  # type: ignore[index]
     assert redis_server.command("EXISTS", f"{PREFIX}:q:c:c1", f"{PREFIX}:q:o:gw-a") == 0
-
-
-@pytest_twisted.ensureDeferred
-async def test_attempts_then_dead_letter_after_max_attempts(make_store: MakeStore) -> None:
-    store = await make_store(max_attempts=3)
-    a, b = await store.append([entry(0), entry(1)])
-    assert await store.attempt_failed([a, b]) == []
-    assert await store.attempt_failed([a]) == []
-    assert [(e.id, e.attempts) for e in await store.pending()] == [(a, 2), (b, 1)]
-    assert await store.attempt_failed([a]) == [a]
-    assert [e.id for e in await store.pending()] == [b]
-    dead = await store.dead_letters()
-    assert [(d.entry.id, d.reason, d.entry.attempts, d.entry.message) for d in dead] == [(a, "max_attempts", 3, b"m0")]
-    assert dead[0].dead_at == T0 and dead[0].entry.enqueued_at == T0 and dead[0].entry.conn_key == "c1"
-    assert await store.attempt_failed([a]) == []  # not an entry any more
-
-
-@pytest_twisted.ensureDeferred
-async def test_retention_dead_letters_on_attempt_and_on_expire(make_store: MakeStore) -> None:
-    clock = Clock()
-    clock.advance(T0)
-    store = await make_store(clock=clock, retention=60, max_attempts=100)
-    a, b = await store.append([entry(0), entry(1)])
-    clock.advance(30)
-    c = (await store.append([entry(2)]))[0]
-    clock.advance(31)  # a and b are 61 s old, c 31 s
-    assert await store.attempt_failed([a, c]) == [a]
-    assert await store.expire() == [b]
-    assert [e.id for e in await store.pending()] == [c]
-    assert [(d.entry.id, d.reason) for d in await store.dead_letters()] == [(a, "retention"), (b, "retention")]
-    assert await store.expire(now=T0 + 91) == [c]
 
 
 @pytest_twisted.ensureDeferred
@@ -230,48 +117,6 @@ async def test_expire_goes_through_many_entries_in_chunks(make_store: MakeStore,
 
 
 @pytest_twisted.ensureDeferred
-async def test_depth_per_route_with_oldest_age(make_store: MakeStore) -> None:
-    clock = Clock()
-    clock.advance(T0)
-    store = await make_store(clock=clock, max_attempts=1)
-    await store.append([entry(0, route="chat"), entry(0, route="telemetry", conn="t")])
-    clock.advance(10)
-    ids = await store.append([entry(1, route="chat"), entry(2, route="chat")])
-    clock.advance(5)
-    await store.attempt_failed([ids[1]])
-    assert await store.depth() == {
-        "chat": {"depth": 2, "oldest_age": 15.0, "dead": 1},
-        "telemetry": {"depth": 1, "oldest_age": 15.0, "dead": 0},
-    }
-    await store.purge("telemetry")
-    assert (await store.depth()).keys() == {"chat"}
-
-
-@pytest_twisted.ensureDeferred
-async def test_replay_dead_puts_entries_back_with_their_entry_ids(make_store: MakeStore) -> None:
-    clock = Clock()
-    clock.advance(T0)
-    store = await make_store(clock=clock, max_attempts=1)
-    ids = await store.append([entry(i) for i in range(4)])
-    before = {e.id: e for e in await store.pending()}
-    await store.attempt_failed(ids)
-    assert await store.pending() == []
-    clock.advance(100)
-    assert await store.replay_dead([ids[1], ids[1]]) == 1
-    got = await store.pending()
-    assert len(got) == 1
-    e = got[0]
-    assert e.id != ids[1]  # a new stream entry...
-    assert e.entry_id == before[ids[1]].entry_id and e.first_seen == T0  # ...of the same message
-    assert e.attempts == 0 and e.enqueued_at == T0 + 100 and e.message == b"m1"
-    assert await store.replay_dead([ids[1]]) == 0  # not a dead letter any more
-    assert await store.replay_dead() == 3
-    assert [e.seq for e in await store.pending()] == [0, 1, 2, 3]
-    assert await store.dead_letters() == []
-    assert await store.conn_keys() == [("chat", "c1")]
-
-
-@pytest_twisted.ensureDeferred
 async def test_replay_all_goes_in_chunks(make_store: MakeStore, monkeypatch: Any) -> None:
     import wsgateway.durable.redis as queue_redis
 
@@ -286,18 +131,15 @@ async def test_replay_all_goes_in_chunks(make_store: MakeStore, monkeypatch: Any
 
 
 @pytest_twisted.ensureDeferred
-async def test_purge_by_route_all_and_dead_letters(make_store: MakeStore, redis_server: RedisServer) -> None:
+async def test_purge_leaves_no_keys_of_entries_behind(make_store: MakeStore, redis_server: RedisServer) -> None:
     store = await make_store(max_attempts=1)
     ids = await store.append([entry(0, route="a"), entry(0, route="b", conn="x"), entry(1, route="b", conn="x")])
     await store.attempt_failed([ids[0]])
     assert await store.purge("b") == 2
-    assert await store.pending() == [] and await store.conn_keys() == [] and await store.pending_for("x") == []
     assert await store.purge(dead=True) == 1
     await store.append([entry(5, route="c")])
     assert await store.purge() == 1
-    assert await store.depth() == {}
-    ids = await store.append([entry(6, route="b", conn="x")])  # the purged route works again
-    assert [e.id for e in await store.pending_for("x")] == ids
+    await store.append([entry(6, route="b", conn="x")])  # a purged route in use again, then purged again
     await store.purge()
     keys = set(redis_server.command("KEYS", f"{PREFIX}:q:*"))  # type: ignore[arg-type]
     assert keys <= {f"{PREFIX}:q:{k}".encode() for k in ("n", "nodes", "alive:gw-a", "lease:gw-a")}, keys
@@ -440,23 +282,11 @@ async def test_starting_without_redis_does_not_wait(make_store: MakeStore, tmp_p
         later.kill()
 
 
-@pytest_twisted.ensureDeferred
-async def test_append_on_a_stopped_store_fails_and_what_was_accepted_stays(make_store: MakeStore) -> None:
-    store = await make_store()
-    d = store.append([entry(0)])
-    await store.stop()  # what was appended before stop is sent first
-    assert len(await d) == 1
-    with pytest.raises(QueueUnavailable, match="not running"):
-        await store.append([entry(1)])
-    again = await make_store()  # same node id: its entries, its lease released by the graceful stop
-    assert [e.seq for e in await again.pending()] == [0]
-
-
 KILL_SCRIPT = """
 import sys
 from twisted.internet import reactor, task
 from twisted.internet.defer import gatherResults
-from wsgateway.durable.sqlite import NewEntry
+from wsgateway.durable.entries import NewEntry
 from wsgateway.durable.redis import RedisQueueStore
 
 url, n = sys.argv[1], int(sys.argv[2])
@@ -515,8 +345,8 @@ async def _false_after(f: Callable[[], object]) -> bool:
 
 def crash(store: RedisQueueStore) -> Awaitable[None]:
     """The node dies: no more heartbeats, its connection gone, nothing cleaned up in Redis."""
-    store._beat.stop()
-    return store._link.stop()
+    store._node._beat.stop()
+    return store._node._link.stop()
 
 
 async def owned(store: RedisQueueStore) -> list[tuple[str, int]]:
@@ -578,7 +408,7 @@ async def test_two_survivors_racing_for_one_dead_node(make_store: MakeStore) -> 
     # Each survivor also runs heartbeats back to back, all sent in one go: Redis runs one at a time.
     for _ in range(3):
         for s in survivors:
-            s._heartbeat()
+            s._node._heartbeat()
         await sleep(BEAT)
     await wait_for(lambda: _any_has(survivors, 40), timeout=3.0, what="someone adopts")
     for _ in range(5):  # and it stays so, heartbeat after heartbeat

@@ -1,6 +1,7 @@
 """
 What a durable queue holds (docs/durable-delivery.md), shared by both stores
-(queue_store.py on SQLite, queue_redis.py on Redis Streams) and by the
+(L{wsgateway.durable.sqlite} on SQLite, L{wsgateway.durable.redis} on Redis
+Streams; their interface is L{wsgateway.interfaces.QueueStore}) and by the
 relays and the admin API, which must not pay for importing a store's
 driver (sqlite3 alone is 0.7 MiB of a gateway that queues nothing).
 """
@@ -11,7 +12,9 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
+
+EntryId: TypeAlias = "int | str"  # what a store names an entry by: see QueueStore in wsgateway.interfaces
 
 
 class QueueUnavailable(Exception):
@@ -35,7 +38,7 @@ class NewEntry:
 
 @dataclass(frozen=True)
 class Entry:
-    id: int | str  # the SQLite row id; a "ROUTE/STREAM-ID" string in the Redis store
+    id: EntryId  # the SQLite row id; a "ROUTE/STREAM-ID" string in the Redis store
     entry_id: str
     route: str
     conn_key: str
