@@ -1,6 +1,7 @@
 """
-Balancing strategies and the zone/version filter (wsgateway.upstream.balance): pure,
-no reactor; time is a list the tests move, randomness a seeded Random.
+Balancing strategies (wsgateway.upstream.balance) and the zone/version filter
+(wsgateway.upstream.preference): pure, no reactor; time is a list the tests
+move, randomness a seeded Random.
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ from wsgateway.upstream.balance import (
     RoundRobin,
     Strategy,
     Weighted,
-    filter_nodes,
     hash_key,
     strategy_for,
 )
+from wsgateway.upstream.preference import filter_nodes
 
 ALL_BALANCES = ["round_robin", "weighted", "least_conn", "ewma", "hash:ip", "hash:claim:sub", "hash:header:X-Shard"]
 

@@ -1,5 +1,5 @@
 """
-wsgateway.channels.broker, wsgateway.channels.presence and wsgateway.redislink.
+wsgateway.channels.broker, .fanout, .redisbroker, .presence and wsgateway.redislink.
 
 Pure parts (envelope, backoff, URL, in-process broker) without a reactor;
 the Redis broker against a real ``redis-server`` (tests/redis_fixture.py),
@@ -23,9 +23,11 @@ from twisted.internet.task import Clock, deferLater
 from twisted.logger import globalLogPublisher
 
 from redis_fixture import RedisServer, running_redis
-from wsgateway.channels.broker import BrokerUnavailable, InProcessBroker, RedisBroker, make_broker
-from wsgateway.config.loader import RedisConfig
+from wsgateway.channels.broker import InProcessBroker, make_broker
 from wsgateway.channels.envelope import MAGIC, EnvelopeError, Message, decode_message, encode_envelope
+from wsgateway.channels.fanout import BrokerUnavailable
+from wsgateway.channels.redisbroker import RedisBroker
+from wsgateway.config.loader import RedisConfig
 from wsgateway.redislink import Backoff, RedisTarget, parse_url
 
 PREFIX = "t"
@@ -99,7 +101,7 @@ def logged() -> Iterator[list[str]]:
     lines: list[str] = []
 
     def observer(event: dict[str, Any]) -> None:
-        if event.get("log_namespace", "").startswith("wsgateway.channels.broker"):
+        if event.get("log_namespace", "").startswith(("wsgateway.channels.fanout", "wsgateway.channels.redisbroker")):
             lines.append(formatEvent(event))
 
     globalLogPublisher.addObserver(observer)

@@ -24,15 +24,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from wsgateway.config.loader import NodeConfig, UpstreamConfig
-from wsgateway.upstream.health import (
-    HealthChecker,
-    NodeHealth,
-    OutlierDetector,
-    ProbeFailed,
-    eligible_nodes,
-    is_abnormal_close,
-    make_probe,
-)
+from wsgateway.upstream.checker import HealthChecker
+from wsgateway.upstream.health import NodeHealth, OutlierDetector, eligible_nodes, is_abnormal_close
+from wsgateway.upstream.probes import ProbeFailed, make_probe
 
 # -- helpers ------------------------------------------------------------------
 
@@ -130,7 +124,7 @@ def events() -> Any:
 
 def logged(events: list[dict[str, Any]], level: LogLevel) -> list[dict[str, Any]]:
     return [e for e in events
-            if e.get("log_level") == level and e.get("log_namespace", "").startswith("wsgateway.upstream.health")]
+            if e.get("log_level") == level and e.get("log_namespace", "").startswith(("wsgateway.upstream.health", "wsgateway.upstream.checker"))]
 
 
 # -- NodeHealth -----------------------------------------------------------------

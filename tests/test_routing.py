@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_routing -*-
 """
-Tests for L{wsgateway.routing.router}: path patterns, route precedence, host and
+Tests for L{wsgateway.routing}: path patterns, route precedence, host and
 header matching, templates and the upstream target.
 """
 
@@ -16,17 +16,12 @@ from urllib.parse import unquote
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from wsgateway.routing import router as routing
-from wsgateway.routing.router import (
-    PathPattern,
-    PatternError,
-    RouteMatch,
-    Router,
+from wsgateway.routing import patterns, router, templates
+from wsgateway.routing.patterns import PathPattern, PatternError, RouteMatch, compile_pattern, has_dot_segments
+from wsgateway.routing.router import Router, check_host
+from wsgateway.routing.templates import (
     TemplateError,
-    check_host,
     check_template,
-    has_dot_segments,
-    compile_pattern,
     query_params,
     render_template,
     template_fields,
@@ -54,9 +49,10 @@ def winner(
 # ------------------------------------------------------------------ module
 
 
-def test_module_does_not_import_twisted() -> None:
+@pytest.mark.parametrize("module", [patterns, router, templates], ids=lambda m: m.__name__)
+def test_module_does_not_import_twisted(module: Any) -> None:
     # Routing must stay testable and usable without a reactor.
-    tree = ast.parse(Path(routing.__file__).read_text())
+    tree = ast.parse(Path(module.__file__).read_text())
     imported: list[str] = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -297,7 +293,7 @@ def test_match_compiles_no_regex(monkeypatch: pytest.MonkeyPatch) -> None:
 
     for name in ("compile", "match", "fullmatch", "search", "split"):
         monkeypatch.setattr(re, name, forbidden)
-    monkeypatch.setattr(routing, "_IDENTIFIER", None)
+    monkeypatch.setattr(patterns, "_IDENTIFIER", None)
     found = router.match("/rooms/x?y=1", "a.example.com:443", {"x-a": "1"})
     assert found is not None and found.route.name == "r"
     assert router.match("/chat/q", None, {}) is not None

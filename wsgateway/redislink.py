@@ -51,6 +51,8 @@ from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from wsgateway.backoff import equal_jitter, exponential
+
 __all__ = ["Backoff", "CommandProtocol", "PubSubProtocol", "RedisLink", "RedisTarget", "parse_url"]
 
 
@@ -111,8 +113,8 @@ class Backoff:
     factor: float = 2.0
 
     def delay(self, failures: int, rng: random.Random) -> float:
-        base = min(self.maximum, self.initial * self.factor ** min(max(failures - 1, 0), 64))
-        return base / 2 + rng.uniform(0.0, base / 2)
+        base = exponential(failures - 1, initial=self.initial, maximum=self.maximum, factor=self.factor)
+        return equal_jitter(base, rng)
 
 
 class _LinkProtocolMixin:

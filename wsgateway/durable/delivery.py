@@ -17,6 +17,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from wsgateway.backoff import exponential
 from wsgateway.durable.relay import CONFIRM_TIMEOUT, FLUSH_BATCH, DurableRelay
 from wsgateway.durable.replay import consecutive, replay_request
 from wsgateway.relay.relay import Leg
@@ -67,6 +68,7 @@ class Deliverer:
         # pass reads the queue's connections, which costs the store a scan).
         self.delay = interval
         self.max_interval = max(interval, MAX_INTERVAL)
+        self._idle_passes = 0  # in a row, delivering nothing
         self.concurrency = concurrency
         self._on_delivered = on_delivered
         self._on_pass = on_pass
@@ -109,6 +111,7 @@ class Deliverer:
         if not self.running:
             return
         if reset:
+            self._idle_passes = 0
             self.delay = self.interval
         if self._pass is not None:
             self._again = True
@@ -138,11 +141,13 @@ class Deliverer:
         before = self.delivered
         await self._one_pass()
         if self.delivered > before:
+            self._idle_passes = 0
             self.delay = self.interval
             if self._full_page:
                 self._again = True  # a backlog: go on at once
         else:
-            self.delay = min(self.delay * 2, self.max_interval)
+            self._idle_passes += 1
+            self.delay = exponential(self._idle_passes, initial=self.interval, maximum=self.max_interval)
 
     async def _one_pass(self) -> None:
         now = self._clock.seconds()

@@ -11,25 +11,26 @@ from __future__ import annotations
 
 import base64
 import hmac
-import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import pages
-from twisted.web.resource import IResource, Resource
+from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from wsgateway.config.loader import RouteConfig
-from wsgateway.upstream.health import eligible_nodes
-from wsgateway.ops.logs import LEVELS
 from wsgateway.durable.entries import QueueUnavailable
+from wsgateway.ops.jsonapi import JSONResource, Refused, Root, json_body
+from wsgateway.ops.logs import LEVELS
+from wsgateway.ops.queueadmin import QueueAdmin
 from wsgateway.ops.stats import C2U, U2C, GatewayStats
+from wsgateway.upstream.health import eligible_nodes
 from wsgateway.upstream.pool import Upstream
 
-MAX_BODY = 64 * 1024  # admin requests are tiny JSON documents
+__all__ = ["AdminAPI", "GatewayView", "Healthz", "JSONResource", "Readyz", "admin_site", "readiness", "routes_view",
+           "upstreams_view"]  # JSONResource: re-exported until dashboard.py imports it from jsonapi
 
 
 class GatewayView(Protocol):
@@ -50,19 +51,6 @@ class GatewayView(Protocol):
     def now(self) -> float: ...
 
     def set_log_level(self, level: str) -> None: ...
-
-
-class JSONResource(Resource):
-    isLeaf = True
-
-    def answer(self, request: Request, status: int, body: Any) -> bytes:
-        request.setResponseCode(status)
-        request.setHeader(b"content-type", b"application/json")
-        request.setHeader(b"cache-control", b"no-store")
-        return json.dumps(body, indent=1).encode("utf-8") + b"\n"
-
-    def error(self, request: Request, status: int, message: str) -> bytes:
-        return self.answer(request, status, {"error": message})
 
 
 class Healthz(JSONResource):
@@ -159,9 +147,10 @@ class AdminAPI(Resource):
         self.route(b"POST", (b"publish",), self._publish)
         self.route(b"GET", (b"channels",), lambda req, _: self.view.broker.channels())
         self.route(b"GET", (b"channels", b"*"), self._channel)
-        self.route(b"GET", (b"queue",), self._queue)
-        self.route(b"POST", (b"queue", b"replay"), self._queue_replay)
-        self.route(b"POST", (b"queue", b"purge"), self._queue_purge)
+        queue = QueueAdmin(view, self.log)
+        self.route(b"GET", (b"queue",), queue.show)
+        self.route(b"POST", (b"queue", b"replay"), queue.replay)
+        self.route(b"POST", (b"queue", b"purge"), queue.purge)
 
     def route(self, method: bytes, path: tuple[bytes, ...], handler: Callable[[Request, tuple[bytes, ...]], Any]) -> None:
         """Add an endpoint; ``*`` in ``path`` matches one segment, handed to the handler."""
@@ -278,7 +267,6 @@ class AdminAPI(Resource):
         self.log.info("node {node} of {upstream} back in service", node=node.url, upstream=up.name)
         return {"upstream": up.name, "node": node.url, "draining": False, "active": node.active}
 
-
     def _publish(self, request: Request, _: tuple[bytes, ...]) -> Any:
         """docs/protocol.md#broadcast-channels: ``{"channel": "...", "message": "...", "binary": false}``; binary messages in base64."""
         body = json_body(request)
@@ -303,127 +291,6 @@ class AdminAPI(Resource):
         return self.view.broker.presence(name).addCallback(
             lambda entries: {"channel": name, "connections": list(entries)}
         )
-
-
-    # -- the durable queue (docs/durable-delivery.md) ------------------------------------
-
-    def _delivery(self) -> Any:
-        queue = getattr(self.view, "queue", None)
-        if queue is None:
-            raise Refused(404, "no route has delivery = at_least_once: the durable queue is not in use")
-        return queue
-
-    def _queue(self, request: Request, _: tuple[bytes, ...]) -> Any:
-        """Depth and oldest age per route, dead letters (oldest 100, or ?route=, ?limit=)."""
-        queue = self._delivery()
-        route = request.args.get(b"route", [None])[0]
-        try:
-            limit = max(0, min(int(request.args.get(b"limit", [b"100"])[0]), 10000))
-        except ValueError:
-            raise Refused(400, "limit must be a number") from None
-        name = route.decode("utf-8", "replace") if route else None
-        store = queue.store
-
-        async def read() -> dict[str, Any]:
-            depth = await store.depth()
-            dead = await store.dead_letters(limit, name)
-            routes = {r: v for r, v in depth.items() if name is None or r == name}
-            return {
-                "backend": type(store).__name__,
-                "depth": int(sum(v["depth"] for v in routes.values())),
-                "dead": int(sum(v["dead"] for v in routes.values())),
-                "routes": {r: {"depth": int(v["depth"]), "oldest_age": round(v["oldest_age"], 3), "dead": int(v["dead"])}
-                           for r, v in sorted(routes.items())},
-                "live_connections": len(queue.live),
-                "delivered": queue.deliverer.delivered if queue.deliverer is not None else 0,
-                "failures": queue.failures,
-                "dead_letters": [_dead_letter(d) for d in dead],
-            }
-
-        return Deferred.fromCoroutine(read())
-
-    def _queue_replay(self, request: Request, _: tuple[bytes, ...]) -> Any:
-        """
-        ``{}``: deliver what is queued now (no waiting for the next pass);
-        ``{"dead": true}`` (optionally with ``"route"`` or ``"ids"``): put
-        dead letters back in the queue first, with fresh attempts.
-        """
-        queue = self._delivery()
-        body = json_body(request)
-        route, ids, dead = body.get("route"), body.get("ids"), body.get("dead", False)
-        bad_ids = ids is not None and not (isinstance(ids, list) and all(isinstance(i, (int, str)) for i in ids))
-        if (route is not None and not isinstance(route, str)) or not isinstance(dead, bool) or bad_ids:
-            raise Refused(400, 'expected {"dead": true, "route": "...", "ids": [...]} (all optional)')
-        store = queue.store
-
-        async def run() -> dict[str, Any]:
-            moved = 0
-            if dead or ids is not None:
-                chosen = ids
-                if chosen is None and route is not None:
-                    chosen = [d.entry.id for d in await store.dead_letters(1_000_000, route)]
-                moved = await store.replay_dead(chosen)
-                self.log.info("{n} dead letters put back in the queue through the admin API", n=moved)
-            if queue.deliverer is not None:
-                queue.deliverer.kick()
-            return {"replayed": moved, "delivering": True}
-
-        return Deferred.fromCoroutine(run())
-
-    def _queue_purge(self, request: Request, _: tuple[bytes, ...]) -> Any:
-        """``{"route": "..."}`` or ``{"all": true}``; ``"dead": true`` purges dead letters instead."""
-        queue = self._delivery()
-        body = json_body(request)
-        route, everything, dead = body.get("route"), body.get("all", False), body.get("dead", False)
-        if not isinstance(dead, bool) or not isinstance(everything, bool) or (route is None) != everything \
-                or route is not None and not isinstance(route, str):
-            raise Refused(400, 'expected {"route": "..."} or {"all": true}, and optionally "dead": true')
-        d = queue.store.purge(route, dead=dead)
-
-        def done(n: int) -> dict[str, Any]:
-            self.log.warn("purged {n} {what} of {scope} through the admin API", n=n,
-                          what="dead letters" if dead else "queued entries", scope=route or "every route")
-            if queue.deliverer is not None:
-                queue.deliverer.kick()  # its pass refreshes wsgateway_queue_depth
-            return {"purged": n, "dead": dead, "route": route}
-
-        return d.addCallback(done)
-
-
-def _dead_letter(d: Any) -> dict[str, Any]:
-    e = d.entry
-    return {"id": e.id, "entry_id": e.entry_id, "route": e.route, "conn_id": e.conn_key, "seq": e.seq,
-            "binary": e.binary, "bytes": len(e.message), "attempts": e.attempts, "first_seen": e.first_seen,
-            "reason": d.reason, "dead_at": d.dead_at}
-
-
-class Refused(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-def json_body(request: Request) -> dict[str, Any]:
-    """The request's JSON object; 400 for anything else, 413 over MAX_BODY."""
-    data = request.content.read(MAX_BODY + 1) if request.content is not None else b""
-    if len(data) > MAX_BODY:
-        raise Refused(413, "request body too large")
-    try:
-        body = json.loads(data or b"{}")
-    except ValueError:
-        raise Refused(400, "the body must be a JSON object") from None
-    if not isinstance(body, dict):
-        raise Refused(400, "the body must be a JSON object")
-    return body
-
-
-class Root(Resource):
-    """The admin port's root: an unknown path is Twisted's escaped 404 page
-    (``Resource``'s own default is deprecated for not escaping HTML)."""
-
-    def getChild(self, path: bytes, request: Request) -> IResource:
-        return pages.notFound()
 
 
 def admin_site(view: GatewayView, *, token: str | None, extra: Mapping[bytes, Resource] | None = None) -> Site:

@@ -1,8 +1,9 @@
 # -*- test-case-name: tests.test_balance -*-
 """
-Node-picking strategies for the ``[upstream:NAME] balance`` key (docs/configuration.md), and the
-``zone`` / ``version_header`` filter applied before them. Pure: no reactor,
-no I/O; time and randomness are injected.
+Node-picking strategies for the ``[upstream:NAME] balance`` key
+(docs/configuration.md); the ``zone`` / ``version_header`` filter applied
+before them is L{wsgateway.upstream.preference}. Pure: no reactor, no I/O;
+time and randomness are injected.
 
 A strategy turns the nodes that may take a new connection into the order in
 which a handshake tries them: the first is the pick, the rest are the
@@ -40,12 +41,6 @@ class BalancedNode(Protocol):
 
     @property
     def weight(self) -> int: ...
-
-    @property
-    def zone(self) -> str | None: ...
-
-    @property
-    def version(self) -> str | None: ...
 
 
 T = TypeVar("T")
@@ -400,27 +395,3 @@ def hash_key(
         # An empty header would pin every such client to one node.
         return value or None
     return None
-
-
-def filter_nodes(nodes: Sequence[N], *, zone: str | None, version: str | None) -> tuple[list[N], bool]:
-    """
-    The nodes a strategy should choose from, and whether a preference had to
-    be dropped (the caller logs that).
-
-    Nodes matching both the ``zone`` and the ``version`` (each only when
-    given); if none, the zone preference goes first, since another zone is
-    only slower while another version may not speak the client's API: nodes
-    of that version in any zone; if none either, all of ``nodes``.
-    """
-    zone = zone or None
-    version = version or None
-    if not nodes or (zone is None and version is None):
-        return list(nodes), False
-    both = [n for n in nodes if (zone is None or n.zone == zone) and (version is None or n.version == version)]
-    if both:
-        return both, False
-    if zone is not None and version is not None:
-        same_version = [n for n in nodes if n.version == version]
-        if same_version:
-            return same_version, True
-    return list(nodes), True

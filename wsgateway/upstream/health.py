@@ -1,41 +1,36 @@
 # -*- test-case-name: tests.test_health -*-
 """
-Node health: active checks and passive ejection (docs/configuration.md
-``health_*`` keys, section 2's 503, section 6's ``/readyz`` node states).
+Node health, the pure part (docs/configuration.md ``health_*`` keys, section
+2's 503, section 6's ``/readyz`` node states): no reactor, no I/O.
 
-- L{NodeHealth}: the pure state of one node (``node.health``).
+- L{NodeHealth}: the state of one node (``node.health``).
 - L{OutlierDetector}: passive ejection, the way Envoy's outlier detection
   does it: C{consecutive} connect failures or abnormal losses eject a node for
   C{base_ejection * ejections} seconds (capped), never the last available one.
-- L{HealthChecker}: a Service probing every node of one upstream, jittered.
-- L{make_probe}: the C{tcp}, C{http:/path} and C{ws:/path} probes.
 - L{eligible_nodes}: which nodes a new connection may go to.
 
-Time is always injected: C{now} floats, a C{Callable[[], float]} or an
-C{IReactorTime}; ejections end lazily when C{now} passes C{ejected_until}.
+The active checks are L{wsgateway.upstream.checker} (the service) and
+L{wsgateway.upstream.probes} (what one check does).
+
+Time is always injected: C{now} floats or a C{Callable[[], float]};
+ejections end lazily when C{now} passes C{ejected_until}.
 """
 
 from __future__ import annotations
 
-import os
-import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol as TypingProtocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
-from twisted.application.service import Service
-from twisted.internet import error
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError, fail
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
-from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
-from wsgateway.config.loader import NodeConfig, UpstreamConfig
+# Re-exported until runtime.py imports them from checker and probes.
+from wsgateway.upstream.checker import HealthChecker
+from wsgateway.upstream.probes import make_probe
 
 __all__ = [
-    "HEALTHY", "UNHEALTHY", "EJECTED", "DRAINING", "NodeHealth", "OutlierDetector", "HealthChecker",
-    "ProbeFailed", "make_probe", "eligible_nodes", "is_abnormal_close", "ABNORMAL_CLOSES", "describe_error",
+    "ABNORMAL_CLOSES", "DRAINING", "EJECTED", "HEALTHY", "UNHEALTHY", "HealthChecker", "NodeHealth",
+    "OutlierDetector", "eligible_nodes", "is_abnormal_close", "make_probe",
 ]
 
 HEALTHY, UNHEALTHY, EJECTED, DRAINING = "healthy", "unhealthy", "ejected", "draining"
@@ -124,20 +119,8 @@ class NodeHealth:
         return False
 
 
-class _Checked(TypingProtocol):
-    """What the checker needs of a node (``upstream.Node`` once it has ``health``)."""
 
-    @property
-    def url(self) -> str: ...
-
-    @property
-    def config(self) -> NodeConfig: ...
-
-    @property
-    def health(self) -> NodeHealth: ...
-
-
-class _Routable(TypingProtocol):
+class _Routable(Protocol):
     @property
     def draining(self) -> bool: ...
 
@@ -252,301 +235,3 @@ class OutlierDetector:
             upstream=self.upstream, node=h.name, period=period, ejections=h.ejections, summary=summary)
         return True
 
-
-# -- active checks ----------------------------------------------------------
-
-
-class ProbeFailed(Exception):
-    """A probe's answer said unhealthy; C{str()} is the short reason, e.g. C{http: status 503}."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-_TIMEOUT_REASONS = {"tcp": "tcp: connect timed out", "http": "http: timed out", "ws": "ws: handshake timed out"}
-
-
-@dataclass(eq=False)
-class _Slot:
-    node: _Checked
-    call: IDelayedCall | None = None
-    probe: Deferred[None] | None = None
-
-
-class HealthChecker(Service):
-    """
-    Probes every node of one upstream. The first probe of each node comes
-    at a random offset in [0, interval), each next one interval +-10% after
-    the previous probe ended (probes of a node never overlap). Each probe is
-    bounded by C{health_timeout}. Nothing runs when C{health_check = none}.
-    C{on_change(node, healthy)} is called on each state change (metrics).
-    """
-
-    log = Logger()
-
-    def __init__(
-        self,
-        config: UpstreamConfig,
-        nodes: Sequence[_Checked],
-        clock: IReactorTime,
-        probe: Callable[[Any], Deferred[None]],
-        rng: random.Random | None = None,
-        on_change: Callable[[Any, bool], None] | None = None,
-    ) -> None:
-        self.config = config
-        self.kind = config.health_check.partition(":")[0]
-        self._slots = [_Slot(n) for n in nodes]
-        self._clock = clock
-        self._probe = probe
-        self._rng = rng or random.Random()
-        self._on_change = on_change
-
-    def startService(self) -> None:
-        super().startService()
-        if self.kind == "none":
-            return
-        for slot in self._slots:
-            self._schedule(slot, self._rng.random() * self.config.health_interval)
-
-    def stopService(self) -> None:
-        super().stopService()
-        for slot in self._slots:
-            call, slot.call = slot.call, None
-            if call is not None and call.active():
-                call.cancel()
-            d, slot.probe = slot.probe, None
-            if d is not None:
-                d.cancel()
-
-    def _schedule(self, slot: _Slot, delay: float) -> None:
-        slot.call = self._clock.callLater(delay, self._run, slot)
-
-    def _run(self, slot: _Slot) -> None:
-        slot.call = None
-        try:
-            d = self._probe(slot.node)
-        except Exception:
-            d = fail()
-        slot.probe = d
-        d.addTimeout(self.config.health_timeout, self._clock, onTimeoutCancel=_timed_out)
-        d.addCallbacks(self._passed, self._failed, callbackArgs=(slot,), errbackArgs=(slot,))
-        d.addErrback(lambda f: self.log.failure("health check of {node} broke", f, node=slot.node.url))
-
-    def _passed(self, _: object, slot: _Slot) -> None:
-        slot.probe = None
-        node = slot.node
-        if node.health.check_passed(self.config.healthy_threshold):
-            self.log.info("upstream {upstream} node {node} is healthy again after {count} passed {kind} checks",
-                          upstream=self.config.name, node=node.url, count=node.health.check_successes,
-                          kind=self.kind)
-            self._changed(node, True)
-        self._next(slot)
-
-    def _failed(self, f: Failure, slot: _Slot) -> None:
-        slot.probe = None
-        if not self.running:
-            return  # cancelled by stopService
-        node = slot.node
-        reason = self._reason(f)
-        if node.health.check_failed(reason, self.config.unhealthy_threshold):
-            self.log.warn("upstream {upstream} node {node} is unhealthy after {count} failed checks: {reason}",
-                          upstream=self.config.name, node=node.url, count=node.health.check_failures,
-                          reason=reason)
-            self._changed(node, False)
-            if not any(s.node.health.healthy for s in self._slots):
-                self.log.error("upstream {upstream}: every node fails its health checks; new connections get 503",
-                               upstream=self.config.name)
-        else:
-            self.log.debug("upstream {upstream} node {node} check failed: {reason}",
-                           upstream=self.config.name, node=node.url, reason=reason)
-        self._next(slot)
-
-    def _next(self, slot: _Slot) -> None:
-        if self.running:
-            self._schedule(slot, self.config.health_interval * self._rng.uniform(0.9, 1.1))
-
-    def _changed(self, node: Any, healthy: bool) -> None:
-        if self._on_change is not None:
-            self._on_change(node, healthy)
-
-    def _reason(self, f: Failure) -> str:
-        if f.check(TimeoutError):
-            return _TIMEOUT_REASONS.get(self.kind, f"{self.kind}: timed out")
-        if f.check(ProbeFailed):
-            return str(f.value)
-        return f"{self.kind}: {describe_error(f.value)}"
-
-
-def _timed_out(result: object, timeout: float) -> None:
-    # Whatever the cancelled probe ended with (CancelledError, an endpoint's
-    # ConnectingCancelledError...), our own timer fired: it is a timeout.
-    raise TimeoutError(timeout, "health probe")
-
-
-# -- probes -----------------------------------------------------------------
-
-
-def describe_error(e: BaseException) -> str:
-    """A short, log-safe reason for a connection error."""
-    if isinstance(e, error.ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(e, (error.TimeoutError, error.TCPTimedOutError)):
-        return "connect timed out"
-    if isinstance(e, error.DNSLookupError):
-        return "DNS lookup failed"
-    if isinstance(e, error.NoRouteError):
-        return "no route to host"
-    if isinstance(e, (error.ConnectionDone, error.ConnectionLost)):
-        return "connection closed"
-    if type(e).__module__.startswith("OpenSSL"):
-        # OpenSSL's own fixed reasons, e.g. "certificate verify failed"
-        reasons = [str(a[-1]) for a in (e.args[0] if e.args and isinstance(e.args[0], list) else [])
-                   if isinstance(a, tuple) and a]
-        return "TLS handshake failed" + (f": {', '.join(reasons)}" if reasons else "")
-    if type(e).__module__.startswith("service_identity"):
-        return "TLS handshake failed: the certificate does not match the host name"
-    status = getattr(e, "status", None)
-    if isinstance(status, int):  # upstream.UpstreamRefused, duck-typed (no import cycle)
-        return f"handshake refused: status {status}"
-    text = str(e) or type(e).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
-
-
-def _cancelled(e: BaseException) -> bool:
-    return isinstance(e, (CancelledError, error.ConnectingCancelledError))
-
-
-class _StatusLine(Protocol):
-    """Sends one request, fires C{status} with the status code of the answer, then closes."""
-
-    def __init__(self, request: bytes) -> None:
-        self._request = request
-        self._buffer = b""
-        self.status: Deferred[int] = Deferred(self._abort)
-
-    def _abort(self, _: Deferred[int]) -> None:
-        if self.transport is not None:
-            self.transport.abortConnection()
-
-    def connectionMade(self) -> None:
-        self.transport.write(self._request)
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.status.called:
-            return
-        self._buffer += data
-        end = self._buffer.find(b"\n")
-        if end < 0:
-            if len(self._buffer) > 8192:
-                self._done(ProbeFailed("http: bad status line"))
-            return
-        parts = self._buffer[:end].rstrip(b"\r").split(None, 2)
-        if len(parts) >= 2 and parts[0].startswith(b"HTTP/1.") and len(parts[1]) == 3 and parts[1].isdigit():
-            self._done(int(parts[1]))
-        else:
-            self._done(ProbeFailed("http: bad status line"))
-
-    def _done(self, result: int | Exception) -> None:
-        self.transport.loseConnection()
-        if isinstance(result, Exception):
-            self.status.errback(result)
-        else:
-            self.status.callback(result)
-
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        if not self.status.called:
-            e = reason.value if reason is not None else None
-            text = ("connection closed before the status line"
-                    if e is None or isinstance(e, (error.ConnectionDone, error.ConnectionLost))
-                    else describe_error(e))
-            self.status.errback(ProbeFailed(f"http: {text}"))
-
-
-class _Once(Factory):
-    """Hands out one prepared protocol."""
-
-    noisy = False
-
-    def __init__(self, proto: Protocol) -> None:
-        self._proto = proto
-
-    def buildProtocol(self, addr: Any) -> Protocol:
-        self._proto.factory = self
-        return self._proto
-
-
-def _host_header(cfg: NodeConfig) -> str:
-    host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
-    return f"{host}:{cfg.port}"
-
-
-# A masked client Close frame with code 1000 (RFC 6455 5.5.1), so an
-# upstream sees a normal close after a ws probe rather than a 1006.
-def _close_frame() -> bytes:
-    mask = os.urandom(4)
-    payload = (1000).to_bytes(2, "big")
-    return b"\x88\x82" + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-
-
-def make_probe(
-    kind: str,
-    *,
-    endpoints: Callable[[Any, float], IStreamClientEndpoint],
-    ws_connect: Callable[[Any, str, float], Deferred[Any]] | None = None,
-    timeout: float,
-) -> Callable[[Any], Deferred[None]]:
-    """
-    The probe for a C{health_check} value: C{tcp}, C{http:/path} or
-    C{ws:/path}. Each probe fires None when healthy and fails with
-    L{ProbeFailed} (reason prefixed with the kind) otherwise; cancelling it
-    aborts its connection. C{endpoints(node, timeout)} gives the node's client
-    endpoint (TLS included for wss nodes); C{ws_connect(node, path, timeout)}
-    opens a WebSocket leg and fires with its protocol. The path is used as
-    written, not joined to the node URL's path.
-    """
-    name, _, path = kind.partition(":")
-
-    async def connect(node: Any, proto: Protocol) -> None:
-        try:
-            await endpoints(node, timeout).connect(_Once(proto))
-        except Exception as e:
-            if _cancelled(e):
-                raise CancelledError() from None
-            raise ProbeFailed(f"{name}: {describe_error(e)}") from None
-
-    async def tcp(node: Any) -> None:
-        proto = Protocol()
-        await connect(node, proto)
-        proto.transport.loseConnection()
-
-    async def http(node: Any) -> None:
-        request = (f"GET {path} HTTP/1.1\r\nHost: {_host_header(node.config)}\r\n"
-                   "User-Agent: wsgateway-health\r\nAccept: */*\r\nConnection: close\r\n\r\n").encode("ascii")
-        proto = _StatusLine(request)
-        await connect(node, proto)
-        status = await proto.status
-        if not 200 <= status < 300:
-            raise ProbeFailed(f"http: status {status}")
-
-    async def ws(node: Any) -> None:
-        assert ws_connect is not None
-        try:
-            proto = await ws_connect(node, path, timeout)
-        except Exception as e:
-            if _cancelled(e):
-                raise CancelledError() from None
-            raise ProbeFailed(f"ws: {describe_error(e)}") from None
-        transport = getattr(proto, "transport", None)
-        if transport is not None:
-            transport.write(_close_frame())
-            transport.loseConnection()
-
-    probes = {"tcp": tcp, "http": http, "ws": ws}
-    wants_path = name in ("http", "ws")
-    if name not in probes or (path.startswith("/") if wants_path else bool(path)) is not wants_path:
-        raise ValueError(f"not a health check: {kind!r}")
-    if name == "ws" and ws_connect is None:
-        raise ValueError("ws health checks need ws_connect")
-    run = probes[name]
-    return lambda node: Deferred.fromCoroutine(run(node))

@@ -20,8 +20,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from wsgateway._compat import autobahn as _autobahn
-from wsgateway.upstream.health import describe_error
 from wsgateway.relay.relay import Leg
+from wsgateway.upstream.errors import describe_error
 from wsgateway.upstream.pool import Node, UpstreamRefused, UpstreamRequest
 
 OPEN = WebSocketProtocol.STATE_OPEN

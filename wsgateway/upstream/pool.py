@@ -22,9 +22,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from wsgateway import codes
-from wsgateway.upstream.balance import Strategy, filter_nodes, strategy_for
+from wsgateway.backoff import exponential, full_jitter
 from wsgateway.config.loader import NodeConfig, UpstreamConfig
-from wsgateway.upstream.health import NodeHealth, OutlierDetector, describe_error, eligible_nodes
+from wsgateway.upstream.balance import Strategy, strategy_for
+from wsgateway.upstream.errors import describe_error
+from wsgateway.upstream.health import NodeHealth, OutlierDetector, eligible_nodes
+from wsgateway.upstream.preference import filter_nodes
 
 P = TypeVar("P")
 
@@ -108,8 +111,8 @@ class ConnectObserver(Protocol):
 
 
 def backoff_delay(attempt: int, initial: float, maximum: float, rng: random.Random) -> float:
-    """Exponential backoff with full jitter (AWS architecture blog): U(0, min(max, initial * 2**attempt))."""
-    return rng.uniform(0, min(maximum, initial * (2**attempt)))
+    """Before retry C{attempt} (0 for the first): full jitter, U(0, min(max, initial * 2**attempt))."""
+    return full_jitter(exponential(attempt, initial=initial, maximum=maximum), rng)
 
 
 class Upstream(Generic[P]):

@@ -26,11 +26,11 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from wsgateway.workers import aggregate
-from wsgateway.ops import dashboard
-from wsgateway.ops import logs
-from wsgateway.ops.admin import MAX_BODY, AdminAPI, Healthz, JSONResource, Root, Refused
+from wsgateway.ops import dashboard, logs
+from wsgateway.ops.admin import AdminAPI, Healthz
+from wsgateway.ops.jsonapi import JSONResource, Refused, Root, read_body
 from wsgateway.ops.logs import LEVELS
+from wsgateway.workers import aggregate
 
 if TYPE_CHECKING:
     from wsgateway.interfaces import WorkerParentView, WorkerSlotView
@@ -156,7 +156,7 @@ class ParentAdminAPI(AdminAPI):
         return views
 
     def _log_level(self, request: Request, _: Any) -> Deferred[Any]:
-        body = _body(request)
+        body = read_body(request)
         try:
             level = json.loads(body or b"{}").get("level")
         except (ValueError, AttributeError):
@@ -169,7 +169,7 @@ class ParentAdminAPI(AdminAPI):
 
     def _to_all(self, request: Request, _: Any, body: bytes | None = None) -> Deferred[Any]:
         """The same request to every worker: the first worker's answer, with ``active`` summed for a node."""
-        data = body if body is not None else _body(request)
+        data = body if body is not None else read_body(request)
 
         async def work() -> Any:
             answers = [a for _, a in await self.parent.ask_all(request.method, request.uri, data) if a is not None]
@@ -194,7 +194,7 @@ class ParentAdminAPI(AdminAPI):
 
     def _queue_change(self, request: Request, _: Any) -> Deferred[Any]:
         """Replay or purge on every worker's queue; the counts summed."""
-        data = _body(request)
+        data = read_body(request)
 
         async def work() -> Any:
             answers = [_decode(a) for _, a in await self.parent.ask_all(request.method, request.uri, data)
@@ -213,7 +213,7 @@ class ParentAdminAPI(AdminAPI):
         return self._run(work())
 
     def _to_one(self, request: Request, _: Any) -> Deferred[Any]:
-        data = _body(request) if request.method == b"POST" else None
+        data = read_body(request) if request.method == b"POST" else None
 
         async def work() -> Any:
             for slot in self.parent.slots:
@@ -225,13 +225,6 @@ class ParentAdminAPI(AdminAPI):
                     return body
             raise Refused(503, "no worker answered")
         return self._run(work())
-
-
-def _body(request: Request) -> bytes:
-    data = request.content.read(MAX_BODY + 1) if request.content is not None else b""
-    if len(data) > MAX_BODY:
-        raise Refused(413, "request body too large")
-    return data
 
 
 def _decode(answer: tuple[int, bytes]) -> tuple[int, Any]:
