@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_durable_relay_units -*-
 """
 Protocol-unit tests of durable delivery's state machine
-(L{wsgateway.durable.relay.DurableDelivery} on a L{DurableRelay}; STYLE
+(L{wsgateway.durable.relay.DurableDelivery}, the hooks of a L{Relay}; STYLE
 2.7, layer 2): in-memory transports, a L{task.Clock} and an in-memory queue
 store whose writes complete when the test says so. No reactor, no sockets.
 
@@ -23,15 +23,10 @@ from test_relay import FakeTransport, c_frame, parse_frames, u_frame
 from twisted.internet import task
 from twisted.internet.defer import Deferred, succeed
 
+from wsgateway.durable.confirmations import CONFIRM_BYTES, CONFIRM_INTERVAL
 from wsgateway.durable.entries import Entry, NewEntry
-from wsgateway.durable.relay import (
-    CONFIRM_BYTES,
-    CONFIRM_INTERVAL,
-    CONFIRM_TIMEOUT,
-    DurableRelay,
-    QueueLink,
-)
-from wsgateway.durable.replay import CONN_HEADER, SEQ_HEADER
+from wsgateway.durable.relay import CONFIRM_TIMEOUT, DurableDelivery
+from wsgateway.durable.replay import CONN_HEADER, SEQ_HEADER, QueueLink
 from wsgateway.relay.frames import (
     OP_BINARY,
     OP_CLOSE,
@@ -40,6 +35,7 @@ from wsgateway.relay.frames import (
     OP_TEXT,
     encode_close,
 )
+from wsgateway.relay.relay import Relay
 
 # -- test doubles ----------------------------------------------------------------
 
@@ -104,10 +100,10 @@ class Legs:
 
     def __call__(self, relay: Any) -> Deferred[None]:
         d: Deferred[None] = Deferred()
-        self.attempts.append((d, relay.leg_headers()))
+        self.attempts.append((d, relay.hooks.leg_headers()))
         return d
 
-    def open(self, relay: DurableRelay) -> FakeTransport:
+    def open(self, relay: Relay) -> FakeTransport:
         d, _ = self.attempts[-1]
         t = FakeTransport()
         relay.upstream_reconnected(t)
@@ -120,7 +116,8 @@ class Legs:
 
 @dataclass
 class Harness:
-    relay: DurableRelay
+    relay: Relay
+    delivery: DurableDelivery
     client: FakeTransport
     upstream: FakeTransport | None
     clock: task.Clock
@@ -145,8 +142,9 @@ def make(*, upstream: bool = True, manual: bool = False, write_buffer: int = 1 <
     opts: dict[str, Any] = dict(clock=clock, max_message_size=1 << 20, write_buffer=write_buffer, idle_timeout=0,
                                 ping_interval=0, ping_timeout=0, close_timeout=5.0, on_done=done.append)
     opts.update(kw)
-    relay = DurableRelay(client, up, link=link, reconnect=legs, **opts)
-    return Harness(relay, client, up, clock, store, legs, done)
+    delivery = DurableDelivery(link, legs, clock=clock, write_buffer=write_buffer)
+    relay = Relay(client, up, hooks=delivery, **opts)
+    return Harness(relay, delivery, client, up, clock, store, legs, done)
 
 
 def pings(t: FakeTransport) -> list[bytes]:
@@ -157,7 +155,7 @@ def data_payloads(t: FakeTransport) -> list[bytes]:
     return [f.payload for f in parse_frames(t.value()) if f.opcode in (OP_TEXT, OP_BINARY)]
 
 
-def pong(relay: DurableRelay, payload: bytes) -> None:
+def pong(relay: Relay, payload: bytes) -> None:
     relay.upstream_data(u_frame(OP_PONG, payload))
 
 
@@ -175,7 +173,7 @@ def test_a_plain_message_is_relayed_and_kept_until_two_pongs() -> None:
     h = make()
     raw = h.send(b"m1")
     assert h.upstream is not None and h.upstream.value() == raw  # relayed as is, no ping yet
-    window = h.relay.delivery.window
+    window = h.delivery.confirms.window
     assert window is not None and bytes(window.buf) == raw
     h.clock.advance(CONFIRM_INTERVAL)
     [first] = pings(h.upstream)
@@ -227,7 +225,7 @@ def test_the_upstream_pausing_the_client_is_kept_while_the_window_is_over_the_ca
 
 def test_leg_headers_carry_the_connection_and_its_first_seq() -> None:
     h = make()
-    assert h.relay.leg_headers() == {CONN_HEADER: "c0ffee", SEQ_HEADER: "1"}
+    assert h.delivery.leg_headers() == {CONN_HEADER: "c0ffee", SEQ_HEADER: "1"}
 
 
 # -- holding: loss and append ----------------------------------------------------------
@@ -266,10 +264,10 @@ def test_the_client_is_not_read_while_an_append_is_in_flight() -> None:
     h.send(b"m1")
     assert h.client.producerState == "paused"
     assert h.store.messages() == []  # not queued until the store says so
-    assert h.relay.left_queued  # in flight counts
+    assert h.delivery.left_queued  # in flight counts
     h.store.finish_appends()
     assert h.client.producerState == "producing"
-    assert h.relay.queued == 1 and h.store.messages() == [b"m1"]
+    assert h.delivery.queued == 1 and h.store.messages() == [b"m1"]
 
 
 def test_holding_answers_the_clients_pings() -> None:
@@ -346,7 +344,7 @@ def test_a_new_leg_gets_the_queue_first_confirmed_twice_then_acked_then_live() -
     h.clock.advance(0)
     assert h.legs.attempts[-1][1][SEQ_HEADER] == "1"
     leg = h.legs.open(h.relay)
-    assert data_payloads(leg) == [b"q1", b"q2"] and h.relay.flushing
+    assert data_payloads(leg) == [b"q1", b"q2"] and h.delivery.flushing
     h.send(b"during")  # still holding: queued behind them
     assert h.store.messages() == [b"q1", b"q2", b"during"]
     pong(h.relay, pings(leg)[-1])
@@ -355,11 +353,11 @@ def test_a_new_leg_gets_the_queue_first_confirmed_twice_then_acked_then_live() -
     # q1, q2 acked; "during" is the next batch on the same leg
     assert h.store.acked == [1, 2] and data_payloads(leg) == [b"q1", b"q2", b"during"]
     confirm_twice(h, leg)
-    assert h.store.entries == [] and h.relay.delivered == 3
-    assert not h.relay.holding and not h.relay.flushing and not h.relay.reconnecting
+    assert h.store.entries == [] and h.delivery.delivered == 3
+    assert not h.relay.holding and not h.delivery.flushing and not h.relay.reconnecting
     raw = h.send(b"live")
     assert leg.value().endswith(raw)  # relayed as is again
-    assert h.clock.getDelayedCalls() and not h.relay.left_queued
+    assert h.clock.getDelayedCalls() and not h.delivery.left_queued
 
 
 def test_a_batch_not_confirmed_in_time_drops_the_leg_and_counts_an_attempt() -> None:
@@ -407,7 +405,7 @@ def test_a_client_close_during_a_flush_ends_the_flush_leg_with_1001() -> None:
     leg = h.legs.open(h.relay)
     h.relay.client_data(c_frame(OP_CLOSE, encode_close(1000, "", mask=False)[2:]))
     assert [f.close for f in parse_frames(leg.value()) if f.opcode == OP_CLOSE] == [(1001, "client gone")]
-    assert not h.relay.flushing and h.store.messages() == [b"q1"]  # left for the replay
+    assert not h.delivery.flushing and h.store.messages() == [b"q1"]  # left for the replay
 
 
 def test_the_client_leaving_with_an_unconfirmed_window_waits_for_the_upstream_close() -> None:
@@ -430,5 +428,5 @@ def test_the_client_leaving_with_no_answer_queues_the_window_for_replay() -> Non
     h.clock.advance(5.0)  # the close timer
     assert h.upstream.abort_calls == 1
     h.relay.upstream_connection_lost()
-    assert h.store.messages() == [b"m1"] and h.relay.left_queued
+    assert h.store.messages() == [b"m1"] and h.delivery.left_queued
     assert h.done == [h.relay] and h.clock.getDelayedCalls() == []

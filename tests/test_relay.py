@@ -30,7 +30,8 @@ from wsgateway.relay.frames import (
     encode_close,
     encode_frame,
 )
-from wsgateway.relay.relay import Relay, set_write_buffer
+from wsgateway.relay.relay import Relay
+from wsgateway.relay.transport import set_write_buffer
 
 # -- test doubles ----------------------------------------------------------
 

@@ -345,6 +345,13 @@ class RelayHooks(Protocol):
     def stop_reconnecting(self) -> None:
         """No new upstream leg is wanted any more (the client closes or leaves, a drain, an expired token)."""
 
+    def leg_headers(self) -> dict[str, str] | None:
+        """
+        None: a new upstream leg is opened as the client's was. Else (durable
+        delivery) it carries these headers too, and its connect failures are
+        quiet, as a replay connection's: the hooks keep retrying.
+        """
+
     def upstream_reconnected(self) -> None:
         """The relay is wired to a new upstream leg (``relay.upstream_reconnected``)."""
 

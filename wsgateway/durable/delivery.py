@@ -18,9 +18,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from wsgateway.backoff import exponential
-from wsgateway.durable.relay import CONFIRM_TIMEOUT, FLUSH_BATCH, DurableRelay
+from wsgateway.durable.relay import CONFIRM_TIMEOUT, FLUSH_BATCH, DurableDelivery
 from wsgateway.durable.replay import consecutive, replay_request
-from wsgateway.relay.relay import Leg
+from wsgateway.relay.transport import Leg
 from wsgateway.durable.entries import Entry, QueueUnavailable
 
 RECOVERY = 2.0
@@ -210,7 +210,7 @@ class DeliveryService(MultiService):
     """
     The queue store (a child service: opened first, closed last, after the
     drain has let every relay append what it held) and the L{Deliverer}.
-    C{live} maps the conn_key of every durable relay of this process to it.
+    C{live} maps the conn_key of every durable relay of this process to its hooks.
     """
 
     log = Logger()
@@ -221,7 +221,7 @@ class DeliveryService(MultiService):
         store.setServiceParent(self)
         self.clock = clock
         self.metrics = metrics
-        self.live: dict[str, DurableRelay] = {}
+        self.live: dict[str, DurableDelivery] = {}
         self.failures = 0
         self.deliverer: Deliverer | None = None
 

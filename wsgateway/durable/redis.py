@@ -50,7 +50,8 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from wsgateway.config.loader import QueueConfig, RedisConfig
+from wsgateway.config.queue import QueueConfig
+from wsgateway.config.redis import RedisConfig
 from wsgateway.durable.batching import GroupCommit
 from wsgateway.durable.entries import DeadLetter, Entry, NewEntry, QueueUnavailable, in_conn_order, new_ulid
 from wsgateway.durable.redis_layout import encode, id_pairs, packed_entry, stream_entry, text, unpack

@@ -2,9 +2,10 @@
 """
 Durable delivery on C{delivery = at_least_once} routes (docs/durable-delivery.md).
 
-A L{DurableRelay} is the frame relay of such a route. While its upstream
-is open it relays as any relay does, and also keeps a copy of what it sent
-upstream (the L{Window}) until a ping sent behind it comes back as a pong:
+L{DurableDelivery} is the hooks (L{wsgateway.interfaces.RelayHooks}) of
+the frame relay of such a route. While its upstream is open the relay
+relays as any relay does, and keeps a copy of what it sent upstream (the
+L{Window}, confirmations.py) until a ping sent behind it comes back as a pong:
 the upstream's WebSocket stack answers a ping only after it has read every
 frame before it. When the upstream is lost (no node reachable at the
 handshake, a vanished connection, or a close with a code that means "gone"
@@ -40,31 +41,29 @@ upstream's decision, relayed to the client as usual.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from wsgateway import codes
-from wsgateway.durable.clientstream import Message, MessageReader, Window
-from wsgateway.durable.entries import Entry, NewEntry, QueueUnavailable
-from wsgateway.durable.replay import CONN_HEADER, SEQ_HEADER, consecutive
+from wsgateway.durable.appends import Appends
+from wsgateway.durable.clientstream import MessageReader
+from wsgateway.durable.confirmations import Confirmations, GatedReader, Recording
+from wsgateway.durable.entries import Entry, QueueUnavailable
+from wsgateway.durable.replay import CONN_HEADER, SEQ_HEADER, QueueLink, consecutive
 from wsgateway.interfaces import RelayControl, RelayTransport
 from wsgateway.relay.frames import (
     OP_BINARY,
     OP_CLOSE,
-    OP_PING,
     OP_PONG,
     OP_TEXT,
     encode_close,
     encode_frame,
     parse_close,
 )
-from wsgateway.relay.relay import Relay
 from wsgateway.relay.transport import lose
 
 # Upstream close codes after which the messages it may not have read are
@@ -73,114 +72,8 @@ from wsgateway.relay.transport import lose
 LOSS_CODES = frozenset({1001, 1011, 1012, 1013, 1014})
 
 FLUSH_BATCH = 200
-# Live messages are confirmed by a ping at most this often, or as soon as
-# this much is unconfirmed: duplicates after a loss stay within about
-# two intervals of traffic.
-CONFIRM_INTERVAL = 0.1
-CONFIRM_BYTES = 64 * 1024
 RETRY_MAX = 5.0  # seconds between attempts to reach the upstream again, at most
 CONFIRM_TIMEOUT = 10.0
-
-
-@dataclass
-class QueueLink:
-    """What a durable relay needs from the gateway: the store, identity to record, counters."""
-
-    store: Any  # QueueStore or RedisQueueStore
-    route: str
-    conn_key: str
-    headers: tuple[tuple[str, str], ...]  # identity for a replay connection (see stored_headers)
-    claims: dict[str, Any] = field(default_factory=dict)
-    trace_id: str | None = None
-    on_delivered: Callable[[int], None] = lambda n: None
-    on_failure: Callable[[str], None] = lambda what: None
-    retry_initial: float = 0.1
-
-
-class Recording:
-    """
-    Every upstream transport of a durable relay, so that the relay's own
-    mechanism (which compares ``relay.upstream`` with a leg's transport) sees
-    one object throughout: writes also go to ``sent``, which keeps them in
-    the window while the relay is live (client frames, and the gateway's own
-    pings and closes, which the window's walk skips) and ignores them while
-    it is holding (a flush leg's entries are in the store already).
-    """
-
-    __slots__ = ("_sent", "transport")
-
-    def __init__(self, transport: RelayTransport, sent: Callable[[bytes], None]) -> None:
-        object.__setattr__(self, "transport", transport)
-        object.__setattr__(self, "_sent", sent)
-
-    def write(self, data: bytes) -> None:
-        self.transport.write(data)
-        self._sent(data)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.transport, name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        setattr(self.transport, name, value)  # relay.set_write_buffer sets bufferSize
-
-
-@implementer(IPushProducer)
-class GatedReader:
-    """The client as the upstream's producer, kept paused while durable delivery needs it to be."""
-
-    __slots__ = ("_delivery",)
-
-    def __init__(self, delivery: DurableDelivery) -> None:
-        self._delivery = delivery
-
-    def pauseProducing(self) -> None:
-        self._delivery.upstream_paused(True)
-
-    def resumeProducing(self) -> None:
-        self._delivery.upstream_paused(False)
-
-    def stopProducing(self) -> None:
-        pass
-
-
-class DurableRelay(Relay):
-    """
-    The frame relay of an ``at_least_once`` route: a L{Relay} whose hooks
-    are a L{DurableDelivery} (module docstring). It overrides nothing of
-    Relay; it only builds the collaborator and shows its state.
-    ``upstream`` is None when no node was reachable at the handshake.
-    ``reconnect(relay)`` opens a new leg with ``relay.leg_headers()`` and
-    hands it to ``upstream_reconnected`` (handshake/server.py), or fails.
-    """
-
-    def __init__(self, client: RelayTransport, upstream: RelayTransport | None, *, link: QueueLink,
-                 reconnect: Callable[[Relay], Deferred[None]], **kwargs: Any) -> None:
-        self.delivery = DurableDelivery(link, reconnect, clock=kwargs["clock"], write_buffer=kwargs["write_buffer"])
-        super().__init__(client, upstream, hooks=self.delivery, **kwargs)
-
-    @property
-    def link(self) -> QueueLink:
-        return self.delivery.link
-
-    @property
-    def left_queued(self) -> bool:
-        """Entries of this connection may still be in the store (or on their way there)."""
-        return self.delivery.left_queued
-
-    @property
-    def flushing(self) -> bool:
-        return self.delivery.flushing
-
-    @property
-    def queued(self) -> int:
-        return self.delivery.queued
-
-    @property
-    def delivered(self) -> int:
-        return self.delivery.delivered
-
-    def leg_headers(self) -> dict[str, str]:
-        return self.delivery.leg_headers()
 
 
 class DurableDelivery:
@@ -188,11 +81,15 @@ class DurableDelivery:
     The L{wsgateway.interfaces.RelayHooks} of durable delivery: the window
     and its confirming pings while live; holding (queueing what the client
     sends) once the upstream is lost; the reconnect loop; the flush of the
-    queued entries on a new leg; then live again.
+    queued entries on a new leg; then live again. ``reconnect(relay)``
+    opens a new leg with ``leg_headers()`` and hands it to
+    ``relay.upstream_reconnected`` (handshake/server.py), or fails. The
+    relay's ``upstream`` is None when no node was reachable at the handshake.
     """
 
     mirrors_held = False  # queued client frames are not copied to a mirror
     relay: RelayControl
+    confirms: Confirmations  # the window, once attached to the relay
 
     def __init__(self, link: QueueLink, reconnect: Callable[[Any], Deferred[None]], *, clock: IReactorTime,
                  write_buffer: int) -> None:
@@ -202,20 +99,12 @@ class DurableDelivery:
         self._clock = clock
         self._cap = max(4 * write_buffer, 1 << 20)
         self._upstream_full = False
-        self._appending = 0
-        self._append_gen = 0
+        self.appends = Appends(link, clock, appended=self._maybe_resume, failed=self._append_failed)
         self._queue_failed = False
-        self._confirm_id = 0
-        self._confirms: dict[bytes, tuple[int, Deferred[bool] | None]] = {}
         self._flush_batch: list[Any] = []
-        self._settled: list[Deferred[None]] = []  # waiting for the appends in flight
         self._flush_d: Deferred[None] | None = None
         self.flushing = False
-        self.queued = 0
         self.delivered = 0
-        self.window: Window | None = Window(0)
-        self._confirmed_mark = 0  # covered by the last pong; dropped from the window at the next one
-        self._confirm_call: Any = None
         self.reader: MessageReader | None = None
         self.leg_seq = 1
         self._upstream_going = False
@@ -224,12 +113,13 @@ class DurableDelivery:
 
     def attach(self, relay: RelayControl) -> None:
         self.relay = relay
+        self.confirms = Confirmations(relay, self._clock, self._cap, self._maybe_resume)
 
     def upstream_transport(self, transport: RelayTransport) -> RelayTransport:
-        return Recording(transport, self._sent)  # type: ignore[return-value]
+        return Recording(transport, self.confirms.sent)  # type: ignore[return-value]
 
     def client_reader(self, client: RelayTransport) -> Any:
-        return GatedReader(self)
+        return GatedReader(self.upstream_paused)
 
     def started(self) -> None:
         if self.relay.upstream is None:
@@ -239,7 +129,12 @@ class DurableDelivery:
 
     @property
     def left_queued(self) -> bool:
-        return bool(self._appending) or self.queued > self.delivered
+        """Entries of this connection may still be in the store (or on their way there)."""
+        return bool(self.appends.in_flight) or self.queued > self.delivered
+
+    @property
+    def queued(self) -> int:
+        return self.appends.queued
 
     def leg_headers(self) -> dict[str, str]:
         return {CONN_HEADER: self.link.conn_key, SEQ_HEADER: str(self.leg_seq)}
@@ -252,66 +147,11 @@ class DurableDelivery:
         else:
             self._maybe_resume()
 
-    # -- live: the window and its confirmations ------------------------------------
-
-    def _sent(self, out: bytes) -> None:
-        window = self.window
-        if window is None:
-            return
-        window.add(out)
-        if not self._confirms and self._confirm_call is None and not self.relay.closed_to_upstream:
-            self._pace_confirm(window)
-        if len(window) > self._cap:
-            # the upstream is not confirming as fast as the client sends
-            self.relay.client.pauseProducing()
-
-    def _pace_confirm(self, window: Window) -> None:
-        """
-        A confirming ping now if the window holds CONFIRM_BYTES, else in
-        CONFIRM_INTERVAL: one ping per message would double the frames a
-        chatty client sends (bench scenario a: 0.43x the blind relay).
-        """
-        if len(window) >= CONFIRM_BYTES:
-            self._send_confirm(window.total)
-        else:
-            self._confirm_call = self._clock.callLater(CONFIRM_INTERVAL, self._confirm_due)
-
-    def _confirm_due(self) -> None:
-        self._confirm_call = None
-        window, relay = self.window, self.relay
-        if window is not None and len(window) and not self._confirms and not relay.done \
-                and not relay.upstream_lost and not relay.closed_to_upstream:
-            self._send_confirm(window.total)
-
-    def _cancel_confirm_call(self) -> None:
-        call, self._confirm_call = self._confirm_call, None
-        if call is not None and call.active():
-            call.cancel()
-
-    def _send_confirm(self, mark: int, d: Deferred[bool] | None = None, direct: bool = False) -> None:
-        self._confirm_id += 1
-        payload = b"wsgq" + self._confirm_id.to_bytes(8, "big")
-        self._confirms[payload] = (mark, d)
-        frame = encode_frame(OP_PING, payload, mask=True)
-        out = frame if direct else self.relay.c2u.inject(frame)
-        if out:
-            self.relay.upstream.write(out)
+    # -- the upstream's control frames ---------------------------------------------
 
     def upstream_control(self, opcode: int, payload: bytes) -> bool | None:
         relay = self.relay
-        if opcode == OP_PONG and payload in self._confirms:
-            mark, d = self._confirms.pop(payload)
-            if d is not None:
-                d.callback(True)
-            elif self.window is not None:
-                # a second round: what the previous pong covered is confirmed now
-                window = self.window
-                window.confirm(self._confirmed_mark)
-                self._confirmed_mark = mark
-                if len(window) and not relay.closed_to_upstream and not relay.upstream_lost \
-                        and self._confirm_call is None:
-                    self._pace_confirm(window)
-                self._maybe_resume()
+        if opcode == OP_PONG and self.confirms.pong(payload):
             return False
         if opcode == OP_CLOSE and not relay.closed_to_upstream and not relay.close_from_upstream:
             code, _ = parse_close(payload)
@@ -331,7 +171,7 @@ class DurableDelivery:
 
     def _hold_from(self, reader: MessageReader) -> None:
         self.reader = reader
-        self.window = None
+        self.confirms.restart(None)
         self.relay.holding = True
 
     def hold(self, out: bytes) -> None:
@@ -349,55 +189,21 @@ class DurableDelivery:
                 if pong:
                     relay.client.write(pong)
         if messages:
-            self._append(messages)
-
-    def _append(self, messages: Sequence[Message]) -> None:
-        link = self.link
-        now = self._clock.seconds()
-        entries = [NewEntry(route=link.route, conn_key=link.conn_key, seq=m.seq, message=m.payload,
-                            binary=m.binary, claims=link.claims, headers=link.headers, trace_id=link.trace_id,
-                            first_seen=now) for m in messages]
-        self._appending += 1
-        self._append_gen += 1
-        self.relay.client.pauseProducing()
-        d = link.store.append(entries)
-        d.addCallbacks(self._appended, self._append_failed, callbackArgs=(len(entries),))
-
-    def _appended(self, _ids: Any, n: int) -> None:
-        self._appending -= 1
-        self.queued += n
-        self._maybe_resume()
-        self._settle()
+            relay.client.pauseProducing()  # not read while an append is in flight (module docstring)
+            self.appends.add(messages)
 
     def _append_failed(self, f: Failure) -> None:
-        self._appending -= 1
         why = f.getErrorMessage() if f.check(QueueUnavailable) else repr(f.value)
         self.relay.log.error("queue unavailable: closing the client with 1011 ({why})", why=why)
         self.link.on_failure("append")
         self._queue_failed = True
         if not self.relay.done and not self.relay.client_lost:
             self.relay.client_violation(codes.INTERNAL_ERROR, "queue unavailable")
-        self._settle()
-
-    def _settle(self) -> None:
-        """Fire what waits for the appends in flight, once there is none."""
-        if not self._appending:
-            settled, self._settled = self._settled, []
-            for d in settled:
-                d.callback(None)
-
-    def _appends_settled(self) -> Deferred[None]:
-        """Fires once no append is in flight."""
-        if not self._appending:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._settled.append(d)
-        return d
 
     def _maybe_resume(self) -> None:
-        if self.relay.client_lost or self._upstream_full or self._appending:
+        if self.relay.client_lost or self._upstream_full or self.appends.in_flight:
             return
-        if self.window is not None and len(self.window) > self._cap:
+        if self.confirms.full:
             return
         self.relay.client.resumeProducing()
 
@@ -410,14 +216,14 @@ class DurableDelivery:
             # everything before it): nothing of the window is in doubt
             return False
         self._upstream_going = False
-        self._cancel_confirm_call()
-        self._fail_confirms()
+        self.confirms.cancel_timer()
+        self.confirms.fail()
         batch, self._flush_batch = self._flush_batch, []
         if batch:
             # delivered on this leg but not confirmed: one more attempt for them
             self.link.store.attempt_failed([e.id for e in batch]).addErrback(lambda f: None)
         if self.reader is None:
-            window = self.window
+            window = self.confirms.window
             assert window is not None
             reader = MessageReader(window.base_seq + 1)
             self._hold_from(reader)
@@ -446,14 +252,9 @@ class DurableDelivery:
         # its close answer is awaited (bounded by the close timer): it
         # confirms what the window holds, which is queued otherwise.
         relay = self.relay
-        return self.reader is None and self.window is not None and bool(len(self.window)) \
+        window = self.confirms.window
+        return self.reader is None and window is not None and bool(len(window)) \
             and not relay.upstream_lost and not relay.closed_to_upstream
-
-    def _fail_confirms(self) -> None:
-        confirms, self._confirms = self._confirms, {}
-        for _, d in confirms.values():
-            if d is not None:
-                d.callback(False)
 
     def _start_reconnect_loop(self) -> None:
         relay = self.relay
@@ -473,7 +274,7 @@ class DurableDelivery:
         while relay.reconnecting and not relay.done:
             try:
                 # the leg announces its first seq: what is being appended now may be it
-                await self._appends_settled()
+                await self.appends.settled()
                 first = await self.link.store.pending_for(self.link.conn_key, 1)
                 self.leg_seq = first[0].seq if first else self.reader.next_seq if self.reader else 1
                 await self._reconnect(relay)
@@ -509,7 +310,7 @@ class DurableDelivery:
         store, key = self.link.store, self.link.conn_key
         next_seq = self.leg_seq  # what the upstream counts the next message as
         while self.flushing and not relay.done and relay.upstream is not None:
-            busy, gen = self._appending, self._append_gen
+            busy, gen = self.appends.in_flight, self.appends.begun
             try:
                 entries: list[Entry] = await store.pending_for(key, FLUSH_BATCH)
             except QueueUnavailable:
@@ -518,13 +319,13 @@ class DurableDelivery:
             if not self.flushing or relay.upstream is None:
                 return
             if not entries:
-                if not busy and not self._appending and gen == self._append_gen:
+                if not busy and not self.appends.in_flight and gen == self.appends.begun:
                     if self.reader is not None and self.reader.next_seq != next_seq:
                         self._renumber()
                         return
                     self._go_live()
                     return
-                await self._appends_settled()
+                await self.appends.settled()
                 continue
             if entries[0].seq != next_seq:
                 # entries dead-lettered or purged meanwhile: the upstream would count wrong
@@ -539,9 +340,7 @@ class DurableDelivery:
             timer = self._clock.callLater(CONFIRM_TIMEOUT, self._confirm_timed_out)
             ok = True
             for _ in range(2):  # two rounds, as for live messages (module docstring)
-                confirmed: Deferred[bool] = Deferred()
-                self._send_confirm(0, confirmed, direct=True)
-                ok = await confirmed
+                ok = await self.confirms.round_trip()
                 if not ok:
                     break
             if timer.active():
@@ -588,8 +387,7 @@ class DurableDelivery:
         relay.holding = False
         self.flushing = False
         relay.reconnecting = False
-        self.window = Window(reader.next_seq - 1)
-        self._confirmed_mark = 0
+        self.confirms.restart(reader.next_seq - 1)
         if rest:
             relay.upstream.write(rest)  # kept in the window from here on
         relay.log.info("queue delivered: relaying live again")
@@ -616,6 +414,6 @@ class DurableDelivery:
     def maybe_done(self) -> None:
         relay = self.relay
         if relay.client_lost and relay.upstream_lost:
-            self._cancel_confirm_call()
+            self.confirms.cancel_timer()
         if not relay.done and relay.client_lost and not relay.upstream_lost and self.reader is not None:
             self._stop_flushing()

@@ -4,12 +4,14 @@ What a queued entry keeps of its client's upstream request, and the
 request of a replay connection made from it (docs/durable-delivery.md): the path,
 subprotocol and Origin as pseudo-headers, the identity headers, never
 credentials; plus the headers that let an upstream dedupe, C{(conn id,
-seq)}, on every upstream connection of an C{at_least_once} route.
+seq)}, on every upstream connection of an C{at_least_once} route. A
+connection's L{QueueLink} holds what its entries are recorded with.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from wsgateway.durable.entries import Entry
@@ -26,6 +28,21 @@ ORIGIN_KEY = ":origin"
 # Never written to the queue file: credentials may be forwarded on a live
 # connection (forward_auth) but are not identity to replay, and would sit on disk.
 _NOT_STORED = frozenset({"authorization", "cookie"})
+
+
+@dataclass
+class QueueLink:
+    """What a durable relay needs from the gateway: the store, identity to record, counters."""
+
+    store: Any  # QueueStore or RedisQueueStore
+    route: str
+    conn_key: str
+    headers: tuple[tuple[str, str], ...]  # identity for a replay connection (see stored_headers)
+    claims: dict[str, Any] = field(default_factory=dict)
+    trace_id: str | None = None
+    on_delivered: Callable[[int], None] = lambda n: None
+    on_failure: Callable[[str], None] = lambda what: None
+    retry_initial: float = 0.1
 
 
 def stored_headers(resource: str, headers: dict[str, str], protocol: str | None,

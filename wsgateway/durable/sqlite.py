@@ -65,7 +65,6 @@ from wsgateway.durable.entries import (
     NewEntry,
     QueueUnavailable,
     in_conn_order,
-    new_ulid,  # noqa: F401  (old import lines, until they name entries)
 )
 from wsgateway.durable.sqlite_file import COLUMNS, adopt_file, adopt_orphans, connect, insert, row_entry
 
@@ -390,12 +389,3 @@ if TYPE_CHECKING:
 
     def _is_a_queue_store(store: SQLiteQueueStore) -> QueueStoreInterface[int]:
         return store  # mypy checks the store against the interface here
-
-
-class QueueStore(SQLiteQueueStore):
-    """
-    The old name, until its users say L{SQLiteQueueStore}. A subclass, not an
-    alias: ``/admin/queue`` reports C{type(store).__name__} as C{backend}
-    (docs/admin-api.md: C{QueueStore}) until ops/admin.py reports
-    C{store.backend}; then this class goes.
-    """

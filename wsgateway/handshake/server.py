@@ -33,7 +33,9 @@ from wsgateway.auth.identity import AuthFailed, Identity
 from wsgateway.auth.verifier import Authenticator
 from wsgateway.upstream.balance import hash_key
 from wsgateway.channels.outbox import ChannelSession, Outbox, Subscription
-from wsgateway.config.loader import AuthConfig, GatewayConfig, RouteConfig
+from wsgateway.config.auth import AuthConfig
+from wsgateway.config.loader import GatewayConfig
+from wsgateway.config.routes import RouteConfig
 from wsgateway.ids import random_hex
 from wsgateway.handshake.headers import (
     HeaderInjection,
@@ -46,18 +48,14 @@ from wsgateway.handshake.headers import (
 from wsgateway.handshake.admission import ConnectionLimiter, client_ip
 from wsgateway.handshake.origins import OriginPolicy
 from wsgateway.durable.delivery import replay_connection
-from wsgateway.durable.relay import DurableRelay, QueueLink
-from wsgateway.durable.replay import CONN_HEADER, SEQ_HEADER, stored_headers
-from wsgateway.relay.relay import Leg, Relay
+from wsgateway.durable.relay import DurableDelivery
+from wsgateway.durable.replay import CONN_HEADER, SEQ_HEADER, QueueLink, stored_headers
+from wsgateway.relay.relay import Relay
+from wsgateway.relay.transport import Leg
 from wsgateway._compat.sendnow import send_at_once
-from wsgateway.routing.router import (
-    Router,
-    TemplateError,
-    has_dot_segments,
-    query_params,
-    render_template,
-    upstream_target,
-)
+from wsgateway.routing.patterns import has_dot_segments
+from wsgateway.routing.router import Router
+from wsgateway.routing.templates import TemplateError, query_params, render_template, upstream_target
 from wsgateway.ops.stats import Connection, GatewayStats
 from wsgateway.ops.tracing import NoTracer, OtelTracer
 from wsgateway.upstream.pool import Node, Upstream, UpstreamError, UpstreamRequest
@@ -662,16 +660,16 @@ class GatewayServerFactory(WebSocketServerFactory):
         reconnect = None
         upstream = proto.upstream  # the one this connection came from, even if a reload has replaced it since
         request = proto.upstream_request
-        durable = False
-        extra: dict[str, Any] = {}
+        delivery: DurableDelivery | None = None
         agreed = leg.websocket_protocol_in_use if leg is not None else proto.websocket_protocol_in_use
         if route is not None and upstream is not None and request is not None:
             durable = route.delivery == "at_least_once" and self.queue is not None
             if durable or route.on_upstream_close == "reconnect":
                 reconnect = self._reconnector(info, upstream, request, agreed)
-            if durable:
-                extra["link"] = self._queue_link(proto, route, upstream, request, agreed)
-        relay = (DurableRelay if durable else Relay)(
+            if durable and reconnect is not None:
+                delivery = DurableDelivery(self._queue_link(proto, route, upstream, request, agreed), reconnect,
+                                           clock=self.clock, write_buffer=limits.write_buffer)
+        relay = Relay(
             proto.transport,
             leg.transport if leg is not None else None,
             clock=self.clock,
@@ -687,11 +685,11 @@ class GatewayServerFactory(WebSocketServerFactory):
             log_fields={"conn_id": proto.conn_id, "trace_id": proto.trace_id,
                         "route": route.name if route is not None else "", "peer": proto.peer},
             reconnect_buffer=upstream.config.reconnect_buffer if upstream is not None else 0,
-            **extra,
+            hooks=delivery,
         )
         self.relays.add(relay)
-        if durable:
-            self.queue.live[proto.conn_id] = relay
+        if delivery is not None:
+            self.queue.live[proto.conn_id] = delivery
         if proto.push_channels and self.broker is not None and route is not None:
             outbox = Outbox(relay.push, relay.slow_consumer, limit=limits.write_buffer, policy=route.slow_consumer)
             relay.attach_outbox(outbox)
@@ -755,8 +753,9 @@ class GatewayServerFactory(WebSocketServerFactory):
         if info.node is not None:
             upstream.release(info.node, vanished=relay.upstream_vanished)
             info.node = None
-        if isinstance(relay, DurableRelay):
-            request = replace(request, headers={**request.headers, **relay.leg_headers()}, quiet=True)
+        leg_headers = relay.hooks.leg_headers()
+        if leg_headers is not None:
+            request = replace(request, headers={**request.headers, **leg_headers}, quiet=True)
         node, leg = await upstream.connect(request)
         if leg.websocket_protocol_in_use != agreed or relay.done or not relay.reconnecting:
             upstream.release(node)
@@ -820,10 +819,9 @@ class GatewayServerFactory(WebSocketServerFactory):
 
     def _relay_done(self, proto: ConnInfo, relay: Relay) -> None:
         self.relays.discard(relay)
-        if self.queue is not None and self.queue.live.get(proto.conn_id) is relay:
+        if self.queue is not None and self.queue.live.get(proto.conn_id) is relay.hooks:
             # what it still had queued is the Deliverer's to replay now
-            del self.queue.live[proto.conn_id]
-            if isinstance(relay, DurableRelay) and relay.left_queued and self.queue.deliverer:
+            if self.queue.live.pop(proto.conn_id).left_queued and self.queue.deliverer:
                 self.queue.deliverer.kick()  # rather than wait out a backed-off pass
         if proto.pushes is not None:
             proto.pushes.outbox.stopProducing()

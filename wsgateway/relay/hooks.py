@@ -49,6 +49,9 @@ class NoHooks:
     def stop_reconnecting(self) -> None:
         pass
 
+    def leg_headers(self) -> dict[str, str] | None:
+        return None
+
     def upstream_reconnected(self) -> None:
         pass
 
