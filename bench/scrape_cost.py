@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from wsgateway.config.loader import NodeConfig, UpstreamConfig
+from wsgateway.config.upstreams import NodeConfig, UpstreamConfig
 from wsgateway.ops.metrics import GatewayCollector, GatewayMetrics
 from wsgateway.ops.stats import Connection, GatewayStats
 from wsgateway.upstream.pool import Upstream

@@ -21,7 +21,7 @@ from wsgateway.auth.credentials import check_roles, claim_headers, extract_token
 from wsgateway.auth.identity import AuthFailed, Identity, UnknownKey
 from wsgateway.auth.keys import KeySet, parse_api_keys
 from wsgateway.auth.verifier import Authenticator, TokenVerifier, api_key_identity
-from wsgateway.config.loader import AuthConfig
+from wsgateway.config.auth import AuthConfig
 
 SECRET = "s" * 32
 HS = AuthConfig(algorithms=("HS256",), secret=SECRET)

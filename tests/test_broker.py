@@ -27,7 +27,7 @@ from wsgateway.channels.broker import InProcessBroker, make_broker
 from wsgateway.channels.envelope import MAGIC, EnvelopeError, Message, decode_message, encode_envelope
 from wsgateway.channels.fanout import BrokerUnavailable
 from wsgateway.channels.redisbroker import RedisBroker
-from wsgateway.config.loader import RedisConfig
+from wsgateway.config.redis import RedisConfig
 from wsgateway.redislink import Backoff, RedisTarget, parse_url
 
 PREFIX = "t"

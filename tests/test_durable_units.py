@@ -3,7 +3,7 @@ The pure parts of durable delivery (SPEC section 5), without sockets:
 MessageReader (whole client messages out of the masked stream, and the raw
 rest of an open one), Window.confirm (what a pong lets go), consecutive()
 and replay_request() (what one replay connection carries and asks for), and
-the Deliverer's pass over a real SQLite QueueStore, with an injected clock
+the Deliverer's pass over a real SQLiteQueueStore, with an injected clock
 and a recording replay callable standing in for the replay connection.
 """
 
@@ -25,7 +25,8 @@ from wsgateway.durable.delivery import Deliverer
 from wsgateway.durable.clientstream import Message, MessageReader, Window
 from wsgateway.durable.replay import CONN_HEADER, REPLAY_HEADER, SEQ_HEADER, consecutive, replay_request, stored_headers
 from wsgateway.relay.frames import encode_frame
-from wsgateway.durable.sqlite import Entry, NewEntry, QueueStore
+from wsgateway.durable.entries import Entry, NewEntry
+from wsgateway.durable.sqlite import SQLiteQueueStore
 from wsgateway.upstream.pool import UpstreamError, UpstreamRequest
 
 T0 = 1_700_000_000.0
@@ -308,18 +309,18 @@ def test_replay_request_without_path_protocol_or_origin() -> None:
 
 # -- Deliverer over a real store ------------------------------------------------
 
-MakeStore = Callable[..., Awaitable[QueueStore]]
+MakeStore = Callable[..., Awaitable[SQLiteQueueStore]]
 
 
 @pytest_twisted.async_yield_fixture
 async def make_store(tmp_path: Path) -> AsyncIterator[MakeStore]:
-    """make_store(**options) -> a started QueueStore on tmp_path/q.sqlite, its clock at T0; stopped after."""
-    made: list[QueueStore] = []
+    """make_store(**options) -> a started SQLiteQueueStore on tmp_path/q.sqlite, its clock at T0; stopped after."""
+    made: list[SQLiteQueueStore] = []
 
-    async def make(**options: Any) -> QueueStore:
+    async def make(**options: Any) -> SQLiteQueueStore:
         clock = Clock()
         clock.advance(T0)
-        store = QueueStore(str(tmp_path / "q.sqlite"), reactor=reactor, clock=clock, **options)
+        store = SQLiteQueueStore(str(tmp_path / "q.sqlite"), reactor=reactor, clock=clock, **options)
         made.append(store)
         await store.start()
         return store
@@ -376,7 +377,7 @@ class Passes:
         assert self.clock.getDelayedCalls() == []
 
 
-def deliverer(store: QueueStore, replay: FakeReplay, live: set[str], delivered: list[int]) -> Passes:
+def deliverer(store: SQLiteQueueStore, replay: FakeReplay, live: set[str], delivered: list[int]) -> Passes:
     clock = Clock()
     clock.advance(T0)
     d = Deliverer(store, replay, clock=clock, live=lambda: set(live), interval=1.0, on_delivered=delivered.append)

@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from wsgateway.config.loader import NodeConfig, UpstreamConfig
+from wsgateway.config.upstreams import NodeConfig, UpstreamConfig
 from wsgateway.upstream.checker import HealthChecker
 from wsgateway.upstream.health import NodeHealth, OutlierDetector, eligible_nodes, is_abnormal_close
 from wsgateway.upstream.probes import ProbeFailed, make_probe

@@ -25,7 +25,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from conftest import free_port, wait_for
-from wsgateway.config.loader import NodeConfig, UpstreamConfig
+from wsgateway.config.upstreams import NodeConfig, UpstreamConfig
 from wsgateway.ops.metrics import NO_ROUTE_LABEL, GatewayMetrics, close_code_label
 from wsgateway.ops.stats import C2U, U2C, Connection, GatewayStats
 from wsgateway.upstream.pool import Upstream, UpstreamRequest

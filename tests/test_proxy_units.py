@@ -11,15 +11,12 @@ from typing import Any
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
-from wsgateway.config.loader import (
-    FrozenMap,
-    GatewayConfig,
-    ServerConfig,
-    LimitsConfig,
-    NodeConfig,
-    RouteConfig,
-    UpstreamConfig,
-)
+from wsgateway.config.gateway import ServerConfig
+from wsgateway.config.limits import LimitsConfig
+from wsgateway.config.loader import GatewayConfig
+from wsgateway.config.routes import RouteConfig
+from wsgateway.config.upstreams import NodeConfig, UpstreamConfig
+from wsgateway.config.values import FrozenMap
 from wsgateway.handshake.admission import ConnectionLimiter
 from wsgateway.handshake.server import GatewayServerFactory, GatewayServerProtocol
 from wsgateway.routing.router import Router

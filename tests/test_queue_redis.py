@@ -26,7 +26,8 @@ from twisted.internet.threads import deferToThread
 
 from queue_stores import PREFIX, T0, Started, entry, redis_store
 from redis_fixture import RedisServer, running_redis
-from wsgateway.config.loader import QueueConfig, RedisConfig
+from wsgateway.config.queue import QueueConfig
+from wsgateway.config.redis import RedisConfig
 from wsgateway.durable.entries import Entry, QueueUnavailable
 from wsgateway.durable.redis import RedisQueueStore
 from wsgateway.durable.redis_scripts import SCRIPTS

@@ -27,7 +27,7 @@ from twisted.internet.defer import gatherResults
 from twisted.internet.task import Clock
 
 from queue_stores import Started, entry, sqlite_store
-from wsgateway.config.loader import QueueConfig
+from wsgateway.config.queue import QueueConfig
 from wsgateway.durable.entries import NewEntry, QueueUnavailable
 from wsgateway.durable.sqlite import SQLiteQueueStore
 

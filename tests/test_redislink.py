@@ -16,7 +16,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from wsgateway.channels.redisbroker import RedisBroker
-from wsgateway.config.loader import RedisConfig
+from wsgateway.config.redis import RedisConfig
 from wsgateway.redislink import Backoff, CommandProtocol, RedisLink, RedisTarget
 
 PING = b"*1\r\n$4\r\nPING\r\n"

@@ -10,7 +10,7 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from wsgateway.upstream.balance import RoundRobin
-from wsgateway.config.loader import NodeConfig, UpstreamConfig
+from wsgateway.config.upstreams import NodeConfig, UpstreamConfig
 from wsgateway.upstream.pool import Upstream, UpstreamError, UpstreamRefused, UpstreamRequest, backoff_delay
 
 

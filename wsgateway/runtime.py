@@ -33,10 +33,13 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from wsgateway.auth.jwks import JwksFetcher
 from wsgateway.auth.keys import load_api_keys, load_jwks_file, load_public_key
 from wsgateway.auth.verifier import Authenticator, TokenVerifier
-from wsgateway.config.loader import AuthConfig, GatewayConfig, UpstreamConfig
+from wsgateway.config.auth import AuthConfig
+from wsgateway.config.loader import GatewayConfig
+from wsgateway.config.upstreams import UpstreamConfig
 from wsgateway.routing.router import Router
 from wsgateway.tls import trust_root
-from wsgateway.upstream.health import HealthChecker, make_probe
+from wsgateway.upstream.checker import HealthChecker
+from wsgateway.upstream.probes import make_probe
 from wsgateway.upstream.leg import UpstreamConnector, UpstreamProtocol
 from wsgateway.upstream.pool import ConnectObserver, Node, Upstream, UpstreamRequest
 

@@ -22,7 +22,8 @@ from twisted.logger import Logger
 
 from wsgateway import runtime, tls
 from wsgateway.channels.broker import make_broker
-from wsgateway.config.loader import ConfigError, GatewayConfig, RouteConfig, load
+from wsgateway.config.loader import ConfigError, GatewayConfig, load
+from wsgateway.config.routes import RouteConfig
 from wsgateway.durable.delivery import DeliveryService
 from wsgateway.endpoints import with_backlog
 from wsgateway.signals import on_signal, restore_signal
@@ -401,15 +402,14 @@ def make_queue(config: GatewayConfig, reactor: Any, metrics: Any) -> DeliverySer
         store: Any = RedisQueueStore.from_config(config.queue, config.redis, node_id=config.gateway.node_id,
                                                  reactor=reactor)
     else:
-        from wsgateway.durable.sqlite import (  # sqlite3 only in gateways that queue
-            QueueStore,
-            adopt_orphans,
-        )
+        # sqlite3 only in gateways that queue
+        from wsgateway.durable.sqlite import SQLiteQueueStore
+        from wsgateway.durable.sqlite_file import adopt_orphans
 
         if config.gateway.workers == 1:
             # files a run with workers > 1 left (a worker process's own queue is its parent's to sort out)
             adopt_orphans(config.queue.path, 1)
-        store = QueueStore.from_config(config.queue, reactor=reactor)
+        store = SQLiteQueueStore.from_config(config.queue, reactor=reactor)
     return DeliveryService(store, clock=reactor, metrics=metrics)
 
 

@@ -432,12 +432,12 @@ def test_request_disconnected_is_set_when_the_connection_is_lost() -> None:
         assert request._disconnected is True and not request.finished
 
 
-# -- wsgateway/config/loader.py: serverFromString with no reactor ------------------------------------
+# -- wsgateway/config/listen.py: serverFromString with no reactor ------------------------------------
 
 
 def test_server_from_string_parses_without_a_reactor() -> None:
     with relied_on(LIB, "endpoints.serverFromString(None, ...) (parses, never touches the reactor)",
-                   "wsgateway/config/loader.py"):
+                   "wsgateway/config/listen.py"):
         ep = endpoints.serverFromString(None, "tcp:0:interface=127.0.0.1:backlog=511")
         assert isinstance(ep, endpoints.TCP4ServerEndpoint)
         with pytest.raises((ValueError, KeyError, TypeError)):

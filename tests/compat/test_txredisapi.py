@@ -124,7 +124,7 @@ def test_reply_timeout_runs_on_the_protocol_call_later_and_aborts() -> None:
 
 
 def test_subscribe_has_no_reply_timeout() -> None:
-    with relied_on(LIB, "SubscriberProtocol.subscribe (sent with apply_timeout=False)", OURS + ", wsgateway/channels/broker.py"):
+    with relied_on(LIB, "SubscriberProtocol.subscribe (sent with apply_timeout=False)", OURS + ", wsgateway/channels/redisbroker.py"):
         p, t, clock, _ = connect(txredisapi.SubscriberProtocol, replyTimeout=2.0)
         p.subscribe([b"ch"])
         assert t.value() == b"*2\r\n$9\r\nSUBSCRIBE\r\n$2\r\nch\r\n"
@@ -148,7 +148,7 @@ def test_messages_reach_message_received_as_bytes() -> None:
 
 def test_raw_replies_with_charset_none_and_convert_numbers_false() -> None:
     with relied_on(LIB, "charset=None / convertNumbers=False (bulk replies stay bytes)",
-                   OURS + ", wsgateway/durable/redis.py, wsgateway/channels/presence.py"):
+                   OURS + ", wsgateway/durable/redis_node.py, wsgateway/channels/presence.py"):
         p, _, _, _ = connect()
         results = []
         p.execute_command("GET", "k").addCallback(results.append)
@@ -168,7 +168,7 @@ def test_connection_lost_fails_waiting_commands_and_closed_ones_raise_at_once() 
             lost.append(proto)
 
     with relied_on(LIB, "BaseRedisProtocol.connectionLost (fails waiting commands) / execute_command raising "
-                        "ConnectionError when not connected", OURS + ", wsgateway/channels/broker.py, wsgateway/durable/redis.py"):
+                        "ConnectionError when not connected", OURS + ", wsgateway/channels/redisbroker.py, wsgateway/durable/redis_node.py"):
         p, _, _, _ = connect(CommandProtocol)
         p.link = Link()
         failures: list[Failure] = []
@@ -180,7 +180,7 @@ def test_connection_lost_fails_waiting_commands_and_closed_ones_raise_at_once() 
 
 
 def test_noscript_is_a_response_error_saying_so() -> None:
-    with relied_on(LIB, "ResponseError for -NOSCRIPT (message starts with NOSCRIPT)", "wsgateway/durable/redis.py"):
+    with relied_on(LIB, "ResponseError for -NOSCRIPT (message starts with NOSCRIPT)", "wsgateway/durable/redis_node.py"):
         p, _, _, _ = connect()
         failures: list[Failure] = []
         p.execute_command("EVALSHA", "0" * 40, 0).addErrback(failures.append)

@@ -34,9 +34,12 @@ from wsgateway.auth.credentials import extract_token
 from wsgateway.auth.identity import AuthFailed, UnknownKey
 from wsgateway.auth.keys import KeySet
 from wsgateway.auth.verifier import TokenVerifier
-from wsgateway.config.loader import AuthConfig, ConfigError, GatewayConfig, load
+from wsgateway.config.auth import AuthConfig
+from wsgateway.config.loader import ConfigError, GatewayConfig, load
 from wsgateway.handshake.headers import HeaderInjection, upstream_headers
-from wsgateway.routing.router import PatternError, Router, TemplateError, compile_pattern, upstream_target
+from wsgateway.routing.patterns import PatternError, compile_pattern
+from wsgateway.routing.router import Router
+from wsgateway.routing.templates import TemplateError, upstream_target
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FUZZ_SLOW = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -17,7 +17,7 @@ from wsgateway import codes
 from wsgateway.auth.identity import AuthFailed, Identity
 
 if TYPE_CHECKING:
-    from wsgateway.config.loader import AuthConfig
+    from wsgateway.config.auth import AuthConfig
 
 # printable ASCII but "%": what claim headers carry unencoded
 _HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")

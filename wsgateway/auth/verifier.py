@@ -21,7 +21,7 @@ from wsgateway.auth.identity import AuthFailed, Identity, UnknownKey
 from wsgateway.auth.keys import ApiKey, KeySet
 
 if TYPE_CHECKING:
-    from wsgateway.config.loader import AuthConfig
+    from wsgateway.config.auth import AuthConfig
 
 
 def api_key_identity(keys: Mapping[str, ApiKey], presented: str) -> Identity:

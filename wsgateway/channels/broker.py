@@ -34,7 +34,7 @@ from twisted.internet.interfaces import IReactorTime
 from wsgateway.channels.fanout import BrokerObserver, BrokerUnavailable, Fanout, NullObserver, Subscriber
 from wsgateway.channels.presence import MemoryPresence, PresenceEntry
 from wsgateway.channels.redisbroker import RedisBroker
-from wsgateway.config.loader import RedisConfig
+from wsgateway.config.redis import RedisConfig
 
 __all__ = [
     "Broker", "BrokerObserver", "BrokerUnavailable", "Fanout", "InProcessBroker", "NullObserver", "PresenceEntry",

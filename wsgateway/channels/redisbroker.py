@@ -43,7 +43,7 @@ from twisted.python.failure import Failure
 from wsgateway.channels.envelope import EnvelopeError, decode_message, encode_envelope
 from wsgateway.channels.fanout import BrokerObserver, BrokerUnavailable, Fanout, NullObserver, Subscriber
 from wsgateway.channels.presence import PresenceEntry, RedisPresence
-from wsgateway.config.loader import RedisConfig
+from wsgateway.config.redis import RedisConfig
 from wsgateway.redislink import Backoff, CommandProtocol, PubSubProtocol, RedisLink, parse_url
 
 __all__ = ["RedisBroker"]

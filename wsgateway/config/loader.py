@@ -44,13 +44,12 @@ from wsgateway.config.queue import QueueConfig, read_queue
 from wsgateway.config.reader import Listener, Reader, Section, ini_keys
 from wsgateway.config.redis import RedisConfig, read_redis
 from wsgateway.config.routes import RouteConfig, read_route
-from wsgateway.config.upstreams import NodeConfig, UpstreamConfig, read_upstream
+from wsgateway.config.upstreams import UpstreamConfig, read_upstream
 from wsgateway.config.values import NAME, FrozenMap, did_you_mean
 
-# NodeConfig is not used here: it stays importable from here until its callers import it from upstreams.
 __all__ = [
     "KNOWN_KEYS", "SECTIONS", "WORKER_LISTEN_KINDS", "AdminConfig", "AuthConfig", "ConfigError", "DemoConfig",
-    "FrozenMap", "GatewayConfig", "LimitsConfig", "LogConfig", "NodeConfig", "QueueConfig", "RedisConfig",
+    "FrozenMap", "GatewayConfig", "LimitsConfig", "LogConfig", "QueueConfig", "RedisConfig",
     "RouteConfig", "ServerConfig", "UpstreamConfig", "load",
 ]
 

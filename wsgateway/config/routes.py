@@ -26,13 +26,9 @@ from wsgateway.config.values import (
     unique,
     word,
 )
-from wsgateway.routing.router import (
-    PatternError,
-    check_host,
-    check_template,
-    compile_pattern,
-    template_fields,
-)
+from wsgateway.routing.patterns import PatternError, compile_pattern
+from wsgateway.routing.router import check_host
+from wsgateway.routing.templates import check_template, template_fields
 
 __all__ = ["Delivery", "OnUpstreamClose", "RouteAuth", "RouteConfig", "RouteMode", "SlowConsumer", "read_route"]
 

@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from wsgateway.config.loader import RouteConfig
+from wsgateway.config.routes import RouteConfig
 from wsgateway.durable.entries import QueueUnavailable
 from wsgateway.ops.jsonapi import JSONResource, Refused, Root, json_body
 from wsgateway.ops.logs import LEVELS
@@ -30,7 +30,7 @@ from wsgateway.upstream.health import eligible_nodes
 from wsgateway.upstream.pool import Upstream
 
 __all__ = ["AdminAPI", "GatewayView", "Healthz", "JSONResource", "Readyz", "admin_site", "readiness", "routes_view",
-           "upstreams_view"]  # JSONResource: re-exported until dashboard.py imports it from jsonapi
+           "upstreams_view"]
 
 
 class GatewayView(Protocol):

@@ -30,7 +30,8 @@ from typing import Any
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from wsgateway.ops.admin import GatewayView, JSONResource, readiness, routes_view
+from wsgateway.ops.admin import GatewayView, readiness, routes_view
+from wsgateway.ops.jsonapi import JSONResource
 
 # -- the dashboard ------------------------------------------------------------
 

@@ -52,7 +52,7 @@ class QueueAdmin:
             dead = await store.dead_letters(limit, name)
             routes = {r: v for r, v in depth.items() if name is None or r == name}
             return {
-                "backend": type(store).__name__,
+                "backend": store.backend,
                 "depth": int(sum(v["depth"] for v in routes.values())),
                 "dead": int(sum(v["dead"] for v in routes.values())),
                 "routes": {r: {"depth": int(v["depth"]), "oldest_age": round(v["oldest_age"], 3), "dead": int(v["dead"])}

@@ -20,34 +20,8 @@ from wsgateway.routing.patterns import (
     PatternError,
     RouteMatch,
     compile_pattern,
-    has_dot_segments,
-)
-from wsgateway.routing.templates import (
-    TemplateError,
-    check_template,
-    query_params,
-    render_template,
-    template_fields,
-    upstream_target,
 )
 
-# Router and check_host are this module's; the others are re-exported until
-# their callers import them from patterns and templates.
-__all__ = [
-    "PathPattern",
-    "PatternError",
-    "RouteMatch",
-    "Router",
-    "TemplateError",
-    "check_host",
-    "check_template",
-    "compile_pattern",
-    "has_dot_segments",
-    "query_params",
-    "render_template",
-    "template_fields",
-    "upstream_target",
-]
 
 
 # ------------------------------------------------------------------- hosts

@@ -19,7 +19,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from wsgateway.config.loader import UpstreamConfig
+from wsgateway.config.upstreams import UpstreamConfig
 from wsgateway.upstream.errors import describe_error
 from wsgateway.upstream.probes import ProbeFailed
 

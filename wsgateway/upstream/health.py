@@ -24,13 +24,9 @@ from typing import Any, Protocol, TypeVar
 
 from twisted.logger import Logger
 
-# Re-exported until runtime.py imports them from checker and probes.
-from wsgateway.upstream.checker import HealthChecker
-from wsgateway.upstream.probes import make_probe
-
 __all__ = [
-    "ABNORMAL_CLOSES", "DRAINING", "EJECTED", "HEALTHY", "UNHEALTHY", "HealthChecker", "NodeHealth",
-    "OutlierDetector", "eligible_nodes", "is_abnormal_close", "make_probe",
+    "ABNORMAL_CLOSES", "DRAINING", "EJECTED", "HEALTHY", "UNHEALTHY", "NodeHealth",
+    "OutlierDetector", "eligible_nodes", "is_abnormal_close",
 ]
 
 HEALTHY, UNHEALTHY, EJECTED, DRAINING = "healthy", "unhealthy", "ejected", "draining"

@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from wsgateway._compat import autobahn as _autobahn
-from wsgateway.relay.relay import Leg
+from wsgateway.relay.transport import Leg
 from wsgateway.upstream.errors import describe_error
 from wsgateway.upstream.pool import Node, UpstreamRefused, UpstreamRequest
 

@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 
 from wsgateway import codes
 from wsgateway.backoff import exponential, full_jitter
-from wsgateway.config.loader import NodeConfig, UpstreamConfig
+from wsgateway.config.upstreams import NodeConfig, UpstreamConfig
 from wsgateway.upstream.balance import Strategy, strategy_for
 from wsgateway.upstream.errors import describe_error
 from wsgateway.upstream.health import NodeHealth, OutlierDetector, eligible_nodes

@@ -17,7 +17,7 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
-from wsgateway.config.loader import NodeConfig
+from wsgateway.config.upstreams import NodeConfig
 from wsgateway.upstream.errors import describe_error
 
 __all__ = ["ProbeFailed", "make_probe"]

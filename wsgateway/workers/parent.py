@@ -180,9 +180,7 @@ class WorkerParent(MultiService):
 
     def _adopt_orphaned_queues(self) -> None:
         if self.config.queue.backend == "sqlite":
-            from wsgateway.durable.sqlite import (
-                adopt_orphans,  # sqlite3 only when it is the queue
-            )
+            from wsgateway.durable.sqlite_file import adopt_orphans
 
             adopt_orphans(self.config.queue.path, self.config.gateway.workers)
 
