@@ -27,7 +27,7 @@ from websockets.sync.client import connect
 
 from conftest import free_port, proxy_ini, wait_for
 from test_relay import c_frame, make, parse_frames, u_frame
-from wsgateway.relay.frames import OP_CLOSE, OP_TEXT, encode_close
+from wsgateway.relay.codec import OP_CLOSE, OP_TEXT, encode_close
 from wsgateway.service import drain_schedule
 
 # -- the relay: drain() closes the client first -------------------------------

@@ -27,14 +27,7 @@ from wsgateway.durable.confirmations import CONFIRM_BYTES, CONFIRM_INTERVAL
 from wsgateway.durable.entries import Entry, NewEntry
 from wsgateway.durable.relay import CONFIRM_TIMEOUT, DurableDelivery
 from wsgateway.durable.replay import CONN_HEADER, SEQ_HEADER, QueueLink
-from wsgateway.relay.frames import (
-    OP_BINARY,
-    OP_CLOSE,
-    OP_PING,
-    OP_PONG,
-    OP_TEXT,
-    encode_close,
-)
+from wsgateway.relay.codec import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, encode_close
 from wsgateway.relay.relay import Relay
 
 # -- test doubles ----------------------------------------------------------------

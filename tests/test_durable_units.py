@@ -24,7 +24,7 @@ from conftest import OP_BINARY, OP_CONT, OP_PING, OP_PONG, OP_TEXT, frame
 from wsgateway.durable.delivery import Deliverer
 from wsgateway.durable.clientstream import Message, MessageReader, Window
 from wsgateway.durable.replay import CONN_HEADER, REPLAY_HEADER, SEQ_HEADER, consecutive, replay_request, stored_headers
-from wsgateway.relay.frames import encode_frame
+from wsgateway.relay.codec import encode_frame
 from wsgateway.durable.entries import Entry, NewEntry
 from wsgateway.durable.sqlite import SQLiteQueueStore
 from wsgateway.upstream.pool import UpstreamError, UpstreamRequest

@@ -16,20 +16,9 @@ from hypothesis import strategies as st
 from websockets.frames import Close, Frame, Opcode, apply_mask
 from websockets.streams import StreamReader
 
-from wsgateway.relay import frames
-from wsgateway.relay.frames import (
-    OP_BINARY,
-    OP_CLOSE,
-    OP_CONT,
-    OP_PING,
-    OP_PONG,
-    OP_TEXT,
-    FrameScanner,
-    encode_close,
-    encode_frame,
-    parse_close,
-    unmask,
-)
+from wsgateway.relay import codec, frames
+from wsgateway.relay.codec import OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, encode_close, encode_frame, parse_close, unmask
+from wsgateway.relay.frames import FrameScanner
 
 # Big random streams and many examples: the deadline would only add flakiness.
 PROPERTY = settings(
@@ -605,7 +594,7 @@ def test_encode_control_frame_round_trip(masked: bool, opcode: int, size: int) -
 
 
 def test_encode_frame_masks_with_urandom(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(frames.os, "urandom", lambda n: b"\x01\x02\x03\x04"[:n])
+    monkeypatch.setattr(codec.os, "urandom", lambda n: b"\x01\x02\x03\x04"[:n])
     wire = encode_frame(OP_TEXT, b"hello", mask=True)
     assert wire == b"\x81\x85\x01\x02\x03\x04" + apply_mask(b"hello", b"\x01\x02\x03\x04")
 

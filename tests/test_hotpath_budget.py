@@ -42,7 +42,8 @@ import pytest
 from twisted.internet import task
 from twisted.internet.testing import StringTransport
 
-from wsgateway.relay.frames import OP_BINARY, OP_TEXT, FrameScanner, encode_frame
+from wsgateway.relay.codec import OP_BINARY, OP_TEXT, encode_frame
+from wsgateway.relay.frames import FrameScanner
 from wsgateway.relay.relay import Relay
 
 MESSAGES = 2000  # relayed messages in the measured part of each workload

@@ -20,16 +20,7 @@ from twisted.internet import task
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import StringTransport
 
-from wsgateway.relay.frames import (
-    OP_BINARY,
-    OP_CLOSE,
-    OP_CONT,
-    OP_PING,
-    OP_PONG,
-    OP_TEXT,
-    encode_close,
-    encode_frame,
-)
+from wsgateway.relay.codec import OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, encode_close, encode_frame
 from wsgateway.relay.relay import Relay
 from wsgateway.relay.transport import set_write_buffer
 

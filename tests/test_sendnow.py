@@ -211,7 +211,7 @@ async def test_under_tls_the_tcp_transport_sends_at_once(pair: Any) -> None:
 async def test_the_relay_sends_what_it_relays_in_the_same_turn(pair: Any) -> None:
     from twisted.internet.task import Clock
 
-    from wsgateway.relay.frames import encode_frame
+    from wsgateway.relay.codec import encode_frame
     from wsgateway.relay.relay import Relay
 
     client_proto, client_peer = await pair()

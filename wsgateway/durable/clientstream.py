@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from wsgateway.relay.frames import OP_BINARY, OP_CLOSE, OP_PING, unmask
+from wsgateway.relay.codec import OP_BINARY, OP_CLOSE, OP_PING, unmask
 
 
 def frame_header(buf: bytes | bytearray, i: int) -> tuple[int, int, int, int] | None:

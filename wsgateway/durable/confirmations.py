@@ -18,7 +18,7 @@ from zope.interface import implementer
 
 from wsgateway.durable.clientstream import Window
 from wsgateway.interfaces import RelayControl, RelayTransport
-from wsgateway.relay.frames import OP_PING, encode_frame
+from wsgateway.relay.codec import OP_PING, encode_frame
 
 # Live messages are confirmed by a ping at most this often, or as soon as
 # this much is unconfirmed: duplicates after a loss stay within about

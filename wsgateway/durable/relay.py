@@ -55,15 +55,7 @@ from wsgateway.durable.confirmations import Confirmations, GatedReader, Recordin
 from wsgateway.durable.entries import Entry, QueueUnavailable
 from wsgateway.durable.replay import CONN_HEADER, SEQ_HEADER, QueueLink, consecutive
 from wsgateway.interfaces import RelayControl, RelayTransport
-from wsgateway.relay.frames import (
-    OP_BINARY,
-    OP_CLOSE,
-    OP_PONG,
-    OP_TEXT,
-    encode_close,
-    encode_frame,
-    parse_close,
-)
+from wsgateway.relay.codec import OP_BINARY, OP_CLOSE, OP_PONG, OP_TEXT, encode_close, encode_frame, parse_close
 from wsgateway.relay.transport import lose
 
 # Upstream close codes after which the messages it may not have read are

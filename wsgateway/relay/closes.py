@@ -19,7 +19,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from wsgateway import codes
 from wsgateway.interfaces import RelayControl
-from wsgateway.relay.frames import encode_close, parse_close
+from wsgateway.relay.codec import encode_close, parse_close
 from wsgateway.relay.transport import lose
 
 # who closed a connection first (Relay.closed_by, the access log's closed_by)

@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_frames -*-
 """
-WebSocket frame scanning for the relay's hot path, plus the few frames the
-gateway originates itself (pings, closes).
+WebSocket frame scanning for the relay's hot path (the frames the gateway
+builds itself, pings and closes, are L{wsgateway.relay.codec}'s).
 
 Once both legs are open the gateway forwards frames as they arrive, without
 unmasking or re-framing them: a client's masked frame is valid for the
@@ -15,30 +15,10 @@ Pure and reactor-free: nothing here imports Twisted.
 
 from __future__ import annotations
 
-import os
 import struct
 from collections.abc import Callable
 
-__all__ = [
-    "OP_CONT",
-    "OP_TEXT",
-    "OP_BINARY",
-    "OP_CLOSE",
-    "OP_PING",
-    "OP_PONG",
-    "encode_frame",
-    "encode_close",
-    "parse_close",
-    "unmask",
-    "FrameScanner",
-]
-
-OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
-
-_OPCODES = frozenset((OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG))
-_MAX_CONTROL = 125
-# Two bytes of close code leave 123 for the reason.
-_MAX_REASON = _MAX_CONTROL - 2
+from wsgateway.relay.codec import unmask
 
 # Violations: (close code, short fixed reason).  Fixed strings so they are safe
 # to log and to put on the wire verbatim.
@@ -57,94 +37,6 @@ _E_INTERNAL = (1011, "internal error")
 # length in ~58 ns against ~135 ns for int.from_bytes on a slice (which also
 # allocates); two indexed bytes beat both for the 16-bit length.
 _unpack_u64 = struct.Struct("!Q").unpack_from
-
-
-def unmask(payload: bytes, key: bytes) -> bytes:
-    """
-    XOR C{payload} with the repeated 4-byte C{key} (masking is its own inverse).
-
-    Meant for control payloads (at most 125 bytes); data payloads are never
-    unmasked by the gateway.
-    """
-    n = len(payload)
-    if not n:
-        return b""
-    # One big-int XOR beats a per-byte Python loop by far, even for 125 bytes.
-    stream = (key * ((n >> 2) + 1))[:n]
-    return (int.from_bytes(payload, "little") ^ int.from_bytes(stream, "little")).to_bytes(
-        n, "little"
-    )
-
-
-def encode_frame(opcode: int, payload: bytes = b"", *, fin: bool = True, mask: bool) -> bytes:
-    """
-    Build a complete frame the gateway originates.
-
-    @param mask: C{True} towards an upstream (the gateway is its client, RFC
-        6455 5.3 requires masking), C{False} towards a client.
-    @raise ValueError: for an unknown opcode or a control frame that RFC 6455
-        forbids (fragmented or over 125 bytes): we must never emit a frame we
-        would reject ourselves.
-    """
-    if opcode not in _OPCODES:
-        raise ValueError(f"reserved opcode {opcode:#x}")
-    n = len(payload)
-    if opcode >= OP_CLOSE and (n > _MAX_CONTROL or not fin):
-        raise ValueError("control frames must be final and carry at most 125 bytes")
-    b0 = (0x80 if fin else 0) | opcode
-    b1 = 0x80 if mask else 0
-    if n < 126:
-        header = bytes((b0, b1 | n))
-    elif n < 0x10000:
-        header = bytes((b0, b1 | 126)) + n.to_bytes(2, "big")
-    else:
-        header = bytes((b0, b1 | 127)) + n.to_bytes(8, "big")
-    if not mask:
-        return header + payload
-    key = os.urandom(4)
-    return header + key + unmask(payload, key)
-
-
-def _truncate_utf8(encoded: bytes, limit: int) -> bytes:
-    if len(encoded) <= limit:
-        return encoded
-    cut = limit
-    # Back off while the first dropped byte continues a character that started
-    # before the cut, so the kept prefix still decodes.
-    while cut and (encoded[cut] & 0xC0) == 0x80:
-        cut -= 1
-    return encoded[:cut]
-
-
-def encode_close(code: int, reason: str = "", *, mask: bool) -> bytes:
-    """
-    Build a close frame; C{reason} is cut to fit 125 bytes on a UTF-8 boundary.
-
-    @raise ValueError: if C{code} is outside 1000-4999 (it would not fit the
-        2-byte field, or is a code that never goes on the wire by that range).
-    """
-    if not 1000 <= code <= 4999:
-        raise ValueError(f"close code {code} out of range")
-    # "replace": a lone surrogate relayed from somewhere must not turn into an
-    # exception on the close path.
-    raw = _truncate_utf8(reason.encode("utf-8", "replace"), _MAX_REASON)
-    return encode_frame(OP_CLOSE, code.to_bytes(2, "big") + raw, mask=mask)
-
-
-def parse_close(payload: bytes) -> tuple[int | None, str]:
-    """
-    Read an unmasked close payload as (code, reason).
-
-    Empty (and the malformed 1-byte) payloads give C{(None, "")}; an
-    undecodable reason gives C{""}.  Codes are not validated: endpoints do that.
-    """
-    if len(payload) < 2:
-        return None, ""
-    try:
-        reason = payload[2:].decode("utf-8")
-    except UnicodeDecodeError:
-        reason = ""
-    return int.from_bytes(payload[:2], "big"), reason
 
 
 class FrameScanner:

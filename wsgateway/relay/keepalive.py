@@ -13,7 +13,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from wsgateway import codes
 from wsgateway.ids import random_bytes
 from wsgateway.interfaces import RelayControl
-from wsgateway.relay.frames import OP_PING, encode_frame
+from wsgateway.relay.codec import OP_PING, encode_frame
 
 
 class Keepalive:

@@ -13,7 +13,7 @@ from collections import deque
 from typing import Any, Protocol
 
 from wsgateway.interfaces import RelayControl
-from wsgateway.relay.frames import OP_BINARY, OP_TEXT, encode_frame
+from wsgateway.relay.codec import OP_BINARY, OP_TEXT, encode_frame
 from wsgateway.relay.transport import Both, Reader
 
 

@@ -15,7 +15,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from wsgateway.interfaces import RelayControl
-from wsgateway.relay.frames import OP_CLOSE, encode_close, parse_close
+from wsgateway.relay.codec import OP_CLOSE, encode_close, parse_close
 from wsgateway.relay.hooks import NoHooks
 from wsgateway.relay.transport import lose
 

@@ -30,7 +30,8 @@ from wsgateway import codes
 from wsgateway.interfaces import RelayHooks, RelayTransport
 from wsgateway.ops.logs import ConnLogger
 from wsgateway.relay.closes import Closes
-from wsgateway.relay.frames import OP_CLOSE, OP_PONG, FrameScanner
+from wsgateway.relay.codec import OP_CLOSE, OP_PONG
+from wsgateway.relay.frames import FrameScanner
 from wsgateway.relay.hooks import NO_HOOKS
 from wsgateway.relay.keepalive import Keepalive
 from wsgateway.relay.mirror import Mirror
