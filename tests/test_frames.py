@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from websockets.frames import Close, Frame, Opcode, apply_mask
 from websockets.streams import StreamReader
 
-from wsgateway.relay import codec, frames
+from wsgateway.relay import codec
 from wsgateway.relay.codec import OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, encode_close, encode_frame, parse_close, unmask
 from wsgateway.relay.frames import FrameScanner
 
