@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 if TYPE_CHECKING:
     from twisted.application.service import IService, IServiceCollection
     from twisted.internet.defer import Deferred
-    from twisted.internet.interfaces import IProtocolFactory
+    from twisted.internet.interfaces import IProtocolFactory, IPushProducer
 
     from wsgateway.config.loader import GatewayConfig
     from wsgateway.durable.entries import DeadLetter, Entry, NewEntry
@@ -231,7 +231,7 @@ class RelayTransport(Protocol):
 
     def abortConnection(self) -> None: ...
 
-    def registerProducer(self, producer: Any, streaming: bool) -> None: ...
+    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None: ...
 
     def unregisterProducer(self) -> None: ...
 
@@ -254,7 +254,7 @@ class RelayControl(Protocol):
 
     log: Any
     client: RelayTransport
-    upstream: Any  # a RelayTransport, None while no upstream leg is open
+    upstream: RelayTransport | None  # None while no upstream leg is open
     c2u: Any  # FrameScanner, client -> upstream
     u2c: Any  # FrameScanner, upstream -> client
     write_buffer: int
@@ -313,7 +313,7 @@ class RelayHooks(Protocol):
     def upstream_transport(self, transport: RelayTransport) -> RelayTransport:
         """An upstream leg was opened: the transport the relay is to write to for it."""
 
-    def client_reader(self, client: RelayTransport) -> Any:
+    def client_reader(self, client: RelayTransport) -> IPushProducer:
         """The IPushProducer registered with each upstream transport: the client as its producer."""
 
     def started(self) -> None:
@@ -357,3 +357,28 @@ class RelayHooks(Protocol):
 
     def maybe_done(self) -> None:
         """The relay checks whether both legs are gone (it may be done right after)."""
+
+
+class DurableQueue(Protocol):
+    """
+    What the live connections and the handshake use of the durable queue
+    (``wsgateway.durable.delivery.DeliveryService``): its store and callbacks
+    for each durable relay's QueueLink, whether it takes appends now, and the
+    registry of the relays that deliver their own entries. The link is one
+    way: the queue never calls back into the connections.
+    """
+
+    store: Any
+
+    @property
+    def available(self) -> bool: ...
+
+    def delivered(self, n: int) -> None: ...
+
+    def failed(self, operation: str) -> None: ...
+
+    def track(self, conn_key: str, delivery: Any) -> None:
+        """A live relay of this process holds ``conn_key``'s entries: the Deliverer leaves them to it."""
+
+    def untrack(self, conn_key: str, delivery: Any) -> None:
+        """That relay ended (a no-op unless ``delivery`` is the one tracked); what it left queued is replayed."""

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_reload -*-
+# -*- test-case-name: tests.integration.test_reload -*-
 """
 What new connections use, built whole from one config: the router, the
 upstreams with their health checks, and the authenticator. The service
@@ -82,10 +82,11 @@ class UpstreamEndpoints:
 
     def _build(self, node: Node, timeout: float) -> IStreamClientEndpoint:
         cfg = node.config
+        version: int
         try:
             version = ipaddress.ip_address(cfg.host).version
         except ValueError:
-            version = 0
+            version = 0  # a host name
         ep: IStreamClientEndpoint
         if version == 4:
             ep = TCP4ClientEndpoint(self._reactor, cfg.host, cfg.port, timeout=timeout)

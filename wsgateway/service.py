@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_daemon -*-
+# -*- test-case-name: tests.integration.test_daemon -*-
 """
 The service tree: listeners, the demo backend, SIGHUP reloads and an
 ordered, graceful stop.
@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import autobahn
 from autobahn.websocket import USES_NVX
-from twisted.application import strports
 from twisted.application.service import MultiService
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.defer import Deferred, DeferredList, gatherResults
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -24,11 +24,15 @@ from wsgateway import runtime, tls
 from wsgateway.channels.broker import make_broker
 from wsgateway.config.loader import ConfigError, GatewayConfig, load
 from wsgateway.config.routes import RouteConfig
-from wsgateway.durable.delivery import DeliveryService
+from wsgateway.connections import LiveConnections
+from wsgateway.durable.entries import Entry
+from wsgateway.durable.queue import make_queue
 from wsgateway.endpoints import with_backlog
 from wsgateway.signals import on_signal, restore_signal
 from wsgateway.handshake.admission import ConnectionLimiter
+from wsgateway.handshake.chain import HandshakeChain
 from wsgateway.handshake.server import GatewayServerFactory
+from wsgateway.listening import ListeningService
 from wsgateway.ops import dashboard, logs
 from wsgateway.ops.admin import admin_site
 from wsgateway.ops.metrics import BrokerMetrics, GatewayMetrics, MetricsResource
@@ -48,10 +52,11 @@ class SingleProcess:
 
     def listener(self, index: int, desc: str, factory: Any, reactor: Any) -> tuple[Any, Any]:
         if tls.is_ssl(desc):
-            # built by wsgateway.tls, not strports: its certificate can be swapped on SIGHUP
+            # its endpoint built by wsgateway.tls: the certificate can be swapped on SIGHUP
             service, reloadable = tls.server_service(desc, factory, reactor)
-            return service, reloadable
-        return strports.service(with_backlog(desc), factory, reactor=reactor), None
+            return ListeningService(service.endpoint, factory, kind="gateway", desc=desc), reloadable
+        endpoint = serverFromString(reactor, with_backlog(desc))
+        return ListeningService(endpoint, factory, kind="gateway", desc=desc), None
 
     def control_service(self, view: Any, registry: Any, reactor: Any) -> None:
         return None
@@ -118,10 +123,15 @@ class GatewayService(MultiService):
                                   observer=BrokerMetrics(self.metrics))
         self.broker.setServiceParent(self)
         # the durable queue, when a route is at_least_once: also before the
-        # listeners, so it is closed only after the drain
-        self.queue = make_queue(config, reactor, self.metrics)
+        # listeners, so it is closed only after the drain. It replays through
+        # the current config's upstreams and knows nothing else of ours.
+        self.queue = make_queue(config, reactor, self.metrics, replay=self._replay)
         if self.queue is not None:
             self.queue.setServiceParent(self)
+        # every open connection, whichever listener took it
+        self.live = LiveConnections(clock=reactor, limiter=self.limiter, stats=self.stats, tracer=self.tracer,
+                                    broker=self.broker, queue=self.queue)
+        self.chain = self._chain(self._wiring)
         self.factories: list[GatewayServerFactory] = []
         self.listeners: list[Any] = []
         self.tls: list[tls.ReloadableServerTLS] = []  # one per ssl: listener, for reload()
@@ -136,7 +146,7 @@ class GatewayService(MultiService):
                 extra={b"metrics": MetricsResource(self.metrics.registry), **pages},
             )
             for desc in config.admin.listen:
-                strports.service(desc, site, reactor=reactor).setServiceParent(self)
+                ListeningService(serverFromString(reactor, desc), site, kind="admin", desc=desc).setServiceParent(self)
         control = self.role.control_service(self, self.metrics.registry, reactor)
         if control is not None:
             # what a parent reads to serve the admin port for all workers
@@ -145,31 +155,25 @@ class GatewayService(MultiService):
             from wsgateway.dev.demo import DemoFactory
 
             for desc in config.demo.listen:
-                strports.service(desc, DemoFactory(reactor=reactor), reactor=reactor).setServiceParent(self)
+                ListeningService(serverFromString(reactor, desc), DemoFactory(reactor=reactor), kind="demo",
+                                 desc=desc).setServiceParent(self)
         for index, desc in enumerate(config.gateway.listen):
-            factory = GatewayServerFactory(
-                config,
-                self.router,
-                self.upstreams,
-                reactor=reactor,
-                clock=reactor,
-                secure=desc.split(":", 1)[0] in ("ssl", "tls"),
-                auth=self.auth,
-                limiter=self.limiter,
-                stats=self.stats,
-                tracer=self.tracer,
-                broker=self.broker,
-            )
+            factory = GatewayServerFactory(self.chain, self.live, reactor=reactor, clock=reactor,
+                                           secure=desc.split(":", 1)[0] in ("ssl", "tls"))
             self.factories.append(factory)
-            if self.queue is not None:
-                factory.queue = self.queue
-                if self.queue.deliverer is None:
-                    self.queue.attach(factory.replay)
             listener, reloadable = self.role.listener(index, desc, factory, reactor)
             if reloadable is not None:
                 self.tls.append(reloadable)
             listener.setServiceParent(self)
             self.listeners.append(listener)
+
+    def _chain(self, wiring: runtime.Wiring) -> HandshakeChain:
+        return HandshakeChain(wiring.config, wiring.router, wiring.upstreams, wiring.auth, live=self.live,
+                              queue=self.queue)
+
+    def _replay(self, route: str, entries: list[Entry]) -> Deferred[bool]:
+        """The durable queue's replay connections, through the upstreams new connections use."""
+        return self.chain.replay(route, entries)
 
     # -- what the admin port reads (admin.GatewayView) ----------------------
 
@@ -267,11 +271,12 @@ class GatewayService(MultiService):
         effective = runtime.keep_running_values(running, new)
         try:
             built = runtime.build(effective, self.reactor, self._wiring, observer=self.metrics)
+            chain = self._chain(built)
         except Exception:
             self.log.failure("reload of {path} rejected: the new configuration could not be built; still running "
                              "the previous one", path=path)
             return False
-        previous = self._swap(built)
+        previous = self._swap(built, chain)
         if restart:
             self.log.warn(
                 "reload of {path}: {keys} changed, which takes a restart; still using the running value(s)",
@@ -296,7 +301,7 @@ class GatewayService(MultiService):
             logs.set_level(effective.log.level)
         return True
 
-    def _swap(self, built: runtime.Wiring) -> runtime.Wiring:
+    def _swap(self, built: runtime.Wiring, chain: HandshakeChain) -> runtime.Wiring:
         """Make ``built`` what new connections use; returns what it replaced. Nothing here can fail half-way."""
         previous = self._wiring
         keep = set(map(id, built.services()))
@@ -308,8 +313,9 @@ class GatewayService(MultiService):
                 svc.setServiceParent(self)  # starts it: the service is running
         limits = built.config.limits
         self.limiter.configure(limits.max_connections, limits.max_connections_per_ip)
+        self.chain = chain
         for factory in self.factories:
-            factory.reconfigure(built.config, built.router, built.upstreams, built.auth)
+            factory.reconfigure(chain)
         self._wiring = built
         self.config = built.config
         self.router = built.router
@@ -322,7 +328,7 @@ class GatewayService(MultiService):
 
     def _relays(self) -> list[Any]:
         """Every open connection: relays and broadcast sessions (both have drain, client, upstream)."""
-        return [r for f in self.factories for group in (f.relays, f.sessions) for r in group]
+        return self.live.open_connections()
 
     async def _drain(self, timeout: float) -> None:
         """
@@ -387,30 +393,6 @@ class GatewayService(MultiService):
         # status -15); after an orderly drain docs/operations.md#signals-and-lifecycle wants status 0.
         if getattr(self.reactor, "_exitSignal", None) is not None:
             self.reactor._exitSignal = None
-
-
-def make_queue(config: GatewayConfig, reactor: Any, metrics: Any) -> DeliveryService | None:
-    """
-    The queue store and its deliverer, if any route is at_least_once. Routes
-    that become at_least_once by a reload get one only after a restart.
-    """
-    if not any(r.delivery == "at_least_once" for r in config.routes):
-        return None
-    if config.queue.backend == "redis" and config.redis is not None:
-        from wsgateway.durable.redis import RedisQueueStore
-
-        store: Any = RedisQueueStore.from_config(config.queue, config.redis, node_id=config.gateway.node_id,
-                                                 reactor=reactor)
-    else:
-        # sqlite3 only in gateways that queue
-        from wsgateway.durable.sqlite import SQLiteQueueStore
-        from wsgateway.durable.sqlite_file import adopt_orphans
-
-        if config.gateway.workers == 1:
-            # files a run with workers > 1 left (a worker process's own queue is its parent's to sort out)
-            adopt_orphans(config.queue.path, 1)
-        store = SQLiteQueueStore.from_config(config.queue, reactor=reactor)
-    return DeliveryService(store, clock=reactor, metrics=metrics)
 
 
 async def _maybe(result: Any) -> None:

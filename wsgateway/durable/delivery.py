@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_durable -*-
+# -*- test-case-name: tests.integration.test_durable -*-
 """
 Delivery of queued entries whose client has gone (docs/durable-delivery.md), and the
 service that owns the queue store on a gateway with C{at_least_once}
@@ -34,7 +34,7 @@ class Deliverer:
     pass every C{interval} seconds (or at once on C{kick}) walks the
     connections with entries, oldest first, skipping those a live relay of
     this gateway is holding (it delivers them itself), at most
-    C{concurrency} at a time. C{replay(route, entries)} (proxy.py) opens a
+    C{concurrency} at a time. C{replay(route, entries)} (the service's) opens a
     connection, sends the entries, ends with a close handshake and fires
     True when the upstream answered the close; only then are they acked.
     It fires False when the connection was lost before that (one more
@@ -173,7 +173,7 @@ class Deliverer:
             results = await DeferredList([Deferred.fromCoroutine(self._one(r, k)) for r, k in batch],
                                          consumeErrors=True)
             for ok, result in results:
-                if not ok and not result.check(CancelledError):
+                if not ok and isinstance(result, Failure) and not result.check(CancelledError):
                     self.log.failure("replay of queued entries failed", result)
 
     async def _one(self, route: str, key: str) -> None:
@@ -215,7 +215,18 @@ class DeliveryService(MultiService):
 
     log = Logger()
 
-    def __init__(self, store: Any, *, clock: IReactorTime, metrics: Any = None) -> None:
+    def __init__(
+        self,
+        store: Any,
+        *,
+        clock: IReactorTime,
+        metrics: Any = None,
+        replay: Callable[[str, list[Entry]], Deferred[bool]] | None = None,
+    ) -> None:
+        """
+        ``replay(route, entries)`` makes the replay connections (the service's,
+        over the upstreams of its current config); without it nothing is replayed.
+        """
         super().__init__()
         self.store = store
         store.setServiceParent(self)
@@ -224,11 +235,20 @@ class DeliveryService(MultiService):
         self.live: dict[str, DurableDelivery] = {}
         self.failures = 0
         self.deliverer: Deliverer | None = None
+        if replay is not None:
+            self.deliverer = Deliverer(self.store, replay, clock=self.clock, live=lambda: set(self.live),
+                                       on_delivered=self.delivered, on_pass=self._refresh_depth)
 
-    def attach(self, replay: Callable[[str, list[Entry]], Deferred[bool]]) -> None:
-        """Set how replays are made (the first listener's factory); before startService."""
-        self.deliverer = Deliverer(self.store, replay, clock=self.clock, live=lambda: set(self.live),
-                                   on_delivered=self.delivered, on_pass=self._refresh_depth)
+    def track(self, conn_key: str, delivery: DurableDelivery) -> None:
+        """A live relay of this process delivers ``conn_key``'s entries itself: the Deliverer skips them."""
+        self.live[conn_key] = delivery
+
+    def untrack(self, conn_key: str, delivery: Any) -> None:
+        """The relay holding ``conn_key`` ended: what it left queued is the Deliverer's to replay now."""
+        if self.live.get(conn_key) is not delivery:
+            return
+        if self.live.pop(conn_key).left_queued and self.deliverer is not None:
+            self.deliverer.kick()  # rather than wait out a backed-off pass
 
     @property
     def available(self) -> bool:

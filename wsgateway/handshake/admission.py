@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_limits -*-
+# -*- test-case-name: tests.security.test_limits, tests.unit.handshake.test_limits -*-
 """
 Admission and rate policy (docs/configuration.md, ``[limits]``; docs/protocol.md#handshake-statuses, 429/503):
 who the client is behind trusted proxies, how many connections it and the

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_headers -*-
+# -*- test-case-name: tests.unit.handshake.test_headers -*-
 """
 Which request headers go to the upstream, and the identity and tracing
 headers the gateway adds (docs/protocol.md#handshake-statuses), and the checks that keep all of
@@ -116,6 +116,10 @@ def _describe(text: str, pos: int) -> str:
     return f"U+{ord(text[pos]):04X} at position {pos}"
 
 
+# The common value: HTAB and visible ASCII, which none of the checks below refuses.
+_PLAIN_VALUE = re.compile(r"[\t\x20-\x7e]*\Z")
+
+
 def _check_value(what: str, value: str) -> None:
     m = _BAD_VALUE_CHAR.search(value)
     if m is not None:
@@ -135,7 +139,9 @@ def check_header(name: str, value: str) -> None:
     """
     if not _TOKEN.match(name):
         raise HeaderInjection("header name is not an RFC 7230 token")
-    _check_value(f"header {name}", value)
+    if _PLAIN_VALUE.match(value) is None:
+        # the message is built only for a value that may fail: a handshake checks ~7 headers
+        _check_value(f"header {name}", value)
 
 
 def check_resource(resource: str) -> None:
@@ -226,9 +232,18 @@ def peer_is_trusted(peer_ip: str, trusted: Iterable[Network]) -> bool:
     return any(addr in net for net in trusted)
 
 
+_CANONICAL: dict[str, str] = {}
+_CANONICAL_MAX = 512  # names clients choose are unbounded: the cache is not
+
+
 def canonical(name: str) -> str:
     """x-forwarded-for -> X-Forwarded-For (Autobahn hands us lower-case names)."""
-    return "-".join(part.capitalize() for part in name.split("-"))
+    out = _CANONICAL.get(name)
+    if out is None:
+        out = "-".join(part.capitalize() for part in name.split("-"))
+        if len(_CANONICAL) < _CANONICAL_MAX:
+            _CANONICAL[name] = out
+    return out
 
 
 def upstream_headers(

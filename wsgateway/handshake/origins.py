@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_origins -*-
+# -*- test-case-name: tests.unit.handshake.test_origins -*-
 """
 Which browser origins may open a WebSocket here: the defence against
 cross-site WebSocket hijacking (a page on another site opening a socket with

@@ -1,0 +1,89 @@
+# -*- test-case-name: tests.integration.test_channels -*-
+"""
+Broadcast connections (``mode = broadcast``) from the handshake to their
+end: the channel chosen at the handshake, the ChannelSession that joins it
+once the 101 is out, and its end. Autobahn keeps these connections (pings,
+close handshake); the broker feeds them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from autobahn.websocket.types import ConnectionDeny
+from twisted.logger import Logger
+
+from wsgateway import codes
+from wsgateway._compat.sendnow import send_at_once
+from wsgateway.channels.outbox import ChannelSession
+from wsgateway.config.limits import LimitsConfig
+from wsgateway.config.routes import RouteConfig
+from wsgateway.ops.stats import Connection
+from wsgateway.routing.templates import TemplateError, query_params, render_template
+
+_log = Logger(namespace="wsgateway.channels.sessions")
+
+
+def open_channel(
+    proto: Any,
+    route: RouteConfig,
+    match: Any,
+    headers: Mapping[str, str],
+    claims: Mapping[str, Any] | None,
+    protocols: tuple[str, ...],
+    limits: LimitsConfig,
+    token_param: str | None,
+    broker: Any,
+) -> str | None:
+    """The handshake of a broadcast route: its channel, and the subprotocol answered (a plain value, no upstream)."""
+    if broker is None or not broker.ready or route.channel is None:
+        raise ConnectionDeny(codes.UNAVAILABLE, "Service Unavailable")
+    try:
+        proto.channel = render_template(
+            route.channel,
+            captures=match.captures,
+            claims=claims,
+            query=query_params(proto.http_request_uri, drop=token_param),
+            headers=headers,
+        )
+    except TemplateError:
+        raise ConnectionDeny(codes.BAD_REQUEST, "Bad Request") from None
+    # set before the 101 goes out: Autobahn starts its pings then
+    proto.autoPingInterval = limits.ping_interval
+    proto.autoPingTimeout = limits.ping_timeout
+    proto.closeHandshakeTimeout = 5
+    proto.channel_config = (route, limits)
+    # the gateway is the endpoint here: it takes the first subprotocol offered
+    # (browsers fail a handshake whose offered subprotocols get no answer)
+    return protocols[0] if protocols else None
+
+
+def start_channel(proto: Any, live: Any) -> ChannelSession:
+    """After the 101: the session that joins the channel, registered with ``live`` (LiveConnections)."""
+    route, limits = proto.channel_config
+    identity = proto.identity
+    clock = live.clock
+    session = ChannelSession(
+        proto,
+        live.broker,
+        proto.channel or "",
+        conn_id=proto.conn_id,
+        user=identity.subject if identity is not None else None,
+        client_publish=route.client_publish,
+        slow_consumer=route.slow_consumer,
+        queue_limit=limits.write_buffer,
+        messages_per_second=limits.messages_per_second,
+        clock=clock,
+    )
+    proto.opened_at = clock.seconds()
+    # one write per delivery: sent at once, like the relay's (sendnow.py)
+    send_at_once(proto.transport)
+    live.session_opened(session, Connection(
+        conn_id=proto.conn_id, route=route.name, upstream="", node="", peer=proto.peer,
+        trace_id=proto.trace_id, subject=identity.subject if identity is not None else None,
+        started=proto.opened_at, relay=session,
+    ))
+    _log.debug("{conn_id} joined channel {channel} on route {route}", conn_id=proto.conn_id,
+               channel=proto.channel, route=route.name, trace_id=proto.trace_id)
+    return session

@@ -1,0 +1,156 @@
+# -*- test-case-name: tests.integration.test_drain, tests.unit.core.test_drain -*-
+"""
+The live connections of this process, in one owner: the open relays and
+broadcast sessions, the connection limiter, the stats, the tracer whose
+spans they end, and the broker and durable queue they are registered
+with. Every listener's factory hands its connections here, the service
+drains them from here, and the admin views read the stats kept here.
+
+The durable queue is a one-way collaborator: this object registers each
+durable relay with it (``track``/``untrack``); the queue knows nothing of
+this one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from wsgateway.handshake.admission import ConnectionLimiter
+from wsgateway.interfaces import DurableQueue
+from wsgateway.ops import accesslog
+from wsgateway.ops.stats import Connection, GatewayStats
+from wsgateway.ops.tracing import NoTracer, OtelTracer
+
+
+class LiveConnections:
+    """Every open connection of the process and what counts, traces and limits them."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        *,
+        clock: IReactorTime,
+        limiter: ConnectionLimiter,
+        stats: GatewayStats | None = None,
+        tracer: NoTracer | OtelTracer | None = None,
+        broker: Any = None,
+        queue: DurableQueue | None = None,
+    ) -> None:
+        self.clock = clock
+        # shared by every listener, so the limits hold for the whole gateway
+        self.limiter = limiter
+        self.stats = stats if stats is not None else GatewayStats()
+        self.tracer = tracer if tracer is not None else NoTracer()
+        self.broker = broker  # broadcast routes refuse with 503 without one
+        self.queue = queue  # the durable queue, when a route is at_least_once
+        self.relays: set[Any] = set()
+        self.sessions: set[Any] = set()  # open broadcast connections
+
+    def open_connections(self) -> list[Any]:
+        """Every open connection: relays and broadcast sessions (both have drain, client, upstream)."""
+        return [*self.relays, *self.sessions]
+
+    # -- proxied connections ----------------------------------------------
+
+    def relay_opened(self, relay: Any, info: Any, identity: Any, delivery: Any) -> None:
+        """
+        ``relay`` took over the connection described by ``info`` (relay/start.py
+        ConnInfo); ``delivery`` is its durable hooks, if any.
+        """
+        self.relays.add(relay)
+        if delivery is not None and self.queue is not None:
+            self.queue.track(info.conn_id, delivery)
+        route = info.route
+        subject = identity.subject if identity is not None else None
+        if info.pushes is not None:
+            for channel in info.pushes.channels:
+                self.broker.join(channel, info.conn_id, subject)
+        self.stats.opened(Connection(
+            conn_id=info.conn_id,
+            route=route.name if route is not None else "",
+            upstream=(route.upstream or "") if route is not None else "",
+            node=info.node.url if info.node else "",
+            peer=info.peer,
+            trace_id=info.trace_id,
+            subject=subject,
+            started=relay.started,
+            relay=relay,
+        ))
+
+    def relay_done(self, info: Any, relay: Any) -> None:
+        self.relays.discard(relay)
+        if self.queue is not None:
+            self.queue.untrack(info.conn_id, relay.hooks)
+        pushes = info.pushes
+        if pushes is not None:
+            pushes.outbox.stopProducing()
+            for channel in pushes.channels:
+                self.broker.leave(channel, info.conn_id)
+            pushes.cancel()
+            info.pushes = None
+        self.stats.closed(relay, relay.close_code)
+        route = info.route
+        if info.span is not None:
+            self.end_span(info, relay, {
+                "wsgateway.upstream.pool": route.upstream if route else None,
+                "wsgateway.node": info.node.url if info.node else None,
+                "websocket.close_code": relay.close_code,
+                "websocket.closed_by": relay.closed_by,
+            })
+        if info.ip is not None:
+            self.limiter.release(info.ip)
+            info.ip = None
+        if info.node is not None and info.upstream is not None:
+            info.upstream.release(info.node, vanished=relay.upstream_vanished)
+        accesslog.relay_closed(info, relay, self.clock.seconds())
+
+    # -- broadcast connections --------------------------------------------
+
+    def session_opened(self, session: Any, conn: Connection) -> None:
+        self.sessions.add(session)
+        self.stats.opened(conn)
+
+    def session_done(self, proto: Any, session: Any) -> None:
+        self.sessions.discard(session)
+        self.stats.closed(session, proto.close_code)
+        self.end_span(proto, session, {"wsgateway.channel": proto.channel, "websocket.close_code": proto.close_code})
+        accesslog.channel_closed(proto, session, self.clock.seconds())
+
+    # -- handshakes that end without a connection --------------------------
+
+    def handshake_refused(self, proto: Any, status: int) -> None:
+        route = proto.route
+        self.stats.handshake(route.name if route else None, status)
+        if proto.span is not None:
+            self.end_span(proto, extra={"http.response.status_code": status}, error=f"refused with {status}")
+        if status >= 500:
+            self.log.warn(
+                "refused {peer} with {status} on route {route}",
+                peer=proto.peer,
+                status=status,
+                route=route.name if route else "-",
+                conn_id=proto.conn_id,
+                trace_id=proto.trace_id or None,
+            )
+
+    def end_span(
+        self, holder: Any, counted: Any = None, extra: Mapping[str, Any] | None = None, error: str | None = None
+    ) -> None:
+        """
+        End the connection's span, if tracing exports one: ``holder`` is the
+        protocol or its ConnInfo, ``counted`` the relay or broadcast session.
+        """
+        span, holder.span = holder.span, None
+        if span is None:
+            return
+        attributes = {"wsgateway.route": holder.route.name if holder.route else None,
+                      "wsgateway.conn_id": holder.conn_id, **(extra or {})}
+        if counted is not None:
+            attributes["wsgateway.messages_in"] = counted.messages_c2u
+            attributes["wsgateway.messages_out"] = counted.messages_u2c
+        self.tracer.end(span, attributes, error)

@@ -1,0 +1,85 @@
+# -*- test-case-name: tests.unit.handshake.test_listening -*-
+"""
+A listening socket as a service, which says where it listens: once the
+socket is bound, one info line ``listening on {address}`` with ``kind``
+(gateway, admin, demo), ``endpoint`` (the configured string) and
+``address`` (the bound host:port or unix path), so ``tcp:0`` works and
+its port can be read from the log (docs/logs.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+
+def describe(address: Any) -> str:
+    """``host:port`` (``[v6]:port``) of an IPv4/IPv6 address, the path of a unix one."""
+    port = getattr(address, "port", None)
+    host = getattr(address, "host", None)
+    if port is not None and host is not None:
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    name = getattr(address, "name", None)
+    if name is not None:
+        return name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
+    return str(address)
+
+
+class ListeningService(Service):
+    """
+    Listens on ``endpoint`` with ``factory`` while running. As with
+    ``strports.service``, a socket that cannot be bound at start aborts the
+    start instead of only being logged.
+    """
+
+    log = Logger()
+
+    def __init__(self, endpoint: IStreamServerEndpoint, factory: IProtocolFactory, *, kind: str, desc: str) -> None:
+        self.endpoint = endpoint
+        self.factory = factory
+        self.kind = kind
+        self.desc = desc
+        self.port: IListeningPort | None = None
+        self._listening: Deferred[IListeningPort] | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        failed: list[Failure] = []
+        starting = True
+
+        def refused(f: Failure) -> None:
+            self._listening = None
+            if starting:
+                failed.append(f)
+            else:
+                self.log.failure("cannot listen on {endpoint}", f, kind=self.kind, endpoint=self.desc)
+
+        d = self._listening = self.endpoint.listen(self.factory)
+        d.addCallbacks(self._bound, refused)
+        starting = False
+        if failed:
+            # refused at once (TCP, unix, ssl bind synchronously): fatal, as strports makes it
+            failed[0].raiseException()
+
+    def _bound(self, port: IListeningPort) -> IListeningPort:
+        self.port = port
+        self._listening = None
+        address = describe(port.getHost())
+        self.log.info("listening on {address}", kind=self.kind, endpoint=self.desc, address=address)
+        return port
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        if self._listening is not None:
+            self._listening.cancel()
+            self._listening = None
+        port, self.port = self.port, None
+        if port is None:
+            return succeed(None)
+        stopped = port.stopListening()
+        return stopped if stopped is not None else succeed(None)
