@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_backoff -*-
+# -*- test-case-name: tests.unit.core.test_backoff -*-
 """
 Exponential backoff, written once for every retry loop: the Redis links,
 upstream connect retries, the replay passes of durable delivery and the

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_proxy -*-
+# -*- test-case-name: tests.integration.test_proxy -*-
 """
 Close codes and handshake statuses the gateway itself produces, in one place.
 

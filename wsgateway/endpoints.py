@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_config -*-
+# -*- test-case-name: tests.unit.config.test_config -*-
 """
 Twisted's endpoint-string grammar (``tcp:8080:interface=127.0.0.1``,
 ``ssl:8443:privateKey=KEY``, backslash escapes), split and joined the way

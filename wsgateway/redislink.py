@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_broker -*-
+# -*- test-case-name: tests.integration.test_broker -*-
 """
 One Redis connection that stays up: L{RedisLink}.
 
@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-import txredisapi  # type: ignore[import-untyped]
+import txredisapi
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
@@ -76,7 +76,7 @@ class RedisTarget:
 
     def endpoint(self, reactor: Any, timeout: float) -> IStreamClientEndpoint:
         if self.path is not None:
-            return UNIXClientEndpoint(reactor, self.path, timeout=timeout)  # type: ignore[no-untyped-call]
+            return UNIXClientEndpoint(reactor, self.path, timeout=timeout)
         assert self.host is not None
         endpoint: IStreamClientEndpoint = HostnameEndpoint(reactor, self.host, self.port, timeout=timeout)
         if self.tls:
@@ -117,21 +117,23 @@ class Backoff:
         return equal_jitter(base, rng)
 
 
-class _LinkProtocolMixin:
+class _LinkProtocol(txredisapi.RedisProtocol):
+    """Tells its link when its connection is lost (SubscriberProtocol is a RedisProtocol too)."""
+
     link: RedisLink
 
     def connectionLost(self, why: Failure) -> None:
         try:
-            super().connectionLost(why)  # type: ignore[misc]  # fails every command still waiting
+            super().connectionLost(why)  # fails every command still waiting
         finally:
             self.link._lost(self, why)
 
 
-class CommandProtocol(_LinkProtocolMixin, txredisapi.RedisProtocol):  # type: ignore[misc]
+class CommandProtocol(_LinkProtocol):
     """Ordinary commands (PUBLISH, HSET...)."""
 
 
-class PubSubProtocol(_LinkProtocolMixin, txredisapi.SubscriberProtocol):  # type: ignore[misc]
+class PubSubProtocol(_LinkProtocol, txredisapi.SubscriberProtocol):
     """SUBSCRIBE / UNSUBSCRIBE / PING; messages go to the link's C{on_message}."""
 
     def messageReceived(self, pattern: bytes | None, channel: bytes, message: bytes) -> None:

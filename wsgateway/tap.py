@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_daemon -*-
+# -*- test-case-name: tests.integration.test_daemon -*-
 """
 twistd entry point: ``twistd -n wsgateway --config etc/wsgateway.ini``.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_tls_listen -*-
+# -*- test-case-name: tests.integration.test_tls_listen, tests.unit.core.test_tls_listen -*-
 """
 TLS for the client listeners: C{ssl:} entries of C{[gateway] listen}.
 
@@ -206,7 +206,8 @@ def _certificate_options(key: Any, leaf: x509.Certificate, chain: list[x509.Cert
                               "acceptableProtocols": [b"http/1.1"]}
     try:
         # Recent pyOpenSSL takes cryptography's objects (and deprecates its own wrappers) ...
-        options = CertificateOptions(privateKey=key, certificate=leaf,  # type: ignore[arg-type]  # hints lag
+        # Twisted's hints still name pyOpenSSL's X509 for both arguments: they lag the code.
+        options = CertificateOptions(privateKey=key, certificate=leaf,  # type: ignore[arg-type]
                                      extraCertChain=chain or None, **common)  # type: ignore[arg-type]
         # Build the OpenSSL context now: OpenSSL's own checks (key type, DH
         # parameters) then fail here, at start or reload, not on the next handshake.

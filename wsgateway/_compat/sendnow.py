@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_sendnow -*-
+# -*- test-case-name: tests.unit.compat.test_sendnow -*-
 """
 Relayed bytes are sent in the same reactor turn they were read in.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_auth -*-
+# -*- test-case-name: tests.security.test_auth, tests.unit.auth.test_auth -*-
 """
 What an upgrade request presents (a bearer token from the header, the
 subprotocol or the query string; an API key), role checks, and the claim

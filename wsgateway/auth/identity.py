@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_auth -*-
+# -*- test-case-name: tests.security.test_auth, tests.unit.auth.test_auth -*-
 """
 Who a client turned out to be (L{Identity}), and the two ways a check of its
 credentials fails. Pure; shared by the key loaders, the verifier and the

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_jwks -*-
+# -*- test-case-name: tests.integration.test_jwks -*-
 """
 ``[auth] jwks_url``: an OAuth 2.0 / OpenID Connect provider's key set,
 fetched over verified HTTPS with Twisted's Agent (never blocking the
@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -44,13 +44,15 @@ class _Body(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.size += len(data)
         if self.size > self.limit:
-            self.transport.stopProducing()  # type: ignore[union-attr]
+            # IResponse.deliverBody connects this protocol to an IPushProducer
+            # (TransportProxyProducer), not the ITransport Protocol declares
+            cast(IPushProducer, self.transport).stopProducing()
             if not self.done.called:
                 self.done.errback(ValueError(f"document larger than {self.limit} bytes"))
             return
         self.chunks.append(data)
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure | None = None) -> None:
         if self.done.called:
             return
         if reason is None or reason.check(ResponseDone):

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_auth -*-
+# -*- test-case-name: tests.security.test_auth, tests.unit.auth.test_auth -*-
 """
 Loading the ``[auth]`` keys: the API-key file (SHA-256 digests, never keys),
 PEM public keys and JWKS documents. Pure: config validation calls these at

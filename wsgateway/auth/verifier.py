@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_auth -*-
+# -*- test-case-name: tests.security.test_auth, tests.unit.auth.test_auth -*-
 """
 Who the client is: credentials taken from the upgrade request, checked
 against the ``[auth]`` keys (JWTs with PyJWT, API keys by their SHA-256),
@@ -21,6 +21,8 @@ from wsgateway.auth.identity import AuthFailed, Identity, UnknownKey
 from wsgateway.auth.keys import ApiKey, KeySet
 
 if TYPE_CHECKING:
+    from jwt.types import Options  # only a type: never imported at run time
+
     from wsgateway.config.auth import AuthConfig
 
 
@@ -64,7 +66,7 @@ class TokenVerifier:
             self._static = (cfg.secret or "").encode()
         elif public_key is not None:
             self._static = public_key
-        self._options: dict[str, Any] = {
+        self._options: Options = {
             "require": ["exp"],
             "verify_aud": cfg.audience is not None,
             "verify_iss": cfg.issuer is not None,
@@ -103,7 +105,7 @@ class TokenVerifier:
                 audience=self.cfg.audience,
                 issuer=self.cfg.issuer,
                 leeway=self.cfg.leeway,
-                options=self._options,  # type: ignore[arg-type]
+                options=self._options,
             )
         except Exception as e:
             # Any failure to verify is a refusal, never a crash or an accept.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_broker -*-
+# -*- test-case-name: tests.integration.test_broker -*-
 """
 Broadcast channels (docs/protocol.md#broadcast-channels): the L{Broker} interface, the
 L{InProcessBroker} of a single node and, through L{make_broker}, the

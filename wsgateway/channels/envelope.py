@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_broker -*-
+# -*- test-case-name: tests.integration.test_broker -*-
 """
 How a broadcast message travels through Redis (docs/protocol.md#broadcast-channels).
 

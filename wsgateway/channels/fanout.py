@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_broker -*-
+# -*- test-case-name: tests.integration.test_broker -*-
 """
 What both brokers (L{wsgateway.channels.broker}) share: L{Fanout}, the
 delivery of a channel's message to this node's subscribers, the

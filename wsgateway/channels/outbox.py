@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_broadcast -*-
+# -*- test-case-name: tests.unit.channels.test_broadcast -*-
 """
 The client side of channels: what a broker delivers to one connection, with
 a bounded outbound queue so a slow subscriber never holds back the others.

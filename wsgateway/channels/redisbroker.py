@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_broker -*-
+# -*- test-case-name: tests.integration.test_broker -*-
 """
 L{RedisBroker}: broadcast channels shared by every node through Redis
 pub/sub, with presence (L{wsgateway.channels.presence}); the rules it keeps
@@ -112,14 +112,14 @@ class RedisBroker(Service):
 
     def startService(self) -> None:
         """Starts connecting and returns at once: never waits for Redis."""
-        super().startService()  # type: ignore[no-untyped-call]
+        super().startService()
         self._commands.start()
         self._pubsub.start()
         self._beat.start(self.heartbeat, now=False)
 
     def stopService(self) -> Deferred[None]:
         """This node's presence removed from Redis (when up), then both connections closed."""
-        super().stopService()  # type: ignore[no-untyped-call]
+        super().stopService()
         if self._beat.running:
             self._beat.stop()
         cleared = self._presence.clear() if self._commands.up else succeed(None)

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_config -*-
+# -*- test-case-name: tests.unit.config.test_config -*-
 """The [admin] section: the admin API's listeners and bearer token."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_config -*-
+# -*- test-case-name: tests.unit.config.test_config -*-
 """
 The [auth] section: JWT algorithms and their keys (secret, public key, JWKS file or URL),
 API keys, issuer/audience, where tokens are taken from, and the claims forwarded upstream.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_config -*-
+# -*- test-case-name: tests.unit.config.test_config -*-
 """
 C{wsgateway-check CONFIG} (also C{python -m wsgateway.config CONFIG}): validate an INI file, start nothing.
 

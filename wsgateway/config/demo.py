@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_config -*-
+# -*- test-case-name: tests.unit.config.test_config -*-
 """The [demo] section: where the built-in demo backend (wsgateway.dev.demo) listens."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_config -*-
+# -*- test-case-name: tests.unit.config.test_config -*-
 """The [gateway] section: this server's node id, listeners, origins, proxies, workers and shutdown."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_config -*-
+# -*- test-case-name: tests.unit.config.test_config -*-
 """The [limits] section: connection counts, message size, timeouts, keepalive, rate and write buffer."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_config -*-
+# -*- test-case-name: tests.unit.config.test_config -*-
 """
 The C{listen} keys of [gateway], [admin] and [demo]: endpoint strings, and listeners that clash.
 
@@ -46,7 +46,7 @@ def check_endpoint(reader: Reader, desc: str) -> tuple[str, tuple[Any, ...]]:
         except ValueError as e:
             raise Bad(f"invalid endpoint {desc!r}: {e}") from None
     try:
-        serverFromString(None, resolved)  # type: ignore[arg-type]  # parses (loads ssl files), never binds
+        serverFromString(None, resolved)  # parses (loads ssl files), never binds
     except Exception as e:
         raise Bad(f"invalid endpoint {desc!r}: {e}") from None
     identity: tuple[Any, ...] = (kind, resolved)

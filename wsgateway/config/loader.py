@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_config -*-
+# -*- test-case-name: tests.unit.config.test_config -*-
 """
 The INI file -> a frozen L{GatewayConfig}, every problem reported at once.
 

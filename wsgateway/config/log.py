@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_config -*-
+# -*- test-case-name: tests.unit.config.test_config -*-
 """The [log] section: the level, format and file of the daemon's log."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_config -*-
+# -*- test-case-name: tests.unit.config.test_config -*-
 """The [queue] section: the store behind at_least_once delivery (SQLite file or Redis) and its retries."""
 
 from __future__ import annotations

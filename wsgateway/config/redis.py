@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_config -*-
+# -*- test-case-name: tests.unit.config.test_config -*-
 """The [redis] section: the Redis server behind channels across processes and the redis queue backend."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_config -*-
+# -*- test-case-name: tests.unit.config.test_config -*-
 """
 The [route:NAME] sections: which requests a route matches (path pattern, host, headers),
 what it does with them (proxy to an upstream, or broadcast on a channel), who may use

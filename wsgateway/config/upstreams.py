@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_config -*-
+# -*- test-case-name: tests.unit.config.test_config -*-
 """
 The [upstream:NAME] sections: a pool of backend nodes (one URL and its labels per line),
 how to balance, retry, health-check and reach them (mTLS), and the reconnect buffer.

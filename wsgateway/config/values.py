@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_config -*-
+# -*- test-case-name: tests.unit.config.test_config -*-
 """
 The value parsers: one INI value's text -> a Python value, or L{Bad} naming each problem.
 

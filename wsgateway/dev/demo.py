@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_daemon -*-
+# -*- test-case-name: tests.integration.test_daemon -*-
 """
 The built-in demo backend that ``etc/wsgateway.ini`` routes to, so a new
 user sees forwarding do something with no service of their own:
@@ -22,9 +22,16 @@ from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 
 
 class DemoProtocol(WebSocketServerProtocol):
-    factory: DemoFactory
     room: str | None = None
     name = ""
+
+    @property
+    def demo(self) -> DemoFactory:
+        """The factory, as its own class: an attribute annotation ``factory: DemoFactory`` would not satisfy
+        Twisted's ``Factory.protocol`` type (a protocol whose factory is a ``Factory`` of that protocol)."""
+        factory = self.factory
+        assert isinstance(factory, DemoFactory)
+        return factory
 
     def onConnect(self, request: ConnectionRequest) -> str | None:
         path = request.path
@@ -40,24 +47,24 @@ class DemoProtocol(WebSocketServerProtocol):
 
     def onOpen(self) -> None:
         if self.room is not None:
-            members = self.factory.rooms.setdefault(self.room, set())
+            members = self.demo.rooms.setdefault(self.room, set())
             members.add(self)
-            self.factory.say(self.room, {"event": "join", "who": self.name, "members": len(members)})
+            self.demo.say(self.room, {"event": "join", "who": self.name, "members": len(members)})
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self.room is None:
             self.sendMessage(payload, isBinary)
         elif not isBinary:
-            self.factory.say(self.room, {"from": self.name, "text": payload.decode("utf-8")})
+            self.demo.say(self.room, {"from": self.name, "text": payload.decode("utf-8")})
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if self.room is not None:
-            members = self.factory.rooms.get(self.room, set())
+            members = self.demo.rooms.get(self.room, set())
             members.discard(self)
             if members:
-                self.factory.say(self.room, {"event": "leave", "who": self.name, "members": len(members)})
+                self.demo.say(self.room, {"event": "leave", "who": self.name, "members": len(members)})
             else:
-                self.factory.rooms.pop(self.room, None)
+                self.demo.rooms.pop(self.room, None)
 
 
 class DemoFactory(WebSocketServerFactory):

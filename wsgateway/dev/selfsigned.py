@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_tls_listen -*-
+# -*- test-case-name: tests.integration.test_tls_listen, tests.unit.core.test_tls_listen -*-
 """
 A self-signed development certificate for the TLS listener of ``make run``:
 

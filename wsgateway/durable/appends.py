@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_durable_relay_units -*-
+# -*- test-case-name: tests.unit.durable.test_durable_relay_units -*-
 """
 The messages a durable relay holds (docs/durable-delivery.md), on their way
 into the queue store: the appends of one client connection in flight, what

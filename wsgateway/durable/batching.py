@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_queue_batching -*-
+# -*- test-case-name: tests.unit.durable.test_queue_batching -*-
 """
 Group commit, written once for both queue stores: C{append} only buffers,
 and the buffer is written at the end of the reactor turn. So 1 000 appends

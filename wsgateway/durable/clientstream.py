@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_durable_units -*-
+# -*- test-case-name: tests.unit.durable.test_durable_units -*-
 """
 A client's relayed stream (masked frames, already checked by the relay's
 FrameScanner) read the way durable delivery needs it: whole messages to

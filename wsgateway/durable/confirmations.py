@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_durable_relay_units -*-
+# -*- test-case-name: tests.unit.durable.test_durable_relay_units -*-
 """
 Durable delivery while its upstream leg is live (docs/durable-delivery.md):
 what went upstream is kept in a L{Window} until the upstream has answered
@@ -144,7 +144,9 @@ class Confirmations:
         frame = encode_frame(OP_PING, payload, mask=True)
         out = frame if direct else self._relay.c2u.inject(frame)
         if out:
-            self._relay.upstream.write(out)
+            upstream = self._relay.upstream
+            assert upstream is not None  # pings go only on an open leg
+            upstream.write(out)
 
     def round_trip(self) -> Deferred[bool]:
         """A ping straight to the upstream (between whole frames): True on its pong, False if the leg is lost first."""

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_queue_redis -*-
+# -*- test-case-name: tests.integration.test_queue_redis -*-
 """
 The Redis Streams queue store of durable delivery (docs/durable-delivery.md,
 C{[queue] backend = redis}): L{RedisQueueStore}, a

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_queue_redis -*-
+# -*- test-case-name: tests.integration.test_queue_redis -*-
 """
 How L{wsgateway.durable.redis.RedisQueueStore} lays out a queue in Redis,
 and how an entry is written to and read from a stream entry. The Lua

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_queue_redis -*-
+# -*- test-case-name: tests.integration.test_queue_redis -*-
 """
 One gateway node's link to the Redis of its queue store
 (L{wsgateway.durable.redis.RedisQueueStore}): the
@@ -41,7 +41,7 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-import txredisapi  # type: ignore[import-untyped]
+import txredisapi
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger

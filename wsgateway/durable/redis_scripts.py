@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_queue_redis -*-
+# -*- test-case-name: tests.integration.test_queue_redis -*-
 """
 The Lua scripts of L{wsgateway.durable.redis.RedisQueueStore}, one for each
 store operation: L{SCRIPTS}, by name. The prelude and the reading and

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_queue_redis -*-
+# -*- test-case-name: tests.integration.test_queue_redis -*-
 """
 The Lua of the scripts of L{wsgateway.durable.redis_scripts} that change
 entries (append, ack, attempt_failed, expire, replay_dead, purge), and the

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_durable -*-
+# -*- test-case-name: tests.integration.test_durable -*-
 """
 Durable delivery on C{delivery = at_least_once} routes (docs/durable-delivery.md).
 
@@ -45,7 +45,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.python.failure import Failure
 
 from wsgateway import codes
@@ -108,9 +108,9 @@ class DurableDelivery:
         self.confirms = Confirmations(relay, self._clock, self._cap, self._maybe_resume)
 
     def upstream_transport(self, transport: RelayTransport) -> RelayTransport:
-        return Recording(transport, self.confirms.sent)  # type: ignore[return-value]
+        return Recording(transport, self.confirms.sent)
 
-    def client_reader(self, client: RelayTransport) -> Any:
+    def client_reader(self, client: RelayTransport) -> IPushProducer:
         return GatedReader(self.upstream_paused)
 
     def started(self) -> None:
@@ -151,11 +151,13 @@ class DurableDelivery:
                 # The upstream is going away: answer its close and keep what it may not have read.
                 relay.close_from_upstream = True
                 self._upstream_going = True
+                upstream = relay.upstream
+                assert upstream is not None  # its close frame came on it
                 if relay.c2u.in_frame and self.reader is None:
-                    relay.upstream.abortConnection()
+                    upstream.abortConnection()
                 else:
-                    relay.upstream.write(encode_close(code, "", mask=True))
-                    lose(relay.upstream)
+                    upstream.write(encode_close(code, "", mask=True))
+                    lose(upstream)
                 return False
         return None
 
@@ -381,6 +383,7 @@ class DurableDelivery:
         relay.reconnecting = False
         self.confirms.restart(reader.next_seq - 1)
         if rest:
+            assert relay.upstream is not None  # the flush ran on it
             relay.upstream.write(rest)  # kept in the window from here on
         relay.log.info("queue delivered: relaying live again")
         self._maybe_resume()

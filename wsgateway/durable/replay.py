@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_durable_units -*-
+# -*- test-case-name: tests.unit.durable.test_durable_units -*-
 """
 What a queued entry keeps of its client's upstream request, and the
 request of a replay connection made from it (docs/durable-delivery.md): the path,

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_queue_store -*-
+# -*- test-case-name: tests.unit.durable.test_queue_store -*-
 """
 The SQLite queue store of durable delivery (docs/durable-delivery.md, C{[queue]}):
 L{SQLiteQueueStore}, a L{wsgateway.interfaces.QueueStore} (the semantics of

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_queue_store -*-
+# -*- test-case-name: tests.unit.durable.test_queue_store -*-
 """
 The SQLite queue file of durable delivery (docs/durable-delivery.md,
 C{[queue] path}): its schema, opening it (WAL, C{synchronous=FULL}; why in

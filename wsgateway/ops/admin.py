@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_admin -*-
+# -*- test-case-name: tests.integration.test_admin -*-
 """
 The admin port (docs/admin-api.md): ``/healthz``, ``/readyz``, ``/metrics``,
 the dashboard at ``/``, and the bearer-token ``/admin/*`` JSON API.
@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
@@ -156,12 +157,12 @@ class AdminAPI(Resource):
         """Add an endpoint; ``*`` in ``path`` matches one segment, handed to the handler."""
         self._handlers[(method, path)] = handler
 
-    def render(self, request: Request) -> bytes:
+    def render(self, request: Request) -> bytes | int:  # int: NOT_DONE_YET
         leaf = JSONResource()
         if not self._authorized(request):
             request.setHeader(b"www-authenticate", b'Bearer realm="wsgateway-admin"')
             return leaf.error(request, 401, "a valid admin bearer token is required")
-        segments = tuple(s for s in request.postpath if s)
+        segments = tuple(s for s in request.postpath or () if s)
         found = self._find(request.method, segments)
         if found is None:
             known = any(self._find(m, segments) for m in (b"GET", b"PUT", b"POST"))
@@ -293,10 +294,20 @@ class AdminAPI(Resource):
         )
 
 
-def admin_site(view: GatewayView, *, token: str | None, extra: Mapping[bytes, Resource] | None = None) -> Site:
+class _UnloggedSite(Site):
+    """A Site that writes no access line per request."""
+
+    def log(self, request: http.Request) -> None:
+        pass
+
+
+def admin_site(view: GatewayView, *, token: str | None, extra: Mapping[bytes, Resource] | None = None,
+               access_log: bool = True) -> Site:
     """
     The admin port's tree. ``extra`` mounts further top-level resources
-    (``metrics``, the dashboard) built by their own modules.
+    (``metrics``, the dashboard) built by their own modules. ``access_log``
+    False: no access line per request (a worker's private port, which its
+    parent asks every few seconds).
     """
     root = Root()
     root.putChild(b"healthz", Healthz())
@@ -305,7 +316,7 @@ def admin_site(view: GatewayView, *, token: str | None, extra: Mapping[bytes, Re
         root.putChild(b"admin", AdminAPI(view, token))
     for name, resource in (extra or {}).items():
         root.putChild(name, resource)
-    site = Site(root)
+    site = Site(root) if access_log else _UnloggedSite(root)
     site.displayTracebacks = False
     site.noisy = False
     return site

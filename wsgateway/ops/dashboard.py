@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_dashboard -*-
+# -*- test-case-name: tests.unit.ops.test_dashboard -*-
 """
 The admin port's pages for people (docs/admin-api.md):
 

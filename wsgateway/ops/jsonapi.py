@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_admin -*-
+# -*- test-case-name: tests.integration.test_admin -*-
 """
 The JSON plumbing of the admin ports (one process's, L{wsgateway.ops.admin},
 and the parent's of worker processes, L{wsgateway.workers.admin}): JSON

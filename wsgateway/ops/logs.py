@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_daemon -*-
+# -*- test-case-name: tests.integration.test_daemon -*-
 """
 Log observers for twistd: ``text`` for humans, ``json`` (one object per
 line, docs/logs.md) for machines, both behind one level filter that can be
@@ -229,7 +229,7 @@ def observer_factory(
             # logrotate's feet; SIGUSR1 reopens it (reopen above).
             logfile = LogFile.fromFullPath(target, rotateLength=None)
             _files.append(logfile)
-            stream = logfile  # type: ignore[assignment]
+            stream = logfile
         _stream = stream
         observer: ILogObserver
         if fmt == "json":

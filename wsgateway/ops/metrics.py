@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_metrics -*-
+# -*- test-case-name: tests.integration.test_metrics, tests.unit.ops.test_metrics -*-
 """
 Prometheus metrics (docs/metrics.md: the names and labels are binding),
 served as ``GET /metrics`` on the admin port.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_queue_admin -*-
+# -*- test-case-name: tests.integration.test_queue_admin -*-
 """
 The durable queue's admin endpoints (docs/admin-api.md, docs/durable-delivery.md):
 ``GET /admin/queue``, ``POST /admin/queue/replay`` and ``POST /admin/queue/purge``,

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_stats -*-
+# -*- test-case-name: tests.unit.ops.test_stats -*-
 """
 What the gateway has done, per route, for /metrics, the dashboard and the
 admin API. Nothing here runs per message: a relay already counts its own
@@ -97,10 +97,10 @@ class GatewayStats:
             view.messages.update(totals.messages)
             view.bytes.update(totals.bytes)
         for conn in self.open.values():
-            view = out.get(conn.route)
-            if view is None:
-                view = out[conn.route] = RouteTotals()
-            _add(view, conn.relay)
+            found = out.get(conn.route)
+            if found is None:
+                found = out[conn.route] = RouteTotals()
+            _add(found, conn.relay)
         return out
 
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_tracing -*-
+# -*- test-case-name: tests.integration.test_tracing -*-
 """
 One OpenTelemetry span per connection, when OpenTelemetry is there.
 

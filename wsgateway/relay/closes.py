@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_relay -*-
+# -*- test-case-name: tests.unit.relay.test_relay -*-
 """
 How a relayed connection ends (docs/protocol.md#forwarding-and-close-codes):
 each peer's close handshake passed through to the other, the gateway's own
@@ -161,12 +161,14 @@ class Closes:
         if relay.hooks.closing_upstream() or relay.closed_to_upstream or relay.upstream_lost:
             return
         relay.closed_to_upstream = True
+        upstream = relay.upstream
+        assert upstream is not None  # not upstream_lost, and the hooks did not end it: a leg is open
         if relay.c2u.in_frame and relay.client_lost:
-            relay.upstream.abortConnection()
+            upstream.abortConnection()
             return
         out = relay.c2u.inject(encode_close(code, reason, mask=True))
         if out:
-            relay.upstream.write(out)
+            upstream.write(out)
             relay.budget_upstream = 0
         else:
             relay.budget_upstream = relay.c2u.owed
@@ -185,10 +187,12 @@ class Closes:
     def owed_to_upstream(self, out: bytes, budget: int) -> None:
         relay = self._relay
         chunk = out if len(out) <= budget else out[:budget]
-        relay.upstream.write(chunk)
+        upstream = relay.upstream
+        assert upstream is not None  # called by the relay's data path on an open leg
+        upstream.write(chunk)
         relay.budget_upstream = budget - len(chunk)
         if relay.budget_upstream == 0 and self._lose_upstream_after:
-            lose(relay.upstream)
+            lose(upstream)
 
     def client_violation(self, code: int, reason: str) -> None:
         self._relay.log.info("closing client: {code} {reason}", code=code, reason=reason)
@@ -290,6 +294,7 @@ class Closes:
         if relay.budget_upstream:
             self._lose_upstream_after = True
         else:
+            assert relay.upstream is not None  # not upstream_lost: a leg is open
             lose(relay.upstream)
 
     # -- the close timer -------------------------------------------------
@@ -309,8 +314,10 @@ class Closes:
             # a client that never answered drain()'s close: the upstream,
             # which has had no close yet, gets one rather than a dropped TCP
             self.to_upstream(codes.GOING_AWAY, "client gone")
+            assert relay.upstream is not None  # not upstream_lost: a leg is open
             lose(relay.upstream)
         else:
+            assert relay.upstream is not None  # not upstream_lost: a leg is open
             relay.upstream.abortConnection()
 
     def stop(self) -> None:

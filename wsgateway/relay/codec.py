@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_frames -*-
+# -*- test-case-name: tests.security.test_frames, tests.unit.relay.test_frames -*-
 """
 The few WebSocket frames the gateway builds or reads whole: its own pings and
 closes (L{encode_frame}, L{encode_close}), a close frame's code and reason

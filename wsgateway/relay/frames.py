@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_frames -*-
+# -*- test-case-name: tests.security.test_frames, tests.unit.relay.test_frames -*-
 """
 WebSocket frame scanning for the relay's hot path (the frames the gateway
 builds itself, pings and closes, are L{wsgateway.relay.codec}'s).

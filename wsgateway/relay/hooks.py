@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_relay -*-
+# -*- test-case-name: tests.unit.relay.test_relay -*-
 """
 The relay's collaborator when nothing is to happen on an upstream loss but
 the client's 1014 (L{wsgateway.interfaces.RelayHooks}): every hook does
@@ -8,7 +8,7 @@ nothing per message.
 
 from __future__ import annotations
 
-from typing import Any
+from twisted.internet.interfaces import IPushProducer
 
 from wsgateway.interfaces import RelayControl, RelayTransport
 from wsgateway.relay.transport import Reader
@@ -25,7 +25,7 @@ class NoHooks:
     def upstream_transport(self, transport: RelayTransport) -> RelayTransport:
         return transport
 
-    def client_reader(self, client: RelayTransport) -> Any:
+    def client_reader(self, client: RelayTransport) -> IPushProducer:
         return Reader(client)
 
     def started(self) -> None:

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_relay -*-
+# -*- test-case-name: tests.unit.relay.test_relay -*-
 """
 The gateway's own pings on each hop, and the idle timeout
 (docs/protocol.md#forwarding-and-close-codes): a peer that does not answer a
@@ -73,6 +73,7 @@ class Keepalive:
         if not relay.upstream_lost and not relay.holding:
             out = relay.c2u.inject(encode_frame(OP_PING, self.payload, mask=True))
             if out:
+                assert relay.upstream is not None  # not upstream_lost: a leg is open
                 relay.upstream.write(out)
         else:
             self.pong_from_upstream = True
@@ -99,6 +100,7 @@ class Keepalive:
                 waiting = True
             else:
                 relay.log.warn("upstream did not answer a ping in time: dropping it")
+                assert relay.upstream is not None  # not upstream_lost: a leg is open
                 relay.upstream.abortConnection()
         if waiting:
             self._pong_call = self._clock.callLater(self._timeout, self._check_pongs)

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_relay -*-
+# -*- test-case-name: tests.unit.relay.test_relay -*-
 """
 The route's mirror (docs/configuration.md ``mirror``): a copy of the
 client's frames, from a message boundary on, written to an upstream leg of

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_relay -*-
+# -*- test-case-name: tests.unit.relay.test_relay -*-
 """
 Pushes: the messages of a proxy route's ``subscribe`` channels
 (docs/configuration.md), sent to the client between the upstream's
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections import deque
 from typing import Any, Protocol
+
+from twisted.internet.interfaces import IPushProducer
 
 from wsgateway.interfaces import RelayControl
 from wsgateway.relay.codec import OP_BINARY, OP_TEXT, encode_frame
@@ -33,7 +35,7 @@ class Pushes:
     def __init__(self, relay: PushedRelay) -> None:
         self._relay = relay
         self.count = 0  # messages pushed: the client's messages_u2c counts them
-        self.outbox: Any = None
+        self.outbox: IPushProducer | None = None
 
     def push(self, payload: bytes, binary: bool) -> None:
         """A message from a channel this client is subscribed to."""
@@ -62,7 +64,7 @@ class Pushes:
             if out:
                 relay.client.write(out)
 
-    def attach(self, outbox: Any) -> None:
+    def attach(self, outbox: IPushProducer) -> None:
         """Let ``outbox`` (channels.outbox.Outbox) hear when the client's socket is full."""
         self.outbox = outbox
         client = self._relay.client

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_relay -*-
+# -*- test-case-name: tests.unit.relay.test_relay -*-
 """The client's message rate limit (``[limits] messages_per_second``), as the client scanner's per-message check."""
 
 from __future__ import annotations

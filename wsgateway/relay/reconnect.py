@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_relay -*-
+# -*- test-case-name: tests.unit.relay.test_relay -*-
 """
 ``on_upstream_close = reconnect`` (docs/configuration.md): when the upstream
 goes away between messages, the client sees nothing of it; its frames are
@@ -59,8 +59,10 @@ class Reconnect(NoHooks):
             if code in RECONNECT_CODES and self._can_reconnect():
                 # the upstream is going away (restart, overload): complete its
                 # close handshake and find another leg; the client sees nothing
-                self.relay.upstream.write(encode_close(code, "", mask=True))
-                lose(self.relay.upstream)
+                upstream = self.relay.upstream
+                assert upstream is not None  # its close frame came on it
+                upstream.write(encode_close(code, "", mask=True))
+                lose(upstream)
                 self._start(vanished=False)
                 return False
         return None
@@ -94,6 +96,7 @@ class Reconnect(NoHooks):
         self.relay.holding = False
         held, self._held, self._held_size = b"".join(self._held), [], 0
         if held:
+            assert self.relay.upstream is not None  # relay.upstream_reconnected has just set it
             self.relay.upstream.write(held)
 
     def _failed(self, f: Failure) -> None:

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_relay -*-
+# -*- test-case-name: tests.unit.relay.test_relay -*-
 """
 The frame relay: once both WebSocket legs are open, frames go from one
 transport to the other as they arrive, headers checked, payloads untouched
@@ -20,10 +20,10 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger
 
 from wsgateway import codes
@@ -50,7 +50,7 @@ class Relay:
     land between frames, never inside one.
     """
 
-    log = Logger()
+    log: Logger | ConnLogger = Logger()  # a ConnLogger when the connection has log fields
 
     def __init__(
         self,
@@ -82,14 +82,15 @@ class Relay:
         makes them L{Reconnect}'s.
         """
         if log_fields is not None:
-            self.log = ConnLogger(Relay.log, log_fields)  # type: ignore[assignment]
+            # on the class it is always the Logger: only an instance gets a ConnLogger
+            self.log = ConnLogger(cast(Logger, Relay.log), log_fields)
         if hooks is None:
             hooks = NO_HOOKS if reconnect is None else Reconnect(reconnect, reconnect_buffer)
         self.hooks = hooks
         hooks.attach(self)
         self.client = client
-        # a RelayTransport; None while no upstream leg is open (reconnecting, or hooks that start without one)
-        self.upstream: Any = upstream if upstream is None else hooks.upstream_transport(upstream)
+        # None while no upstream leg is open (reconnecting, or hooks that start without one)
+        self.upstream: RelayTransport | None = upstream if upstream is None else hooks.upstream_transport(upstream)
         self._clock = clock
         self._on_done = on_done
         # client -> upstream frames must be masked; the limit protects the
@@ -161,7 +162,9 @@ class Relay:
                 self.hooks.hold(out)
         elif out and not self.upstream_lost:
             if budget is None:
-                self.upstream.write(out)
+                upstream = self.upstream
+                assert upstream is not None  # neither lost nor holding: a leg is open
+                upstream.write(out)
             elif budget:
                 self.closes.owed_to_upstream(out, budget)
         if budget is None and self.closed_to_upstream and self.budget_upstream is None:
@@ -254,7 +257,7 @@ class Relay:
 
     # -- upstream legs ----------------------------------------------------
 
-    def leg_for(self, transport: Any) -> Leg:
+    def leg_for(self, transport: RelayTransport | None) -> Leg:
         """
         The protocol for one upstream transport. Events from a transport the
         relay has already replaced (after a reconnect) are ignored.
@@ -314,7 +317,7 @@ class Relay:
         """
         return self._pushes().push
 
-    def attach_outbox(self, outbox: Any) -> None:
+    def attach_outbox(self, outbox: IPushProducer) -> None:
         """Let ``outbox`` (channels.outbox.Outbox) hear when the client's socket is full."""
         self._pushes().attach(outbox)
 
@@ -327,7 +330,7 @@ class Relay:
     mirror: Mirror | None = None  # copies of the client's frames go there; None once it is cut off or lost
     _mirrored: Mirror | None = None  # the one attached, also once cut off or lost
 
-    def attach_mirror(self, transport: Any, write_buffer: int, on_done: Callable[[], None]) -> bool:
+    def attach_mirror(self, transport: RelayTransport, write_buffer: int, on_done: Callable[[], None]) -> bool:
         """
         Start copying client frames to ``transport`` (an open upstream leg of
         the route's mirror). Returns False (and the caller closes it) when

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_routing -*-
+# -*- test-case-name: tests.unit.routing.test_routing -*-
 """
 Path patterns: compiling a route's C{path} (L{compile_pattern}) and matching
 a raw request path against it, plus the dot-segment check every handshake

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_routing -*-
+# -*- test-case-name: tests.unit.routing.test_routing -*-
 """
 Route precedence, host and header matching: L{Router.match} picks the route
 of a handshake. Pure Python and reactor-free; config validation uses

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_routing -*-
+# -*- test-case-name: tests.unit.routing.test_routing -*-
 """
 Templates (a route's C{channel}, C{upstream_path}...) filled from the path's
 captures, the token's claims, the query and the headers, and

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_balance -*-
+# -*- test-case-name: tests.unit.upstream.test_balance -*-
 """
 Node-picking strategies for the ``[upstream:NAME] balance`` key
 (docs/configuration.md); the ``zone`` / ``version_header`` filter applied

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_health -*-
+# -*- test-case-name: tests.unit.upstream.test_health -*-
 """
 Active health checks: L{HealthChecker}, a Service probing every node of one
 upstream on the injected clock, jittered; what one probe does is
@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from wsgateway.config.upstreams import UpstreamConfig
-from wsgateway.upstream.errors import describe_error
+from wsgateway.upstream.errors import describe_failure
 from wsgateway.upstream.probes import ProbeFailed
 
 __all__ = ["HealthChecker"]
@@ -159,7 +159,7 @@ class HealthChecker(Service):
             return _TIMEOUT_REASONS.get(self.kind, f"{self.kind}: timed out")
         if f.check(ProbeFailed):
             return str(f.value)
-        return f"{self.kind}: {describe_error(f.value)}"
+        return f"{self.kind}: {describe_failure(f)}"
 
 
 def _timed_out(result: object, timeout: float) -> None:

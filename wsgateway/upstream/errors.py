@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_health -*-
+# -*- test-case-name: tests.unit.upstream.test_health -*-
 """
 Connection errors, described for logs and ``/readyz``: one short, log-safe
 reason whether a health probe, an upstream connect or an upstream handshake
@@ -8,8 +8,9 @@ failed.
 from __future__ import annotations
 
 from twisted.internet import error
+from twisted.python.failure import Failure
 
-__all__ = ["describe_error"]
+__all__ = ["describe_error", "describe_failure"]
 
 
 def describe_error(e: BaseException) -> str:
@@ -36,3 +37,13 @@ def describe_error(e: BaseException) -> str:
         return f"handshake refused: status {status}"
     text = str(e) or type(e).__name__
     return text if len(text) <= 200 else text[:197] + "..."
+
+
+def describe_failure(f: Failure) -> str:
+    """
+    ``describe_error`` of the exception ``f`` holds. Twisted types
+    ``Failure.value`` as Optional (it is None only inside the constructor),
+    so this is the one place that says so.
+    """
+    value = f.value
+    return describe_error(value) if value is not None else f.getErrorMessage()

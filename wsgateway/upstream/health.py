@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_health -*-
+# -*- test-case-name: tests.unit.upstream.test_health -*-
 """
 Node health, the pure part (docs/configuration.md ``health_*`` keys, section
 2's 503, section 6's ``/readyz`` node states): no reactor, no I/O.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_proxy -*-
+# -*- test-case-name: tests.integration.test_proxy -*-
 """
 The upstream leg of a proxied connection: the gateway as an Autobahn
 WebSocket client of one upstream node (``UpstreamProtocol``), one connection
@@ -15,13 +15,13 @@ from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientPr
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectingRequest
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from wsgateway._compat import autobahn as _autobahn
-from wsgateway.relay.transport import Leg
-from wsgateway.upstream.errors import describe_error
+from wsgateway.relay.transport import Leg, transport_of
+from wsgateway.upstream.errors import describe_failure
 from wsgateway.upstream.pool import Node, UpstreamRefused, UpstreamRequest
 
 OPEN = WebSocketProtocol.STATE_OPEN
@@ -84,17 +84,17 @@ class UpstreamProtocol(WebSocketClientProtocol):
     def _bound_pending(self) -> None:
         if len(self.pending) > _PENDING_LIMIT and not self._paused:
             self._paused = True
-            self.transport.pauseProducing()
+            transport_of(self).pauseProducing()
 
     def take_pending(self) -> bytes:
         """What the upstream sent after its 101, for whoever reads this leg now; reading goes on."""
         pending, self.pending = self.pending, b""
         if self._paused:
             self._paused = False
-            self.transport.resumeProducing()
+            transport_of(self).resumeProducing()
         return pending
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.lost = True
         if self.sink is not None:
             self.sink.connectionLost(reason)
@@ -105,8 +105,7 @@ class UpstreamProtocol(WebSocketClientProtocol):
                     d.errback(UpstreamRefused(self.refused_status))
                 else:
                     d.errback(UpstreamFailed(
-                        f"connection closed during the upstream handshake ({describe_error(reason.value)})"
-                        if reason is not None else "connection closed during the upstream handshake"
+                        f"connection closed during the upstream handshake ({describe_failure(reason)})"
                     ))
         super().connectionLost(reason)
 
@@ -138,14 +137,18 @@ class _LegFactory(Factory):
 
     def __init__(self, shared: WebSocketClientFactory, request: ConnectingRequest, opened: Deferred[Any]) -> None:
         self.shared = shared
-        self.request = request
-        self.opened = opened
+        # None once the attempt is over (UpstreamConnector.connect's release)
+        self.request: ConnectingRequest | None = request
+        self.opened: Deferred[Any] | None = opened
         self.built: UpstreamProtocol | None = None
 
     def buildProtocol(self, addr: Any) -> UpstreamProtocol:
-        p: UpstreamProtocol = self.shared.buildProtocol(addr)
-        p.factory = _FactoryView(self.shared, self.request.protocols)  # type: ignore[assignment]
-        p.request = self.request
+        request = self.request
+        assert request is not None, "built after the attempt was over"
+        p = self.shared.buildProtocol(addr)
+        assert isinstance(p, UpstreamProtocol)  # the shared factory's protocol (UpstreamConnector._factory)
+        p.factory = _FactoryView(self.shared, request.protocols)
+        p.request = request
         p.opened = self.opened
         self.built = p
         return p
@@ -197,7 +200,7 @@ class UpstreamConnector:
             connecting.cancel()
             built = factory.built
             if built is not None and built.transport is not None:
-                built.transport.abortConnection()
+                transport_of(built).abortConnection()
 
         opened: Deferred[UpstreamProtocol] = Deferred(cancel)
         factory = _LegFactory(self._factory(node), creq, opened)
@@ -210,7 +213,7 @@ class UpstreamConnector:
         def release(result: Any) -> Any:
             # The endpoint's wrapping factory lives as long as the TCP
             # connection; it must not keep the handshake objects alive too.
-            factory.built = factory.opened = factory.request = None  # type: ignore[assignment]
+            factory.built = factory.opened = factory.request = None
             return result
 
         # the connect Deferred's result would otherwise hold the protocol
@@ -234,7 +237,7 @@ def adopt(proto: Any, leg: Any) -> bool:
     if holder is proto:
         t.protocol = leg
         return True
-    if getattr(holder, "_wrappedProtocol", None) is proto:
+    if holder is not None and getattr(holder, "_wrappedProtocol", None) is proto:
         holder._wrappedProtocol = leg
         return True
     return False

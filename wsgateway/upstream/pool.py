@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_upstream -*-
+# -*- test-case-name: tests.unit.upstream.test_upstream -*-
 """
 Upstreams: their nodes, which node a new connection goes to, and connecting
 with retries, backoff and a bounded wait (docs/configuration.md ``[upstream:NAME]``,
@@ -235,11 +235,11 @@ class Upstream(Generic[P]):
             except CancelledError:
                 node.active -= 1
                 raise
-            except Exception:
+            except Exception as e:
                 node.active -= 1
                 last_error = Failure()
                 self._strategy.failed(node)
-                self.outliers.connect_failed(node.health, describe_error(last_error.value))
+                self.outliers.connect_failed(node.health, describe_error(e))
                 (self.log.debug if request.quiet else self.log.warn)(
                     "upstream {upstream} node {node} attempt {attempt} failed: {error}",
                     upstream=self.name,

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_balance -*-
+# -*- test-case-name: tests.unit.upstream.test_balance -*-
 """
 The ``zone`` / ``version_header`` preference (docs/configuration.md
 ``[upstream:NAME]``): which nodes a balancing strategy

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_health -*-
+# -*- test-case-name: tests.unit.upstream.test_health -*-
 """
 Health probes (docs/configuration.md ``health_check``): L{make_probe} builds
 the C{tcp}, C{http:/path} or C{ws:/path} probe of one node; the
@@ -18,6 +18,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
 from wsgateway.config.upstreams import NodeConfig
+from wsgateway.relay.transport import transport_of
 from wsgateway.upstream.errors import describe_error
 
 __all__ = ["ProbeFailed", "make_probe"]
@@ -45,10 +46,10 @@ class _StatusLine(Protocol):
 
     def _abort(self, _: Deferred[int]) -> None:
         if self.transport is not None:
-            self.transport.abortConnection()
+            transport_of(self).abortConnection()
 
     def connectionMade(self) -> None:
-        self.transport.write(self._request)
+        transport_of(self).write(self._request)
 
     def dataReceived(self, data: bytes) -> None:
         if self.status.called:
@@ -66,13 +67,13 @@ class _StatusLine(Protocol):
             self._done(ProbeFailed("http: bad status line"))
 
     def _done(self, result: int | Exception) -> None:
-        self.transport.loseConnection()
+        transport_of(self).loseConnection()
         if isinstance(result, Exception):
             self.status.errback(result)
         else:
             self.status.callback(result)
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure | None = None) -> None:
         if not self.status.called:
             e = reason.value if reason is not None else None
             text = ("connection closed before the status line"
@@ -136,7 +137,7 @@ def make_probe(
     async def tcp(node: Any) -> None:
         proto = Protocol()
         await connect(node, proto)
-        proto.transport.loseConnection()
+        transport_of(proto).loseConnection()
 
     async def http(node: Any) -> None:
         request = (f"GET {path} HTTP/1.1\r\nHost: {_host_header(node.config)}\r\n"

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_workers -*-
+# -*- test-case-name: tests.integration.test_workers -*-
 """
 The admin port of a gateway with worker processes (``[gateway] workers`` > 1),
 served once, by the parent (``wsgateway.workers.parent.WorkerParent``): the same

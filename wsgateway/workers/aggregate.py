@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_aggregate -*-
+# -*- test-case-name: tests.unit.workers.test_aggregate -*-
 """
 What the parent of worker processes says on the admin port for all of them
 (``[gateway] workers`` > 1): it asks each worker over a private unix socket

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_workers -*-
+# -*- test-case-name: tests.integration.test_workers -*-
 """
 One worker process of ``[gateway] workers = N`` (N > 1).
 
@@ -41,7 +41,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import Service
 from twisted.internet import main as _main
 from twisted.internet.endpoints import UNIXServerEndpoint
-from twisted.internet.interfaces import IProtocolFactory, IReadDescriptor
+from twisted.internet.interfaces import IProtocolFactory, IReactorThreads, IReadDescriptor
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -109,9 +109,8 @@ class WorkerSetup:
         from wsgateway.ops.dashboard import DashboardJSON
         from wsgateway.ops.metrics import MetricsResource
 
-        site = admin_site(view, token=self.token,
+        site = admin_site(view, token=self.token, access_log=False,  # the parent asks every few seconds
                           extra={b"metrics": MetricsResource(registry), b"dashboard.json": DashboardJSON(view)})
-        site.log = lambda request: None  # no access line per request: the parent asks every few seconds
         service = StreamServerEndpointService(UNIXServerEndpoint(reactor, self.control, mode=0o600), site)
         service._raiseSynchronously = True
         return service
@@ -224,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
 
     autobahn.install()  # as tap.makeService does for one process
     service = GatewayService(config, reactor, config_path=args.config, role=setup)
-    stopping = []
+    stopping: list[str] = []
 
     def stop(why: str) -> None:
         if stopping:
@@ -235,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             reactor.stop()
 
     def on_signal(number: int, frame: Any) -> None:
-        reactor.callFromThread(stop, signal.Signals(number).name)
+        IReactorThreads(reactor).callFromThread(stop, signal.Signals(number).name)
 
     # Our own handlers, not the reactor's: one stop however many signals come.
     signal.signal(signal.SIGTERM, on_signal)
@@ -248,7 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:
         log.failure("worker {worker} could not start", worker=setup.id)
         return 1
-    reactor.run(installSignalHandlers=False)
+    # Every reactor has the keyword (ReactorBase.run); IReactorCore.run, the
+    # type of twisted.internet.reactor, does not declare it.
+    reactor.run(installSignalHandlers=False)  # type: ignore[call-arg]
     if stopping == ["the parent process is gone"]:
         try:
             os.rmdir(os.path.dirname(setup.control))  # the parent's private folder, once the last worker left it

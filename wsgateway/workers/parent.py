@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_workers -*-
+# -*- test-case-name: tests.integration.test_workers -*-
 """
 ``[gateway] workers = N`` (N > 1): the twistd process becomes a parent that
 binds every ``[gateway] listen`` socket, starts N worker processes

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_workers -*-
+# -*- test-case-name: tests.integration.test_workers -*-
 """
 The worker processes of a parent (L{wsgateway.workers.parent}): L{WorkerPool}
 starts each with the shared sockets, puts its output lines into the
