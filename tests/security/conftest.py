@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import pytest
 import trustme
 
-from conftest import spawn_gateway
+from support.gateway import spawn_gateway
 
 from .helpers import (
     Backend,

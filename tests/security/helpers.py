@@ -27,7 +27,8 @@ import trustme
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.server import ServerConnection, serve
 
-from conftest import (
+from support.gateway import Gateway
+from support.rawws import (
     OP_BINARY,
     OP_CLOSE,
     OP_PING,
@@ -35,7 +36,6 @@ from conftest import (
     OP_TEXT,
     Frame,
     FrameReader,
-    Gateway,
     accept_for,
     frame,
     parse_head,
@@ -43,8 +43,8 @@ from conftest import (
     read_all,
     read_head,
     upgrade_request,
-    wait_for,
 )
+from support.waiting import wait_for
 
 ISSUER = "https://issuer.wsgw.test"
 AUDIENCE = "wsgw-security-suite"

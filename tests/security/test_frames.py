@@ -22,7 +22,7 @@ import zlib
 
 import pytest
 
-from conftest import OP_BINARY, OP_CLOSE, OP_CONT, OP_TEXT, frame, header
+from support.rawws import OP_BINARY, OP_CLOSE, OP_CONT, OP_TEXT, frame, header
 
 from .helpers import Main, RawSeen, echo_ok, expect_close, handshake, uid
 

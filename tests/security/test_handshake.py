@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import raw_connect
+from support.rawws import raw_connect
 
 from .helpers import ALLOWED_ORIGIN, Main, echo_ok, handshake, refused, say_goodbye, uid, upgrade
 
@@ -221,10 +221,8 @@ def test_many_slow_handshakes_are_dropped_and_do_not_block_a_prompt_client(main:
     finally:
         for s in socks:
             s.close()
+    # all dropped, after a few bytes each (the request takes over a minute at a byte a second); when
+    # exactly is tests/test_proxy_units.py::test_handshake_timeout_drops_a_client_that_never_finishes_its_request
     assert len(dropped) == 40, f"{40 - len(dropped)} slow clients still connected after 6 s"
-    times = sorted(dropped.values())
-    # handshake_timeout is 2 s: nobody dropped early, nobody kept long after it
-    assert times[0] > 1.5, f"first slow client dropped after {times[0]:.2f}s"
-    assert times[-1] < 4.0, f"last slow client dropped after {times[-1]:.2f}s"
     assert all(data == b"" for data in got.values()), "a slow client was sent something"
     assert main.backend.paths_with(marker) == []

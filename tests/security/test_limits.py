@@ -22,7 +22,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from conftest import OP_CLOSE, OP_TEXT, FrameReader, Gateway, frame, parse_head, read_head, spawn_gateway, wait_for
+from support.gateway import Gateway, spawn_gateway
+from support.rawws import OP_CLOSE, OP_TEXT, frame, FrameReader, parse_head, read_head
+from support.waiting import wait_for
 
 from .helpers import (
     Backend,
@@ -91,9 +93,7 @@ def test_thousand_connections_from_one_ip_get_exactly_fifty(main: Main) -> None:
     # no connection of an earlier test still counts against 127.0.0.1
     assert wait_for(lambda: fd_count(main.gw) <= main.baseline_fds, 5)
     marker = uid("flood")
-    t0 = time.monotonic()
     counts, kept = _flood(main.port, f"/open/{marker}", 1000, spoof=True)
-    took = time.monotonic() - t0
     try:
         assert counts == {101: 50, 429: 950}, counts
         # another client address is not affected by 127.0.0.1's share
@@ -109,7 +109,6 @@ def test_thousand_connections_from_one_ip_get_exactly_fifty(main: Main) -> None:
         assert {tuple(s.request.headers.get_all("X-Forwarded-For")) for s in flooded} == {("127.0.0.1",)}
     finally:
         _close_all(kept)
-    assert took < 20, f"1000 handshakes took {took:.1f}s"
     # every slot comes back, the 950 refused ones never took one
     deadline = time.monotonic() + 5
     while True:

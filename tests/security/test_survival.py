@@ -13,7 +13,7 @@ import time
 import pytest
 from websockets.sync.client import connect
 
-from conftest import wait_for
+from support.waiting import wait_for
 
 from .helpers import ALLOWED_ORIGIN, Main, Secrets, fd_count, uid
 

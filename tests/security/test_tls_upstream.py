@@ -15,7 +15,7 @@ import re
 
 import pytest
 
-from conftest import wait_for
+from support.waiting import wait_for
 
 from .helpers import Main, echo_ok, handshake, json_events, refused, say_goodbye, uid
 

@@ -1,0 +1,1 @@
+"""Helpers shared by the test tiers (tests/README.md); no tests here."""

@@ -1,0 +1,234 @@
+"""
+Starting the gateway and its upstreams for the integration tier: a real
+``twistd`` process built from this working tree, and ``websockets`` servers
+in threads. The fixtures that wrap these (``start_gateway``,
+``make_upstream``) live in tests/conftest.py.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from websockets.sync.server import Server, ServerConnection, serve
+
+from support.tiers import require_integration
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+TWISTD = str(Path(sys.executable).with_name("twistd"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 15.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port}")
+
+
+
+def source_env(**extra: str) -> dict[str, str]:
+    """Environment that makes a subprocess run this working tree's code."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Gateway:
+    port: int
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    ini_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise RuntimeError("no VmRSS")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode
+
+
+
+def spawn_gateway(
+    tmpdir: Path,
+    body: str,
+    *,
+    env: dict[str, str] | None = None,
+    name: str = "gw",
+    port: int | None = None,
+    scheme_port: int | None = None,
+    on_spawn: Callable[[Gateway], object] | None = None,
+) -> Gateway:
+    """
+    Like ``start_gateway``, for module- and session-scoped fixtures; the
+    caller stops it. ``{port}`` in the body becomes the gateway's port;
+    ``scheme_port`` is the port to wait for when that is another listener.
+    """
+    require_integration("twistd")
+    port = port or free_port()
+    ini = tmpdir / f"{name}.ini"
+    ini.write_text(body.replace("{port}", str(port)))
+    log_path = tmpdir / f"{name}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [TWISTD, "-n", "--pidfile=", "wsgateway", "--config", str(ini)],
+            cwd=tmpdir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=source_env(**(env or {})),
+        )
+    gw = Gateway(port=port, proc=proc, log_path=log_path, ini_path=ini)
+    if on_spawn is not None:
+        on_spawn(gw)
+    try:
+        wait_port(scheme_port or port, proc=proc)
+    except Exception:
+        gw.stop()
+        raise RuntimeError(f"gateway did not start:\n{gw.log()}") from None
+    return gw
+
+
+
+
+@dataclass
+class Upstream:
+    """A websockets server in a thread, recording what it saw."""
+
+    server: Server
+    port: int
+    requests: list[Any] = field(default_factory=list)
+    closes: list[tuple[int | None, str | None]] = field(default_factory=list)
+    received: list[Any] = field(default_factory=list)
+    connections: list[ServerConnection] = field(default_factory=list)
+
+    @property
+    def node(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+
+
+
+def echo_handler(up: Upstream, ws: ServerConnection) -> None:
+    for msg in ws:
+        up.received.append(msg)
+        ws.send(msg)
+
+
+def serve_upstream(handler: Callable[[Upstream, ServerConnection], None] | None = None, **kwargs: Any) -> Upstream:
+    """What ``make_upstream`` makes, for wider-scoped fixtures: the caller calls ``up.server.shutdown()``."""
+    handler = handler or echo_handler
+    holder: dict[str, Upstream] = {}
+
+    def run(ws: ServerConnection) -> None:
+        up = holder["up"]
+        up.connections.append(ws)
+        try:
+            handler(up, ws)
+        except Exception:
+            pass
+        finally:
+            up.closes.append((ws.close_code, ws.close_reason))
+
+    # Recorded before the upstream answers, in the connection's own thread:
+    # the handler runs only after the 101 is out, so a test that has already
+    # spoken through the gateway could otherwise look before it ran.
+    answer = kwargs.pop("process_request", None)
+
+    def record(connection: ServerConnection, request: Any) -> Any:
+        if request.headers.get("Upgrade", "").lower() == "websocket":  # not an http: health probe
+            holder["up"].requests.append(request)
+        return answer(connection, request) if answer is not None else None
+
+    kwargs.setdefault("max_size", None)
+    kwargs.setdefault("compression", None)
+    server = serve(run, "127.0.0.1", 0, process_request=record, **kwargs)
+    up = Upstream(server=server, port=server.socket.getsockname()[1])
+    holder["up"] = up
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return up
+
+
+def proxy_ini(node: str, *, extra_route: str = "", limits: str = "", upstream: str = "", routes: str = "") -> str:
+    """A one-route gateway config in front of ``node``."""
+    return f"""
+        [gateway]
+        listen = tcp:{{port}}:interface=127.0.0.1
+
+        [limits]
+        max_message_size = 32M
+        {limits}
+
+        [log]
+        level = info
+        format = text
+
+        [upstream:backend]
+        nodes = {node}
+        connect_timeout = 2
+        retries = 0
+        {upstream}
+
+        [route:main]
+        path = /**
+        upstream = backend
+        {extra_route}
+        {routes}
+        """
+
+
+def default_config(tmp_path: Path) -> tuple[Path, int, int]:
+    """
+    etc/wsgateway.ini as shipped, on free ports, in the checkout's layout:
+    TMP/etc/wsgateway.ini beside TMP/var/tls/ with the self-signed
+    certificate `make run` creates -> (INI path, ws port, wss port).
+    """
+    text = (ROOT / "etc" / "wsgateway.ini").read_text()
+    gw, demo, admin, tls = free_port(), free_port(), free_port(), free_port()
+    text = text.replace("tcp:8080:", f"tcp:{gw}:").replace("tcp:8081:", f"tcp:{demo}:")
+    text = text.replace("127.0.0.1:8081", f"127.0.0.1:{demo}").replace("tcp:9090:", f"tcp:{admin}:")
+    assert "ssl:8443:" in text
+    text = text.replace("ssl:8443:", f"ssl:{tls}:")
+    subprocess.run([sys.executable, "-m", "wsgateway.dev.selfsigned", str(tmp_path / "var" / "tls")], check=True,
+                   capture_output=True, env=source_env())
+    path = tmp_path / "etc" / "wsgateway.ini"
+    path.parent.mkdir()
+    path.write_text(text)
+    return path, gw, tls

@@ -1,0 +1,55 @@
+"""
+The test tiers (tests/README.md). A test is in the ``integration`` tier when
+it lives under tests/integration/ or tests/browser/, or when it uses a
+fixture that starts a process (``PROCESS_FIXTURES``); tests/conftest.py
+adds the marker, so a new test cannot forget it.
+
+``require_integration`` is called by every helper that starts a server
+process (twistd, redis-server); it fails loudly when the running test is not
+in the integration tier, so ``pytest -m "not integration"`` provably starts
+none of them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent.parent
+INTEGRATION_FOLDERS = (TESTS / "integration", TESTS / "browser")
+# fixtures that start twistd, redis-server or Chromium (directly or through another fixture)
+PROCESS_FIXTURES = frozenset({
+    "start_gateway",
+    "redis_server",
+    # tests/security: the long-lived gateway, its module-scoped siblings, and the
+    # secrets every one of them logged (judged after they ran)
+    "main",
+    "sent",
+    "limited",
+    "rs_pem",
+    "rs_jwks",
+    "playwright",  # tests/browser
+})
+
+_current: pytest.Item | None = None
+
+
+def is_integration(item: pytest.Item) -> bool:
+    path = Path(str(item.path))
+    if any(folder in path.parents for folder in INTEGRATION_FOLDERS):
+        return True
+    return bool(PROCESS_FIXTURES.intersection(getattr(item, "fixturenames", ())))
+
+
+def entering(item: pytest.Item | None) -> None:
+    global _current
+    _current = item
+
+
+def require_integration(what: str) -> None:
+    if _current is not None and _current.get_closest_marker("integration") is None:
+        raise RuntimeError(
+            f"{_current.nodeid} starts {what} but is not in the integration tier: move it under "
+            "tests/integration/ or give it a fixture listed in tests/support/tiers.py PROCESS_FIXTURES"
+        )
