@@ -21,7 +21,8 @@ from collections import defaultdict
 
 # x / y pairs of the ratio tables, in this order, when both were measured
 GATEWAY_PAIRS = [("gateway", "nginx1"), ("gateway", "haproxy"), ("gateway", "gin"),
-                 ("gateway", "twisted-relay"), ("gateway", "direct")]
+                 ("gateway", "twisted-relay"), ("gateway", "direct"), ("gateway", "gateway-base"),
+                 ("gateway-base", "twisted-relay")]
 PEER_PAIRS = [("gin", "direct"), ("nginx1", "direct"), ("haproxy", "direct"),
               ("nginxauto", "nginx1"), ("twisted-relay", "nginx1")]
 RATIO_METRICS = [("a", "msgs_per_s", "a msgs/s"), ("b", "msgs_per_s", "b msgs/s"), ("c", "msgs_per_s", "c msgs/s"),

@@ -4,7 +4,7 @@
 # See bench/README.md.
 #
 # Usage: bash bench/run.sh [--setup] [target ...]
-#   targets: direct nginx1 nginxauto haproxy gin twisted-relay gateway
+#   targets: direct nginx1 nginxauto haproxy gin twisted-relay gateway gateway-base
 #            (default: $TARGETS, else "direct nginx1 haproxy gin twisted-relay", plus gateway when GATEWAY_CMD is set)
 #   --setup: install the Debian packages and build the Go tools, then exit
 # Environment:
@@ -15,6 +15,8 @@
 #   PIN=split|none         split: system under test on cpu1, loadgen and echo on cpu0
 #   GATEWAY_CMD            command line starting the gateway; it gets UPSTREAM_URL in its environment
 #   GATEWAY_URL            URL loadgen connects to for target gateway (ws:// or wss://, loopback)
+#   BASE_GATEWAY_CMD       target gateway-base: another build of the gateway (e.g. a checkout of the
+#                          commit before a change), on GATEWAY_URL too, interleaved with gateway in each rep
 #   UPSTREAM_URL           fixed: ws://127.0.0.1:9001/ws, given to the gateway
 #   PYTHON=python3         runs bench/report.py and the twisted-relay peer (needs Twisted: the repo's venv)
 #   TWISTD                 only used to find that venv when PYTHON is not set
@@ -61,11 +63,15 @@ done
 { [ "$IDLE_N" -ge 1 ] && [ "$IDLE_N" -le 9000 ]; } || die "IDLE_N=$IDLE_N: 1..9000"
 for sc in $SCENARIOS; do case $sc in a|b|c|d|e|l) ;; *) die "unknown scenario '$sc' (a b c d e l)" ;; esac; done
 for t in $TARGET_LIST; do
-  case $t in direct|nginx1|nginxauto|haproxy|gin|twisted-relay|gateway) ;; *) die "unknown target '$t'" ;; esac
+  case $t in direct|nginx1|nginxauto|haproxy|gin|twisted-relay|gateway|gateway-base) ;; *) die "unknown target '$t'" ;; esac
 done
 is_loopback_url() { [[ $1 =~ ^wss?://(127\.[0-9]+\.[0-9]+\.[0-9]+|localhost|\[::1\]):[0-9]+(/|\?|$) ]]; }
 if [[ " $TARGET_LIST " == *" gateway "* ]] && [ $SETUP_ONLY = 0 ]; then
   [ -n "${GATEWAY_CMD:-}" ] && [ -n "${GATEWAY_URL:-}" ] || die "target gateway needs GATEWAY_CMD and GATEWAY_URL"
+  is_loopback_url "$GATEWAY_URL" || die "GATEWAY_URL must be a loopback ws:// or wss:// URL with a port"
+fi
+if [[ " $TARGET_LIST " == *" gateway-base "* ]] && [ $SETUP_ONLY = 0 ]; then
+  [ -n "${BASE_GATEWAY_CMD:-}" ] && [ -n "${GATEWAY_URL:-}" ] || die "target gateway-base needs BASE_GATEWAY_CMD and GATEWAY_URL"
   is_loopback_url "$GATEWAY_URL" || die "GATEWAY_URL must be a loopback ws:// or wss:// URL with a port"
 fi
 
@@ -184,7 +190,7 @@ start_target() {
       start_echo "$SUT_CPU" || return 1
       SUT_PID=$ECHO_PID; ECHO_PID=""; PORT=$ECHO_PORT; URL=$UPSTREAM_URL
       return 0 ;;
-    gateway)
+    gateway|gateway-base)
       PORT=$(sed -E 's#^wss?://[^/?]*:([0-9]+).*#\1#' <<<"$GATEWAY_URL"); URL=$GATEWAY_URL ;;
     nginx1|nginxauto) PORT=9101; URL=ws://127.0.0.1:$PORT/ws ;;
     gin) PORT=9201; URL=ws://127.0.0.1:$PORT/ws ;;
@@ -212,6 +218,8 @@ start_target() {
       $SUT_CPU "$PYTHON" "$BENCH/peers/twisted_relay.py" --port $PORT --upstream-port $ECHO_PORT >"$logf" 2>&1 & ;;
     gateway)
       $SUT_CPU bash -c "exec $GATEWAY_CMD" >"$logf" 2>&1 & ;;
+    gateway-base)
+      $SUT_CPU bash -c "exec $BASE_GATEWAY_CMD" >"$logf" 2>&1 & ;;
   esac
   SUT_PID=$!
   wait_listening "$PORT" "$SUT_PID" || { log "$name is not listening on $PORT (see $logf)"; return 1; }
