@@ -9,6 +9,7 @@ its siblings.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,29 @@ def test_no_private_names_imported_across_modules() -> None:
 @pytest.mark.parametrize("init", sorted(PACKAGE.rglob("__init__.py")), ids=lambda p: str(p.relative_to(ROOT)))
 def test_package_init_is_empty(init: Path) -> None:
     assert init.read_text(encoding="utf-8").strip() == "", f"{init.relative_to(ROOT)} must stay empty"
+
+
+def _readme_layout() -> set[str]:
+    """Every module the README's layout block names (one per line), as a path under wsgateway/."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = text.split("### Layout", 1)[1].split("```", 2)[1]
+    named: set[str] = set()
+    folder = ""
+    for line in block.splitlines():
+        top = re.match(r"^  (\w+)(/|\.py)\s", line + " ")
+        if top:
+            folder = top.group(1) + "/" if top.group(2) == "/" else ""
+            if top.group(2) == ".py":
+                named.add(top.group(1) + ".py")
+            continue
+        inner = re.match(r"^    (\w+\.py)\s", line + " ")
+        if inner and folder:
+            named.add(folder + inner.group(1))
+    return named
+
+
+def test_the_readme_layout_names_every_module() -> None:
+    modules = {str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if p.name != "__init__.py"}
+    named = _readme_layout()
+    assert not modules - named, f"modules the README's layout does not list: {sorted(modules - named)}"
+    assert not named - modules, f"the README's layout lists modules that do not exist: {sorted(named - modules)}"
