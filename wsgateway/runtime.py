@@ -229,6 +229,8 @@ RESTART_ONLY: tuple[tuple[str, Callable[[GatewayConfig], Any]], ...] = (
     ("[gateway] workers", lambda c: c.gateway.workers),
     ("[admin] listen", lambda c: c.admin.listen if c.admin else None),
     ("[admin] token", lambda c: c.admin.token if c.admin else None),
+    ("[admin] max_connections", lambda c: c.admin.max_connections if c.admin else None),
+    ("[admin] max_body", lambda c: c.admin.max_body if c.admin else None),
     ("[log] format", lambda c: c.log.format),
     ("[log] file", lambda c: c.log.file),
     ("[redis]", lambda c: c.redis),

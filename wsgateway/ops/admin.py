@@ -10,20 +10,18 @@ never a copy taken at startup: a SIGHUP reload swaps routes and upstreams.
 from __future__ import annotations
 
 import base64
-import hmac
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from wsgateway.config.routes import RouteConfig
 from wsgateway.durable.entries import QueueUnavailable
-from wsgateway.ops.jsonapi import JSONResource, Refused, Root, json_body
+from wsgateway.ops.jsonapi import CHALLENGE, MAX_BODY, AdminSite, JSONResource, Refused, Root, bearer_ok, json_body
 from wsgateway.ops.logs import LEVELS
 from wsgateway.ops.queueadmin import QueueAdmin
 from wsgateway.ops.stats import C2U, U2C, GatewayStats
@@ -129,6 +127,8 @@ class AdminAPI(Resource):
     ``/admin/*``: every request needs ``Authorization: Bearer TOKEN``,
     compared in constant time; 401 otherwise (with no hint which part was
     wrong). Without a configured token this tree is not mounted at all.
+    A request with a body was already checked by L{AdminSite} before its
+    body was read; the check here covers every request.
     """
 
     log = Logger()
@@ -160,7 +160,7 @@ class AdminAPI(Resource):
     def render(self, request: Request) -> bytes | int:  # int: NOT_DONE_YET
         leaf = JSONResource()
         if not self._authorized(request):
-            request.setHeader(b"www-authenticate", b'Bearer realm="wsgateway-admin"')
+            request.setHeader(b"www-authenticate", CHALLENGE)
             return leaf.error(request, 401, "a valid admin bearer token is required")
         segments = tuple(s for s in request.postpath or () if s)
         found = self._find(request.method, segments)
@@ -198,8 +198,7 @@ class AdminAPI(Resource):
         return NOT_DONE_YET
 
     def _authorized(self, request: Request) -> bool:
-        scheme, _, value = (request.getHeader(b"authorization") or b"").partition(b" ")
-        return scheme.lower() == b"bearer" and hmac.compare_digest(value.strip(), self._token)
+        return bearer_ok(request.requestHeaders, self._token)
 
     def _find(
         self, method: bytes, segments: tuple[bytes, ...]
@@ -294,20 +293,15 @@ class AdminAPI(Resource):
         )
 
 
-class _UnloggedSite(Site):
-    """A Site that writes no access line per request."""
-
-    def log(self, request: http.Request) -> None:
-        pass
-
-
 def admin_site(view: GatewayView, *, token: str | None, extra: Mapping[bytes, Resource] | None = None,
-               access_log: bool = True) -> Site:
+               access_log: bool = True, max_body: int = MAX_BODY) -> Site:
     """
     The admin port's tree. ``extra`` mounts further top-level resources
     (``metrics``, the dashboard) built by their own modules. ``access_log``
     False: no access line per request (a worker's private port, which its
-    parent asks every few seconds).
+    parent asks every few seconds). ``max_body``: ``[admin] max_body``.
+    Listen with it behind an L{wsgateway.ops.jsonapi.AdminFactory} (the
+    connection cap and the request deadline).
     """
     root = Root()
     root.putChild(b"healthz", Healthz())
@@ -316,7 +310,4 @@ def admin_site(view: GatewayView, *, token: str | None, extra: Mapping[bytes, Re
         root.putChild(b"admin", AdminAPI(view, token))
     for name, resource in (extra or {}).items():
         root.putChild(name, resource)
-    site = Site(root) if access_log else _UnloggedSite(root)
-    site.displayTracebacks = False
-    site.noisy = False
-    return site
+    return AdminSite(root, token=token, max_body=max_body, access_log=access_log)

@@ -28,7 +28,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from wsgateway.ops import dashboard, logs
 from wsgateway.ops.admin import AdminAPI, Healthz
-from wsgateway.ops.jsonapi import JSONResource, Refused, Root, read_body
+from wsgateway.ops.jsonapi import MAX_BODY, AdminSite, JSONResource, Refused, Root, read_body
 from wsgateway.ops.logs import LEVELS
 from wsgateway.workers import aggregate
 
@@ -234,8 +234,12 @@ def _decode(answer: tuple[int, bytes]) -> tuple[int, Any]:
         return answer[0], None
 
 
-def parent_site(parent: WorkerParentView, token: str | None) -> Site:
-    """The admin port of a gateway with workers: the same paths as one process's."""
+def parent_site(parent: WorkerParentView, token: str | None, *, max_body: int = MAX_BODY) -> Site:
+    """
+    The admin port of a gateway with workers: the same paths as one
+    process's, and the same bounds (listen with it behind an
+    L{wsgateway.ops.jsonapi.AdminFactory}).
+    """
     root = Root()
     root.putChild(b"healthz", Healthz())
     root.putChild(b"readyz", ParentReadyz(parent))
@@ -247,7 +251,4 @@ def parent_site(parent: WorkerParentView, token: str | None) -> Site:
             root.putChild(name, resource)
     if token:
         root.putChild(b"admin", ParentAdminAPI(parent, token))
-    site = Site(root)
-    site.displayTracebacks = False
-    site.noisy = False
-    return site
+    return AdminSite(root, token=token, max_body=max_body)

@@ -61,6 +61,8 @@ class WorkerSetup:
     workers: int
     control: str  # path of the private unix socket the parent reads
     token: str  # bearer token of /admin/* on that socket
+    # the parent's [admin] max_body: a body the parent took is one its worker takes
+    max_body: int = 65536
 
     @property
     def node(self) -> str:
@@ -109,7 +111,7 @@ class WorkerSetup:
         from wsgateway.ops.dashboard import DashboardJSON
         from wsgateway.ops.metrics import MetricsResource
 
-        site = admin_site(view, token=self.token, access_log=False,  # the parent asks every few seconds
+        site = admin_site(view, token=self.token, access_log=False, max_body=self.max_body,  # the parent asks every few seconds
                           extra={b"metrics": MetricsResource(registry), b"dashboard.json": DashboardJSON(view)})
         service = StreamServerEndpointService(UNIXServerEndpoint(reactor, self.control, mode=0o600), site)
         service._raiseSynchronously = True
