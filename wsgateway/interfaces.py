@@ -116,6 +116,9 @@ class QueueStore(Protocol[IdT]):
 
     max_attempts: int  # failed delivery attempts before an entry becomes a dead letter ("max_attempts")
     retention: float  # seconds from enqueued_at before an entry becomes a dead letter ("retention")
+    max_bytes: int | None  # what the whole queue may hold ("max_bytes"; None = no cap)
+    max_bytes_per_connection: int | None  # what one connection's entries may hold ("max_bytes_per_connection")
+    stored_bytes: int | None  # what it held as of the last write, as the caps count it (None: not known yet)
 
     @property
     def backend(self) -> str:
@@ -165,6 +168,14 @@ class QueueStore(Protocol[IdT]):
         Redis: a write that was sent may have been stored all the same, so a
         retry may duplicate, never lose). Cancelling the Deferred takes the
         entries out while they still wait for their batch, not after.
+
+        Caps: an append that would take its connection's entries past
+        ``max_bytes_per_connection``, or everything stored (dead letters
+        included) past ``max_bytes``, fails with ``QueueFull`` (a
+        ``QueueUnavailable``; ``whole`` tells which) and stores nothing;
+        the other appends of its batch are not affected. Nothing stored is
+        ever dropped to make room. An entry counts its message, claims,
+        headers and connection key as stored plus a fixed overhead.
         """
 
     def pending(self, route: str | None = None, limit: int = 1000) -> Deferred[list[Entry]]:

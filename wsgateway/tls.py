@@ -41,6 +41,7 @@ from twisted.logger import Logger
 from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
+from wsgateway.config.files import FileRefused, read_bounded
 from wsgateway.endpoints import DEFAULT_BACKLOG, split_endpoint
 
 __all__ = [
@@ -125,10 +126,12 @@ def parse_listen(desc: str) -> SSLListen:
 # ------------------------------------------------------------ loading files
 
 
-def _read(path: str, option: str) -> bytes:
+def _read(path: str, option: str, private: bool = False) -> bytes:
+    # bounded and regular files only (SPEC section 13): at start, in wsgateway-check and on SIGHUP alike
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        return read_bounded(path, private=private)
+    except FileRefused as e:
+        raise TLSFileError(f"{option} {e}") from None
     except OSError as e:
         raise TLSFileError(f"{option} {path}: cannot read: {e.strerror or e}") from None
 
@@ -143,7 +146,7 @@ def _certificates(path: str, option: str) -> list[x509.Certificate]:
 
 
 def _private_key(path: str, option: str) -> Any:
-    data = _read(path, option)
+    data = _read(path, option, private=True)
     try:
         return serialization.load_pem_private_key(data, password=None)
     except TypeError:  # cryptography says "Password was not given but private key is encrypted"

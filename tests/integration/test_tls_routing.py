@@ -115,6 +115,7 @@ def write_leaf(tmp_path: Path, cert: trustme.LeafCert, stem: str) -> tuple[Path,
     key_path = tmp_path / f"{stem}.key.pem"
     cert_path = tmp_path / f"{stem}.cert.pem"
     cert.private_key_pem.write_to_path(str(key_path))
+    key_path.chmod(0o600)  # trustme writes 0644; a private key must be private (SPEC section 13)
     with open(cert_path, "wb") as f:
         for blob in cert.cert_chain_pems:
             f.write(blob.bytes())

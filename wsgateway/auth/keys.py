@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import serialization
 
 from wsgateway import codes
 from wsgateway.auth.identity import AuthFailed, UnknownKey
+from wsgateway.config.files import read_bounded
 
 # Key types a JWKS may hold for each asymmetric algorithm family. A
 # symmetric ("oct") key never comes from a key set: it would let anyone who
@@ -59,8 +60,8 @@ def parse_api_keys(text: str) -> dict[str, ApiKey]:
 
 
 def load_api_keys(path: str) -> dict[str, ApiKey]:
-    with open(path, encoding="utf-8") as f:
-        return parse_api_keys(f.read())
+    """The keys of C{path}: a private regular file of at most 1 MiB (else FileRefused, a ValueError)."""
+    return parse_api_keys(read_bounded(path, private=True).decode("utf-8"))
 
 
 # -- JWT keys -------------------------------------------------------------
@@ -68,8 +69,7 @@ def load_api_keys(path: str) -> dict[str, ApiKey]:
 
 def load_public_key(path: str) -> Any:
     """A PEM public key, or the public key of a PEM certificate."""
-    with open(path, "rb") as f:
-        data = f.read()
+    data = read_bounded(path)
     try:
         return serialization.load_pem_public_key(data)
     except ValueError:
@@ -124,5 +124,4 @@ class KeySet:
 
 
 def load_jwks_file(path: str) -> KeySet:
-    with open(path, encoding="utf-8") as f:
-        return KeySet(json.load(f))
+    return KeySet(json.loads(read_bounded(path)))

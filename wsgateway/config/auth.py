@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from wsgateway.auth.keys import load_api_keys
+from wsgateway.config.files import FileRefused, read_bounded
 from wsgateway.config.reader import Reader, Section
 from wsgateway.config.values import (
     TOKEN,
@@ -113,7 +114,7 @@ def read_auth(reader: Reader, sec: Section) -> AuthConfig:
     jwks_file = sec.get("jwks_file", optional(reader.readable), d.jwks_file)
     jwks_url = sec.get("jwks_url", optional(_https), d.jwks_url)
     jwks_ca = sec.get("jwks_ca", optional(reader.pem("certificates")), d.jwks_ca)
-    api_keys_file = sec.get("api_keys_file", optional(reader.readable), d.api_keys_file)
+    api_keys_file = sec.get("api_keys_file", optional(reader.private), d.api_keys_file)
     sources = [k for k, val in (("public_key_file", public_key_file), ("jwks_file", jwks_file),
                                 ("jwks_url", jwks_url)) if val]
     # Cross-checks only on values that parsed, so one mistake is not reported three times.
@@ -191,8 +192,11 @@ def _check_jwt_keys(sec: Section, algorithms: tuple[str, ...], secret: str | Non
 
 
 def _check_public_key(sec: Section, path: str, algorithms: Sequence[str]) -> None:
-    with open(path, "rb") as f:
-        data = f.read()
+    try:
+        data = read_bounded(path)
+    except (FileRefused, OSError) as e:  # changed since reader.readable looked at it
+        sec.error("public_key_file", str(e))
+        return
     key: Any
     try:
         key = serialization.load_pem_public_key(data)
@@ -215,9 +219,13 @@ def _check_public_key(sec: Section, path: str, algorithms: Sequence[str]) -> Non
 
 def _check_jwks(sec: Section, path: str) -> None:
     try:
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
-    except (ValueError, OSError) as e:
+        data = read_bounded(path)
+    except (FileRefused, OSError) as e:  # changed since reader.readable looked at it
+        sec.error("jwks_file", str(e))
+        return
+    try:
+        doc = json.loads(data)
+    except ValueError as e:
         sec.error("jwks_file", f"{os.path.basename(path)!r} is not JSON: {e}")
         return
     keys = doc.get("keys") if isinstance(doc, dict) else None

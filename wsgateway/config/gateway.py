@@ -50,11 +50,18 @@ def read_gateway(reader: Reader, sec: Section) -> ServerConfig:
             raise Bad("must not contain whitespace")
         return v.text or socket.gethostname()
 
+    def proxy(v: Value) -> IPv4Network | IPv6Network:
+        net = network(v)
+        if net.prefixlen == 0:
+            # every address would be believed about X-Forwarded-For: per-IP limits and logs at the client's word
+            raise Bad(f"{v.shown()} trusts every address: list the proxies' own addresses or networks")
+        return net
+
     return ServerConfig(
         node_id=sec.get("node_id", node_id, d.node_id),
         listen=sec.get("listen", listen_key(reader, sec), d.listen),
         allowed_origins=sec.get("allowed_origins", list_of(origin), d.allowed_origins),
-        trusted_proxies=sec.get("trusted_proxies", list_of(network), d.trusted_proxies),
+        trusted_proxies=sec.get("trusted_proxies", list_of(proxy), d.trusted_proxies),
         workers=sec.get("workers", workers, d.workers),
         shutdown_timeout=sec.get("shutdown_timeout", duration(), d.shutdown_timeout),
         drain_grace=sec.get("drain_grace", duration(), d.drain_grace),

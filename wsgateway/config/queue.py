@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from wsgateway.config.reader import Reader, Section
-from wsgateway.config.values import duration, integer, one_of
+from wsgateway.config.values import duration, integer, one_of, size
 
 __all__ = ["QueueBackend", "QueueConfig", "read_queue"]
 
@@ -20,6 +20,10 @@ class QueueConfig:
     backend: QueueBackend = "sqlite"
     max_attempts: int = 20
     retention: float = 86400.0
+    # SPEC section 13: beyond these new messages are refused (the client closed with 1013 "queue full");
+    # nothing stored is dropped to make room
+    max_bytes: int = 1024 ** 3
+    max_bytes_per_connection: int = 16 * 1024 ** 2
 
 
 def read_queue(reader: Reader, sec: Section | None, has_redis: bool) -> QueueConfig:
@@ -35,4 +39,7 @@ def read_queue(reader: Reader, sec: Section | None, has_redis: bool) -> QueueCon
         backend=backend,
         max_attempts=sec.get("max_attempts", integer(1), d.max_attempts),
         retention=sec.get("retention", duration(positive=True), d.retention),
+        max_bytes=sec.get("max_bytes", size(positive=True), d.max_bytes),
+        max_bytes_per_connection=sec.get("max_bytes_per_connection", size(positive=True),
+                                         d.max_bytes_per_connection),
     )

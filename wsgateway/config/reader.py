@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from wsgateway.config.files import FileRefused, read_bounded
 from wsgateway.config.values import Bad, Value
 
 __all__ = ["NOT_A_KEY", "Listener", "Reader", "Section", "ini_keys"]
@@ -31,6 +32,9 @@ __all__ = ["NOT_A_KEY", "Listener", "Reader", "Section", "ini_keys"]
 T = TypeVar("T")
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+# The keys whose C{file:} value is a secret: the file must be private to the gateway's user (SPEC section 13).
+SECRET_KEYS = frozenset({("auth", "secret"), ("admin", "token"), ("redis", "url")})
 
 # Field metadata for a section dataclass field that no key sets (the NAME of [route:NAME]).
 NOT_A_KEY: Mapping[str, bool] = MappingProxyType({"ini_key": False})
@@ -123,8 +127,10 @@ class Reader:
         if text.startswith("file:"):
             given = text[5:].strip()
             try:
-                with open(self.abspath(given), encoding="utf-8") as f:
-                    return Value(f.read().rstrip("\r\n"), f"file:{given}")
+                data = read_bounded(self.abspath(given), private=(sec.name, key) in SECRET_KEYS)
+                return Value(data.decode("utf-8").rstrip("\r\n"), f"file:{given}")
+            except FileRefused as e:
+                sec.error(key, str(e))
             except OSError as e:
                 sec.error(key, f"cannot read {self._describe(given)}: {e.strerror or e}")
             except UnicodeDecodeError:
@@ -145,23 +151,31 @@ class Reader:
         return self.abspath(v.text)
 
     def readable(self, v: Value) -> str:
-        """A file that must exist at start; returns its absolute path."""
+        """A regular file of at most 1 MiB that must exist at start; returns its absolute path."""
+        self._read(v)
+        return self.path_value(v)
+
+    def private(self, v: Value) -> str:
+        """L{readable}, and holding a secret: readable by the gateway's user only."""
+        self._read(v, private=True)
+        return self.path_value(v)
+
+    def _read(self, v: Value, private: bool = False) -> bytes:
         full = self.path_value(v)
         try:
-            with open(full, "rb"):
-                pass
+            return read_bounded(full, private=private)
+        except FileRefused as e:
+            raise Bad(str(e)) from None
         except OSError as e:
             raise Bad(f"cannot read {self._describe(v.text)}: {e.strerror or e}") from None
-        return full
 
     def pem(self, kind: str) -> Callable[[Value], str]:
         """A parser for an existing PEM file holding C{kind}: certificates, certificate or key."""
         return lambda v: self._pem(v, kind)
 
     def _pem(self, v: Value, kind: str) -> str:
-        full = self.readable(v)
-        with open(full, "rb") as f:
-            data = f.read()
+        full = self.path_value(v)
+        data = self._read(v, private=kind == "key")
         try:
             if kind == "certificates":
                 x509.load_pem_x509_certificates(data)

@@ -18,6 +18,13 @@ A write that fails fails every caller in its batch with the same failure
 (the store makes it a C{QueueUnavailable}); a caller whose Deferred is
 cancelled while its entries are still buffered is taken out of the buffer
 (once sent, a write cannot be taken back).
+
+A write may also refuse some of its entries without failing: the store's
+size caps (C{[queue] max_bytes}, C{max_bytes_per_connection}) are checked
+inside the write, where the bytes already stored are known. Such an entry's
+slot in the ids holds a L{QueueFull}, and each caller with one fails with
+it while the rest of the batch is stored: one client over its share must
+not cost the others their appends.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
-from wsgateway.durable.entries import NewEntry
+from wsgateway.durable.entries import NewEntry, QueueFull
 
 __all__ = ["GroupCommit"]
 
@@ -59,7 +66,7 @@ class GroupCommit(Generic[IdT]):
 
     def __init__(
         self,
-        write: Callable[[list[NewEntry]], Deferred[list[IdT]]],
+        write: Callable[[list[NewEntry]], Deferred[list[IdT]] | Deferred[list[IdT | QueueFull]]],
         *,
         clock: IReactorTime,
         now: Callable[[], float],
@@ -145,14 +152,21 @@ class GroupCommit(Generic[IdT]):
             self.queued_bytes -= size
             return result
 
-        def written(ids: list[IdT]) -> None:
-            self.failed_at = None
+        def written(ids: list[Any]) -> None:
+            refusals = [i for i in ids if isinstance(i, QueueFull)]
+            # a full queue refuses new messages as a failing one does (health); one client's share does not
+            self.failed_at = self._now() if any(r.whole for r in refusals) else None
             self.transactions += 1
-            self.appended += len(ids)
+            self.appended += len(ids) - len(refusals)
             at = 0
             for w in batch:
-                w.done.callback(ids[at : at + len(w.entries)])
+                mine = ids[at : at + len(w.entries)]
                 at += len(w.entries)
+                refused = next((i for i in mine if isinstance(i, QueueFull)), None)
+                if refused is not None:
+                    w.done.errback(Failure(refused))
+                else:
+                    w.done.callback(mine)
 
         def failed(f: Failure) -> None:
             self.failed_at = self._now()

@@ -276,6 +276,9 @@ class DeliveryService(MultiService):
             return
         if self.metrics is not None:
             self.metrics.set_queue_depth(int(sum(r["depth"] for r in depth.values())))
+            size = getattr(self.store, "stored_bytes", None)
+            if size is not None:
+                self.metrics.set_queue_bytes(size)
 
     def startService(self) -> None:
         super().startService()

@@ -21,6 +21,19 @@ class QueueUnavailable(Exception):
     """The queue file cannot be read or written now (read-only, disk full, I/O error)."""
 
 
+class QueueFull(QueueUnavailable):
+    """
+    An append refused by C{[queue] max_bytes} (C{whole}: the queue as a
+    whole) or C{max_bytes_per_connection} (that client's share). A
+    L{QueueUnavailable} so every caller that handles one still refuses the
+    message; the durable relay tells the client 1013 "queue full" instead of 1011.
+    """
+
+    def __init__(self, message: str, *, whole: bool) -> None:
+        super().__init__(message)
+        self.whole = whole
+
+
 @dataclass(frozen=True)
 class NewEntry:
     """What the gateway hands to C{append}: one client message it could not forward."""

@@ -53,7 +53,15 @@ from twisted.logger import Logger
 from wsgateway.config.queue import QueueConfig
 from wsgateway.config.redis import RedisConfig
 from wsgateway.durable.batching import GroupCommit
-from wsgateway.durable.entries import DeadLetter, Entry, NewEntry, QueueUnavailable, in_conn_order, new_ulid
+from wsgateway.durable.entries import (
+    DeadLetter,
+    Entry,
+    NewEntry,
+    QueueFull,
+    QueueUnavailable,
+    in_conn_order,
+    new_ulid,
+)
 from wsgateway.durable.redis_layout import encode, id_pairs, packed_entry, stream_entry, text, unpack
 from wsgateway.durable.redis_node import RedisNode
 from wsgateway.redislink import Backoff, RedisTarget, parse_url
@@ -106,6 +114,8 @@ class RedisQueueStore(Service):
         max_batch_entries: int = 1000,
         max_batch_bytes: int = 8 * 1024 * 1024,
         rng: random.Random | None = None,
+        max_bytes: int | None = None,
+        max_bytes_per_connection: int | None = None,
     ) -> None:
         self.target = parse_url(target) if isinstance(target, str) else target
         self.prefix = f"{prefix}:q"
@@ -121,6 +131,9 @@ class RedisQueueStore(Service):
         self.max_pending_bytes = max_pending_bytes
         self.max_batch_entries = max_batch_entries
         self.max_batch_bytes = max_batch_bytes
+        self.max_bytes = max_bytes
+        self.max_bytes_per_connection = max_bytes_per_connection
+        self.stored_bytes: int | None = None  # the cluster's queue, as of this node's last append
         self._node = RedisNode(
             self.target, prefix=self.prefix, node_id=node_id, reactor=reactor, log=self.log, heartbeat=heartbeat,
             alive_ttl=self.alive_ttl, lease_ttl=self.lease_ttl, reply_timeout=reply_timeout,
@@ -141,7 +154,8 @@ class RedisQueueStore(Service):
         """From a C{QueueConfig} and a C{RedisConfig}."""
         return cls(
             redis_cfg.url, prefix=redis_cfg.prefix, node_id=node_id, reactor=reactor, clock=clock,
-            max_attempts=queue_cfg.max_attempts, retention=queue_cfg.retention, **options,
+            max_attempts=queue_cfg.max_attempts, retention=queue_cfg.retention, max_bytes=queue_cfg.max_bytes,
+            max_bytes_per_connection=queue_cfg.max_bytes_per_connection, **options,
         )
 
     @property
@@ -229,15 +243,34 @@ class RedisQueueStore(Service):
             return succeed([])
         return self._commit.add(entries)
 
-    def _write(self, rows: list[NewEntry]) -> Deferred[list[str]]:
-        """One group commit: C{rows} in one script; their C{"ROUTE/STREAM-ID"} ids."""
+    def _write(self, rows: list[NewEntry]) -> Deferred[list[str | QueueFull]]:
+        """
+        One group commit: C{rows} in one script; their C{"ROUTE/STREAM-ID"}
+        ids, or a L{QueueFull} for those the caps refused (the script checks
+        them against the totals it keeps: L{wsgateway.durable.redis_writes}).
+        """
         now = self._now()
         ms = [str(max(1, round(t * 1000))) for t in (self.lease_ttl, self.alive_ttl)]
-        args: list[Any] = [self.node_id, self.token, repr(float(now)), *ms]
+        caps = [str(self.max_bytes or 0), str(self.max_bytes_per_connection or 0)]
+        args: list[Any] = [self.node_id, self.token, repr(float(now)), *ms, *caps]
         for e in rows:
             args += encode(e, now if e.first_seen is None else e.first_seen, new_ulid(now))
-        d = self._node.call("append", args)
-        return d.addCallback(lambda reply: [f"{e.route}/{text(i)}" for e, i in zip(rows, reply.split())])
+
+        def ids(reply: bytes) -> list[str | QueueFull]:
+            *got, total = reply.split()
+            self.stored_bytes = int(total)
+            out: list[str | QueueFull] = []
+            for e, i in zip(rows, got):
+                if i == b"-":
+                    out.append(QueueFull(f"connection {e.conn_key} would pass max_bytes_per_connection = "
+                                         f"{self.max_bytes_per_connection}", whole=False))
+                elif i == b"=":
+                    out.append(QueueFull(f"the queue would pass max_bytes = {self.max_bytes}", whole=True))
+                else:
+                    out.append(f"{e.route}/{text(i)}")
+            return out
+
+        return self._node.call("append", args).addCallback(ids)
 
     # -- reads ---------------------------------------------------------------
 

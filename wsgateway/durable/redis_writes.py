@@ -14,10 +14,27 @@ __all__ = ["ACK", "APPEND", "ATTEMPT_FAILED", "EXPIRE", "PURGE", "REPLAY_DEAD", 
 # Writes also keep the indexes: forget() removes an entry everywhere and
 # reindex() gives each touched connection the n of its first entry left
 # (by seq: the next one to deliver), or takes it out of its owner's index.
+# They also keep the byte totals the [queue] caps are checked against
+# (sized as wsgateway.durable.sqlite_file.entry_size sizes them): BYTES, all
+# entries and dead letters; CBYTES, a hash connection -> its entries' bytes.
+# Entries written before the totals existed are not in them: a total never
+# goes below 0 for their sake.
 WRITES = r"""
 local touched = {}
+local BYTES, CBYTES = P .. ':bytes', P .. ':cbytes'
+
+local function size(f) return #f.msg + #f.claims + #f.headers + #f.conn + 64 end
+
+local function count_bytes(conn, n, total)
+  if conn then
+    if redis.call('HINCRBY', CBYTES, conn, n) <= 0 then redis.call('HDEL', CBYTES, conn) end
+  end
+  -- an empty queue leaves no key behind (and none below 0, for entries from before the totals)
+  if total and redis.call('INCRBY', BYTES, n) <= 0 then redis.call('DEL', BYTES) end
+end
 
 local function forget(r, id, f)
+  count_bytes(f.conn, -size(f), true)
   redis.call('XACK', skey(r), G, id)
   redis.call('XDEL', skey(r), id)
   redis.call('HDEL', akey(r), id)
@@ -54,6 +71,7 @@ local function bury(r, id, flat, f, attempts, reason, now)
   redis.call('HSET', xkey(r), id, redis.call('XADD', dkey(r), '*', unpack(d)))
   redis.call('SADD', ROUTES, r)
   forget(r, id, f)
+  count_bytes(nil, size(f), true)  -- a dead letter is no longer its connection's, but still held
 end
 
 local function ensure_group(r)
@@ -62,25 +80,50 @@ local function ensure_group(r)
 end
 """
 
+# The caps (ARGV[7], ARGV[8]; 0 = none): a connection whose entries of this
+# batch would pass its share or the whole queue's is refused whole; its ids
+# are "-" (its share) or "=" (the queue). The reply ends with the total held.
 APPEND = r"""
 local me, token, enq, lease_ms, alive_ms = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local max_total, max_conn = tonumber(ARGV[7]), tonumber(ARGV[8])
+local FIRST = 9
 local ids, routes = {}, {}
-for i = 7, #ARGV, 11 do
+local sizes, order, refused = {}, {}, {}
+for i = FIRST, #ARGV, 11 do
+  local conn = ARGV[i + 1]
+  local n = #ARGV[i + 10] + #ARGV[i + 8] + #ARGV[i + 9] + #conn + 64
+  if not sizes[conn] then sizes[conn] = 0; order[#order + 1] = conn end
+  sizes[conn] = sizes[conn] + n
+end
+local total = tonumber(redis.call('GET', BYTES) or '0')
+for _, conn in ipairs(order) do
+  local have = tonumber(redis.call('HGET', CBYTES, conn) or '0')
+  if max_conn > 0 and have + sizes[conn] > max_conn then refused[conn] = '-'
+  elseif max_total > 0 and total + sizes[conn] > max_total then refused[conn] = '='
+  else total = total + sizes[conn] end
+end
+for i = FIRST, #ARGV, 11 do
   local r, conn, seq, ck = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  if not routes[r] then routes[r] = true; ensure_group(r) end
-  local n = redis.call('INCR', COUNTER)
-  local id = redis.call('XADD', skey(r), '*', 'node', me, 'conn', conn, 'seq', seq, 'ck', ck, 'n', n,
-    'enq', enq, 'eid', ARGV[i + 4], 'bin', ARGV[i + 5], 'first', ARGV[i + 6], 'trace', ARGV[i + 7],
-    'claims', ARGV[i + 8], 'headers', ARGV[i + 9], 'msg', ARGV[i + 10])
-  redis.call('ZADD', ckey(conn), seq, r .. '/' .. id)
-  redis.call('ZADD', okey(me), 'NX', n, ck)
-  ids[#ids + 1] = id
+  if refused[conn] then
+    ids[#ids + 1] = refused[conn]
+  else
+    if not routes[r] then routes[r] = true; ensure_group(r) end
+    local n = redis.call('INCR', COUNTER)
+    local id = redis.call('XADD', skey(r), '*', 'node', me, 'conn', conn, 'seq', seq, 'ck', ck, 'n', n,
+      'enq', enq, 'eid', ARGV[i + 4], 'bin', ARGV[i + 5], 'first', ARGV[i + 6], 'trace', ARGV[i + 7],
+      'claims', ARGV[i + 8], 'headers', ARGV[i + 9], 'msg', ARGV[i + 10])
+    redis.call('ZADD', ckey(conn), seq, r .. '/' .. id)
+    redis.call('ZADD', okey(me), 'NX', n, ck)
+    count_bytes(conn, #ARGV[i + 10] + #ARGV[i + 8] + #ARGV[i + 9] + #conn + 64, true)
+    ids[#ids + 1] = id
+  end
 end
 -- Into this node's PEL, in the same script: no other node can ever read them as new.
 for r in pairs(routes) do redis.call('XREADGROUP', 'GROUP', G, me, 'STREAMS', skey(r), '>') end
 redis.call('SADD', NODES, me)
 redis.call('SET', vkey(me), token, 'PX', alive_ms)
 redis.call('SET', lkey(me), token, 'PX', lease_ms, 'NX')
+ids[#ids + 1] = redis.call('GET', BYTES) or '0'
 return table.concat(ids, ' ')
 """
 
@@ -183,6 +226,7 @@ for _, p in ipairs(picked) do
   redis.call('XREADGROUP', 'GROUP', G, f.node, 'STREAMS', skey(r), '>')
   redis.call('ZADD', ckey(f.conn), f.seq, r .. '/' .. id)
   redis.call('ZADD', okey(f.node), 'NX', n, f.ck)
+  count_bytes(f.conn, size(f), false)  -- its connection's again; the total held does not change
   redis.call('SADD', NODES, f.node)
   redis.call('XDEL', dkey(r), did)
   redis.call('HDEL', xkey(r), f.id)
@@ -200,6 +244,15 @@ local count = 0
 for _, r in ipairs(routes) do
   if dead then
     count = count + redis.call('XLEN', dkey(r))
+    local start = '-'
+    while true do
+      local page = redis.call('XRANGE', dkey(r), start, '+', 'COUNT', 500)
+      if #page == 0 then break end
+      local freed = 0
+      for _, e in ipairs(page) do freed = freed + size(fields(e[2])) end
+      count_bytes(nil, -freed, true)
+      start = '(' .. page[#page][1]
+    end
     redis.call('UNLINK', dkey(r), xkey(r))
     if redis.call('XLEN', skey(r)) == 0 then  -- nothing left of the route: no empty stream either
       redis.call('UNLINK', skey(r), akey(r))
@@ -212,6 +265,7 @@ for _, r in ipairs(routes) do
       if #page == 0 then break end
       for _, e in ipairs(page) do
         local f = fields(e[2])
+        count_bytes(f.conn, -size(f), true)
         redis.call('ZREM', ckey(f.conn), r .. '/' .. e[1])
         redis.call('ZREM', okey(f.node), f.ck)  -- every entry of that connection in r goes
       end

@@ -52,7 +52,7 @@ from wsgateway import codes
 from wsgateway.durable.appends import Appends
 from wsgateway.durable.clientstream import MessageReader
 from wsgateway.durable.confirmations import Confirmations, GatedReader, Recording
-from wsgateway.durable.entries import Entry, QueueUnavailable
+from wsgateway.durable.entries import Entry, QueueFull, QueueUnavailable
 from wsgateway.durable.replay import CONN_HEADER, SEQ_HEADER, QueueLink, consecutive
 from wsgateway.interfaces import RelayControl, RelayTransport
 from wsgateway.relay.codec import OP_BINARY, OP_CLOSE, OP_PONG, OP_TEXT, encode_close, encode_frame, parse_close
@@ -62,6 +62,10 @@ from wsgateway.relay.transport import lose
 # queued and a new leg is sought: going away, internal error, restart, try
 # again later, bad gateway.
 LOSS_CODES = frozenset({1001, 1011, 1012, 1013, 1014})
+
+# A refused append (QueueFull: [queue] max_bytes_per_connection or max_bytes): the client may try again once
+# the queue has drained, so 1013, not 1011 (SPEC section 13).
+TRY_AGAIN_LATER = 1013
 
 FLUSH_BATCH = 200
 RETRY_MAX = 5.0  # seconds between attempts to reach the upstream again, at most
@@ -187,10 +191,16 @@ class DurableDelivery:
             self.appends.add(messages)
 
     def _append_failed(self, f: Failure) -> None:
+        self._queue_failed = True
+        if f.check(QueueFull):
+            # the client's own doing (or a full queue), not the store failing: a warning, and no failure counted
+            self.relay.log.warn("queue full: closing the client with 1013 ({why})", why=f.getErrorMessage())
+            if not self.relay.done and not self.relay.client_lost:
+                self.relay.client_violation(TRY_AGAIN_LATER, "queue full")
+            return
         why = f.getErrorMessage() if f.check(QueueUnavailable) else repr(f.value)
         self.relay.log.error("queue unavailable: closing the client with 1011 ({why})", why=why)
         self.link.on_failure("append")
-        self._queue_failed = True
         if not self.relay.done and not self.relay.client_lost:
             self.relay.client_violation(codes.INTERNAL_ERROR, "queue unavailable")
 

@@ -42,6 +42,14 @@ key by C{seq} (they occupy the same positions, sorted by C{seq}).
 Retention is counted from C{enqueued_at}: the append time, reset by
 C{replay_dead}; C{first_seen} stays the time the gateway first had the
 message, and C{depth} reports the oldest age from it.
+
+Bounds (C{[queue] max_bytes}, C{max_bytes_per_connection}): checked in each
+group commit against totals the file keeps itself (triggers in
+L{wsgateway.durable.sqlite_file}); the appends over a cap fail with
+L{QueueFull}, the rest of their batch is stored. Disk space comes back
+through C{auto_vacuum = INCREMENTAL}: after a purge, after the ack that
+empties the queue, and otherwise at most every C{RECLAIM_INTERVAL} seconds
+of acks, free pages are cut off the file and the WAL is truncated.
 """
 
 from __future__ import annotations
@@ -63,10 +71,20 @@ from wsgateway.durable.entries import (
     DeadLetter,
     Entry,
     NewEntry,
+    QueueFull,
     QueueUnavailable,
     in_conn_order,
 )
-from wsgateway.durable.sqlite_file import COLUMNS, adopt_file, adopt_orphans, connect, insert, row_entry
+from wsgateway.durable.sqlite_file import (
+    COLUMNS,
+    adopt_file,
+    adopt_orphans,
+    connect,
+    insert_capped,
+    reclaim,
+    row_entry,
+    stored_bytes,
+)
 
 if TYPE_CHECKING:
     from wsgateway.interfaces import QueueStore as QueueStoreInterface
@@ -74,6 +92,8 @@ if TYPE_CHECKING:
 __all__ = ["SQLiteQueueStore", "adopt_file", "adopt_orphans"]
 
 T = TypeVar("T")
+
+RECLAIM_INTERVAL = 30.0  # seconds (store clock) between reclaims while acks keep coming
 
 
 def _chunks(ids: Sequence[int], n: int = 500) -> Iterable[Sequence[int]]:
@@ -103,6 +123,8 @@ class SQLiteQueueStore(Service):
         max_attempts: int = 20,
         retention: float = 86400.0,
         on_connect: Callable[[sqlite3.Connection], None] | None = None,
+        max_bytes: int | None = None,
+        max_bytes_per_connection: int | None = None,
     ) -> None:
         self.path = path
         self._reactor = reactor
@@ -111,6 +133,10 @@ class SQLiteQueueStore(Service):
         self.max_attempts = max_attempts
         self.retention = retention
         self._on_connect = on_connect
+        self.max_bytes = max_bytes
+        self.max_bytes_per_connection = max_bytes_per_connection
+        self.stored_bytes: int | None = None  # as of the last write (set in the writer thread)
+        self._reclaimed_at: float | None = None  # writer thread
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name="wsgateway-queue")
         self._conn: sqlite3.Connection | None = None  # writer thread only
         self._commit: GroupCommit[int] = GroupCommit(self._write, clock=reactor, now=self._now, serial=True)
@@ -135,7 +161,8 @@ class SQLiteQueueStore(Service):
     @classmethod
     def from_config(cls, cfg: Any, *, reactor: Any, clock: IReactorTime | None = None) -> SQLiteQueueStore:
         """From a C{QueueConfig}."""
-        return cls(cfg.path, reactor=reactor, clock=clock, max_attempts=cfg.max_attempts, retention=cfg.retention)
+        return cls(cfg.path, reactor=reactor, clock=clock, max_attempts=cfg.max_attempts, retention=cfg.retention,
+                   max_bytes=cfg.max_bytes, max_bytes_per_connection=cfg.max_bytes_per_connection)
 
     def start(self) -> Deferred[None]:
         """Start the writer thread and open the file. Fires even if it cannot be opened (logged; operations retry)."""
@@ -188,6 +215,7 @@ class SQLiteQueueStore(Service):
                     conn.close()
                     raise
             self._conn = conn
+            self.stored_bytes = stored_bytes(conn)  # the gauge, before the first write after a restart
         return self._conn
 
     def _close(self) -> None:
@@ -202,6 +230,8 @@ class SQLiteQueueStore(Service):
             conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             try:
                 result = work(conn)
+                if write:
+                    self.stored_bytes = stored_bytes(conn)
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
@@ -233,6 +263,22 @@ class SQLiteQueueStore(Service):
     def _tx_call(self, work: Callable[[sqlite3.Connection], T], write: bool = True) -> Deferred[T]:
         return self._call(lambda: self._tx(work, write))
 
+    def _freeing_call(self, work: Callable[[sqlite3.Connection], T], *, now: float, at_once: bool) -> Deferred[T]:
+        """C{_tx_call} of a delete, then the space given back (L{reclaim}) when it is due."""
+        def run() -> T:
+            result = self._tx(work)
+            last = self._reclaimed_at
+            if at_once or not self.stored_bytes or last is None or now - last >= RECLAIM_INTERVAL:
+                self._reclaimed_at = now
+                try:
+                    reclaim(self._open())
+                except (sqlite3.Error, OSError) as e:
+                    # what was deleted stays deleted; the space comes back with a later reclaim
+                    self.log.warn("queue file {path}: giving disk space back failed: {why}", path=self.path, why=e)
+            return result
+
+        return self._call(run)
+
     def _count_error(self, f: Failure) -> Failure:
         if f.check(QueueUnavailable):
             self.errors += 1
@@ -246,8 +292,8 @@ class SQLiteQueueStore(Service):
             return fail(QueueUnavailable(f"{self.path}: the queue store is not running"))
         return self._commit.add(list(entries))
 
-    def _write(self, rows: list[NewEntry]) -> Deferred[list[int]]:
-        """One group commit: C{rows} in one transaction."""
+    def _write(self, rows: list[NewEntry]) -> Deferred[list[int | QueueFull]]:
+        """One group commit: C{rows} in one transaction (those over a cap refused: L{insert_capped})."""
         now = self._now()
 
         def unavailable(f: Failure) -> Failure:
@@ -255,7 +301,9 @@ class SQLiteQueueStore(Service):
                 f = Failure(QueueUnavailable(f"{self.path}: {f.getErrorMessage()}"))
             return f
 
-        return self._tx_call(lambda conn: insert(conn, rows, now)).addErrback(unavailable)
+        return self._tx_call(lambda conn: insert_capped(
+            conn, rows, now, max_bytes=self.max_bytes, max_bytes_per_connection=self.max_bytes_per_connection,
+        )).addErrback(unavailable)
 
     # -- reads and changes -----------------------------------------------
 
@@ -297,7 +345,7 @@ class SQLiteQueueStore(Service):
                 n += conn.execute(f"DELETE FROM entries WHERE id IN ({marks})", chunk).rowcount
             return n
 
-        return self._tx_call(delete)
+        return self._freeing_call(delete, now=self._now(), at_once=False)
 
     def attempt_failed(self, ids: Sequence[int]) -> Deferred[list[int]]:
         ids = list(ids)
@@ -382,7 +430,7 @@ class SQLiteQueueStore(Service):
                 return conn.execute(f"DELETE FROM {table}").rowcount
             return conn.execute(f"DELETE FROM {table} WHERE route = ?", (route,)).rowcount
 
-        return self._tx_call(delete)
+        return self._freeing_call(delete, now=self._now(), at_once=True)
 
 
 if TYPE_CHECKING:

@@ -231,6 +231,11 @@ class GatewayMetrics:
         self.queue_depth = Gauge(
             "wsgateway_queue_depth", "Messages waiting in the durable queue.", registry=self.registry
         )
+        self.queue_bytes = Gauge(
+            "wsgateway_queue_bytes",
+            "Bytes the durable queue holds (entries and dead letters, as [queue] max_bytes counts them).",
+            registry=self.registry,
+        )
         self.queue_delivered = Counter(
             "wsgateway_queue_delivered",
             "Messages delivered from the durable queue.",
@@ -269,6 +274,9 @@ class GatewayMetrics:
 
     def set_queue_depth(self, depth: int) -> None:
         self.queue_depth.set(depth)
+
+    def set_queue_bytes(self, size: int) -> None:
+        self.queue_bytes.set(size)
 
     def queue_delivered_count(self, count: int = 1) -> None:
         self.queue_delivered.inc(count)

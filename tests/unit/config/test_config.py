@@ -341,6 +341,7 @@ def test_file_values_are_relative_to_the_ini_and_lose_the_trailing_newline(
     conf = tmp_path / "conf"
     (conf / "secrets").mkdir(parents=True)
     (conf / "secrets" / "jwt").write_text(SECRET + "\n")
+    (conf / "secrets" / "jwt").chmod(0o600)  # a secret file must be private (SPEC section 13)
     (conf / "nodes.txt").write_text("ws://10.0.0.1:9001 weight=3\nws://10.0.0.2:9001\n")
     monkeypatch.chdir(tmp_path)  # not the INI's folder
     path = write(conf, """
@@ -364,6 +365,7 @@ def test_unreadable_file_value_names_the_file(tmp_path: Path) -> None:
 
 def test_file_value_that_is_not_text(tmp_path: Path) -> None:
     (tmp_path / "bin").write_bytes(b"\xff\xfe\x00")
+    (tmp_path / "bin").chmod(0o600)
     assert one_problem(tmp_path, "[admin]\ntoken = file:bin\n").endswith("is not UTF-8 text")
 
 
@@ -373,6 +375,7 @@ def test_file_value_that_is_not_text(tmp_path: Path) -> None:
 def test_secret_values_never_appear_in_errors(tmp_path: Path) -> None:
     env = {"SECRET": SECRET, "SHORT": "short-" + SECRET[:8], "URL": f"redis://:{SECRET}@host:99999/0"}
     (tmp_path / "token").write_text(f"{SECRET} with spaces\n")
+    (tmp_path / "token").chmod(0o600)
     found = problems(tmp_path, f"""
         [gateway]
         workers = env:SECRET
@@ -424,6 +427,8 @@ def test_relative_paths_are_resolved_against_the_ini_folder(tmp_path: Path, monk
     (conf / "keys" / "api-keys").write_text("")
     for name in ("ca.pem", "cert.pem", "key.pem"):
         (conf / "keys" / name).write_bytes(tls[name].read_bytes())
+    for name in ("api-keys", "key.pem"):
+        (conf / "keys" / name).chmod(0o600)  # secrets must be private (SPEC section 13)
     monkeypatch.chdir(tmp_path)
     path = write(conf, """
         [auth]
@@ -467,6 +472,7 @@ def test_missing_files_that_must_exist(tmp_path: Path) -> None:
 def test_endpoints(tmp_path: Path, tls: dict[str, Path]) -> None:
     for name in ("cert.pem", "key.pem"):
         (tmp_path / name).write_bytes(tls[name].read_bytes())
+    (tmp_path / "key.pem").chmod(0o600)
     config = cfg(tmp_path, """
         [gateway]
         listen = tcp:0:interface=127.0.0.1 ssl:0:privateKey=key.pem:certKey=cert.pem unix:gw.sock
@@ -544,6 +550,8 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     cert.cert_chain_pems[0].write_to_path(str(folder / "cert.pem"))
     cert.private_key_pem.write_to_path(str(folder / "key.pem"))
     other.private_key_pem.write_to_path(str(folder / "other-key.pem"))
+    for path in folder.iterdir():
+        path.chmod(0o600)  # trustme writes 0644; a private key must be private (SPEC section 13)
     return {p.name: p for p in folder.iterdir()}
 
 
@@ -1089,6 +1097,7 @@ def test_values_can_be_built_by_hand_with_spec_defaults() -> None:
 
 def test_api_keys_file_is_checked_without_quoting_a_key(tmp_path: Path) -> None:
     (tmp_path / "keys").write_text("# raw key pasted by mistake\nsk-live-1234 billing\n")
+    (tmp_path / "keys").chmod(0o600)
     assert problems(tmp_path, "[auth]\napi_keys_file = keys\n") == [
         "[auth] api_keys_file: 'keys' line 2: the first field must be the key's SHA-256 as 64 hex digits "
         "(e.g. printf %s KEY | sha256sum), never the key itself"

@@ -24,7 +24,7 @@ from twisted.internet import task
 from twisted.internet.defer import Deferred, succeed
 
 from wsgateway.durable.confirmations import CONFIRM_BYTES, CONFIRM_INTERVAL
-from wsgateway.durable.entries import Entry, NewEntry
+from wsgateway.durable.entries import Entry, NewEntry, QueueFull
 from wsgateway.durable.relay import CONFIRM_TIMEOUT, DurableDelivery
 from wsgateway.durable.replay import CONN_HEADER, SEQ_HEADER, QueueLink
 from wsgateway.relay.codec import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, encode_close
@@ -117,6 +117,7 @@ class Harness:
     store: MemoryStore
     legs: Legs
     done: list[Any]
+    failures: list[str]
 
     def send(self, payload: bytes, opcode: int = OP_TEXT) -> bytes:
         data = c_frame(opcode, payload)
@@ -131,13 +132,15 @@ def make(*, upstream: bool = True, manual: bool = False, write_buffer: int = 1 <
     store = MemoryStore(manual=manual)
     legs = Legs()
     done: list[Any] = []
-    link = QueueLink(store=store, route="r", conn_key="c0ffee", headers=((":path", "/"),), retry_initial=0.1)
+    failures: list[str] = []
+    link = QueueLink(store=store, route="r", conn_key="c0ffee", headers=((":path", "/"),), retry_initial=0.1,
+                     on_failure=failures.append)
     opts: dict[str, Any] = dict(clock=clock, max_message_size=1 << 20, write_buffer=write_buffer, idle_timeout=0,
                                 ping_interval=0, ping_timeout=0, close_timeout=5.0, on_done=done.append)
     opts.update(kw)
     delivery = DurableDelivery(link, legs, clock=clock, write_buffer=write_buffer)
     relay = Relay(client, up, hooks=delivery, **opts)
-    return Harness(relay, delivery, client, up, clock, store, legs, done)
+    return Harness(relay, delivery, client, up, clock, store, legs, done, failures)
 
 
 def pings(t: FakeTransport) -> list[bytes]:
@@ -309,6 +312,16 @@ def test_a_failed_append_closes_the_client_1011() -> None:
     d.errback(OSError("disk full"))
     closes = [f.close for f in parse_frames(h.client.value()) if f.opcode == OP_CLOSE]
     assert closes == [(1011, "queue unavailable")]
+
+
+def test_an_append_refused_by_the_queue_bounds_closes_the_client_1013_queue_full() -> None:
+    h = make(upstream=False, manual=True)
+    h.send(b"m1")
+    d, _ = h.store.pending_appends.pop()
+    d.errback(QueueFull("connection c over max_bytes_per_connection", whole=False))
+    closes = [f.close for f in parse_frames(h.client.value()) if f.opcode == OP_CLOSE]
+    assert closes == [(1013, "queue full")]
+    assert h.failures == []  # a client over its share is no failing store (wsgateway_queue_failures_total)
 
 
 # -- reconnect loop, flush, live again ------------------------------------------------

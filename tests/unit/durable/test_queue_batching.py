@@ -15,7 +15,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from wsgateway.durable.batching import GroupCommit
-from wsgateway.durable.entries import NewEntry, QueueUnavailable
+from wsgateway.durable.entries import NewEntry, QueueFull, QueueUnavailable
 
 _sync = SynchronousTestCase()
 
@@ -141,3 +141,25 @@ def test_the_backlog_counts_are_settled_before_the_callers_hear() -> None:
     clock.advance(0)
     writes.answer()
     assert seen == [0]
+
+
+def test_a_write_that_refuses_one_callers_entries_fails_only_that_caller() -> None:
+    # the store's size caps refuse inside the write: the refused slots hold a QueueFull
+    c, writes, clock = commit(serial=True)
+    a, b = c.add(entries(1, 2)), c.add(entries(3))
+    clock.advance(0)
+    full = QueueFull("over max_bytes_per_connection", whole=False)
+    writes.answers[0].callback([101, full, 103])
+    assert _sync.failureResultOf(a, QueueFull).value is full  # none of a's entries counts as stored
+    assert _sync.successResultOf(b) == [103]
+    assert (c.transactions, c.appended, c.queued, c.failed_at) == (1, 2, 0, None)  # one client: store healthy
+
+
+def test_a_refusal_of_the_whole_queue_marks_the_store_as_failing() -> None:
+    c, writes, clock = commit(serial=False)
+    clock.advance(5)
+    a = c.add(entries(1))
+    clock.advance(0)
+    writes.answers[0].callback([QueueFull("over max_bytes", whole=True)])
+    assert _sync.failureResultOf(a, QueueFull).value.whole
+    assert c.failed_at == 5 and c.appended == 0

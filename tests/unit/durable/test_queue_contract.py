@@ -24,7 +24,7 @@ from twisted.internet.task import Clock
 
 from support.queue_stores import T0, Started, entry, redis_store, sqlite_store
 from support.redis_server import running_redis
-from wsgateway.durable.entries import Entry, NewEntry, QueueUnavailable, new_ulid
+from wsgateway.durable.entries import Entry, NewEntry, QueueFull, QueueUnavailable, new_ulid
 from wsgateway.interfaces import QueueStore
 
 
@@ -266,3 +266,49 @@ def test_ulid_is_time_ordered_and_unique() -> None:
     a, b = new_ulid(1.0), new_ulid(2.0)
     assert len(a) == 26 and a < b
     assert len({new_ulid() for _ in range(1000)}) == 1000
+
+
+# -- bounds: [queue] max_bytes and max_bytes_per_connection (SPEC section 13) ---------------------------------
+
+
+def _size(e: NewEntry) -> int:
+    """What an entry counts against the caps (docs/durable-delivery.md#bounds-and-disk-space)."""
+    return len(e.message) + len(b"{}") + len(b"[]") + len(e.conn_key.encode()) + 64
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_append_past_the_connections_share_is_refused_and_the_others_of_its_batch_stored(
+        make_store: MakeStore) -> None:
+    one = entry(0, message=b"x" * 100)
+    store = await make_store(max_bytes_per_connection=3 * _size(one))
+    await store.append([entry(s, message=b"x" * 100) for s in range(2)])
+    # one turn, one write: c1 would pass its share, c2 is well within its own
+    over = store.append([entry(s, message=b"x" * 100) for s in (2, 3)])
+    other = store.append([entry(0, conn="c2", message=b"y")])
+    with pytest.raises(QueueFull) as refused:
+        await over
+    assert not refused.value.whole and "max_bytes_per_connection" in str(refused.value)
+    assert len(await other) == 1
+    assert seqs(await store.pending()) == [("c1", 0), ("c1", 1), ("c2", 0)]  # nothing of the refused append
+    assert store.stored_bytes == 2 * _size(one) + _size(entry(0, conn="c2", message=b"y"))
+    ids = [e.id for e in await store.pending_for("c1")]
+    assert await store.ack(ids[:1]) == 1  # delivery gives the share back
+    assert len(await store.append([entry(2, message=b"x" * 100)])) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_append_past_max_bytes_is_refused_and_nothing_stored_is_dropped(
+        make_store: MakeStore) -> None:
+    one = entry(0, message=b"z" * 50)
+    store = await make_store(max_bytes=4 * _size(one), max_attempts=1)
+    ids = await store.append([entry(0, conn=f"k{n}", message=b"z" * 50) for n in range(3)])
+    await store.attempt_failed(ids[:1])  # a dead letter takes disk too
+    assert len(await store.append([entry(0, conn="k3", message=b"z" * 50)])) == 1
+    with pytest.raises(QueueFull) as refused:
+        await store.append([entry(0, conn="k4", message=b"z")])
+    assert refused.value.whole and isinstance(refused.value, QueueUnavailable)
+    assert store.append_failed_at == T0  # a full queue refuses as a failing one does (readiness)
+    assert len(await store.pending()) == 3 and len(await store.dead_letters()) == 1
+    assert await store.purge(dead=True) == 1
+    assert len(await store.append([entry(0, conn="k4", message=b"z")])) == 1
+    assert store.append_failed_at is None
