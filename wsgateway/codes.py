@@ -14,9 +14,16 @@ NORMAL = 1000
 GOING_AWAY = 1001
 PROTOCOL_ERROR = 1002
 POLICY_VIOLATION = 1008
+INVALID_PAYLOAD = 1007
 MESSAGE_TOO_BIG = 1009
 INTERNAL_ERROR = 1011
+TRY_AGAIN_LATER = 1013
 BAD_GATEWAY = 1014
+
+# The closes of a client that broke a rule: the gateway reads and discards
+# what it still sends, for up to [limits] close_timeout, so the close frame
+# reaches it rather than a TCP reset (docs/protocol.md#forwarding-and-close-codes).
+RULE_BROKEN = frozenset((PROTOCOL_ERROR, INVALID_PAYLOAD, POLICY_VIOLATION, MESSAGE_TOO_BIG, TRY_AGAIN_LATER))
 
 # Fixed reasons of the gateway's policy closes (1008, docs/protocol.md#forwarding-and-close-codes)
 REASON_RATE_LIMIT = "rate limit exceeded"

@@ -18,6 +18,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
+from support import rawws
 from support.gateway import free_port
 from support.waiting import wait_for
 from support.wsclient import Listener
@@ -264,3 +265,40 @@ def test_shutdown_tells_broadcast_clients_1001(start_gateway: Any, make_upstream
     for c in clients:
         c.thread.join(10)
         assert c.closed == (1001, "server shutting down")
+
+
+@pytest.mark.parametrize(
+    ("bad", "code"),
+    [
+        (rawws.frame(rawws.OP_TEXT, b"evil", rsv=2), 1002),  # a reserved bit without an extension
+        (rawws.frame(rawws.OP_TEXT, b"\xff"), 1007),  # Autobahn reads broadcast payloads: UTF-8 is checked
+        (rawws.frame(rawws.OP_CLOSE, (1005).to_bytes(2, "big")), 1002),
+    ],
+    ids=["rsv2", "utf8", "close-1005"],
+)
+def test_a_malformed_frame_on_a_broadcast_route_gets_a_close_frame_not_an_abort(
+    start_gateway: Any, make_upstream: Any, bad: bytes, code: int
+) -> None:
+    """As on proxy routes: a close frame with the code and a reason, then the end of the stream (issue 16 item 14)."""
+    gw = start_gateway(node_ini("gw-f", free_port(), make_upstream().node))
+    with rawws.raw_connect(gw.port) as sock:
+        sock.sendall(rawws.upgrade_request("/room/frames"))
+        head, rest = rawws.read_head(sock)
+        assert rawws.parse_head(head)[1] == 101
+        reader = rawws.FrameReader(sock, rest)
+        sock.sendall(bad)
+        for _ in range(10):  # anything the channel sends first (nothing, today), then the close
+            try:
+                got = reader.read_frame(timeout=5)
+            except EOFError as e:
+                pytest.fail(f"no close frame, the connection was dropped: {e}")
+            if got.opcode == rawws.OP_CLOSE:
+                break
+        assert got.opcode == rawws.OP_CLOSE
+        got_code, reason = got.close
+        assert got_code == code
+        assert reason
+        sock.sendall(rawws.frame(rawws.OP_CLOSE, code.to_bytes(2, "big")))
+        reader.wait_eof(5)
+    # not the TCP abort's warning ("dropping connection to peer ... with abort=True")
+    assert "abort=True" not in gw.log()

@@ -6,6 +6,7 @@ upstream; nothing it does reaches or slows the primary.
 from __future__ import annotations
 
 import threading
+import time
 
 from websockets.sync.client import connect
 
@@ -96,3 +97,35 @@ def test_slow_mirror_is_cut_off_and_never_slows_the_primary(make_upstream, start
         assert 0 < dropped < 60
     finally:
         stuck.set()
+
+
+def test_the_mirror_gets_what_the_client_sends_first_even_when_it_is_slow_to_open(make_upstream, start_gateway):
+    """
+    The mirror's handshake takes 0.5 s; the client says hello the moment it
+    is connected. The mirror's leg opens alongside the primary's and the
+    client's frames are held for it, so it still sees the session from its
+    first message (issue 16 item 11).
+    """
+
+    def slow_handshake(connection, request):
+        time.sleep(0.5)
+        return None
+
+    def shadow_handler(up, ws):
+        for msg in ws:
+            up.received.append(msg)
+
+    primary = make_upstream()
+    shadow = make_upstream(shadow_handler, process_request=slow_handshake)
+    gw = start_gateway(ini(primary.node, shadow.node))
+    with connect(gw.url + "/first", compression=None) as ws:
+        ws.send("hello")
+        ws.send("subscribe")
+        assert ws.recv(timeout=5) == "hello"
+        assert ws.recv(timeout=5) == "subscribe"
+        assert wait_for(lambda: len(shadow.received) >= 2, 5)
+        assert shadow.received[:2] == ["hello", "subscribe"]
+        ws.send("third")
+        assert ws.recv(timeout=5) == "third"
+    assert wait_for(lambda: len(shadow.received) == 3, 5)
+    assert shadow.received == ["hello", "subscribe", "third"]

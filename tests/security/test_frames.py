@@ -18,6 +18,7 @@ fragments, or announced as 1 TiB (all with what the upstream got).
 
 from __future__ import annotations
 
+import time
 import zlib
 
 import pytest
@@ -152,3 +153,67 @@ def test_close_frame_with_an_invalid_code_is_answered_1002(main: Main, payload: 
         assert code == 1002
         reader.wait_eof(3)
     assert main.backend.get(path).ended.wait(3)
+
+
+@pytest.mark.parametrize(
+    ("payload", "code"),
+    [
+        ((1005).to_bytes(2, "big"), 1002),
+        ((1006).to_bytes(2, "big"), 1002),
+        ((1015).to_bytes(2, "big"), 1002),
+        ((2000).to_bytes(2, "big"), 1002),
+        ((5000).to_bytes(2, "big"), 1002),
+        (b"\x03", 1002),
+        ((1000).to_bytes(2, "big") + b"bye \xff", 1007),
+    ],
+    ids=["1005", "1006", "1015", "2000-unassigned", "5000", "one-byte", "reason-not-utf8"],
+)
+def test_an_invalid_close_is_answered_by_the_gateway_and_never_relayed(main: Main, payload: bytes, code: int) -> None:
+    """
+    Against /raw, whose recorder would take any close and echo its code:
+    the gateway itself answers 1002 (1007 for the reason), and the upstream
+    gets 1001, never the client's invalid close (SPEC 13, issue 16 item 9).
+    """
+    path, _, sock, reader = _open(main, "raw", "badclose-raw")
+    with sock:
+        sock.sendall(frame(OP_CLOSE, payload))
+        before, (got, reason) = expect_close(reader)
+        assert before == []
+        assert (got, bool(reason)) == (code, True), (got, reason)
+        reader.wait_eof(3)
+    seen = main.recorder.get(path)
+    assert seen.ended.wait(3), "the upstream connection was left open"
+    assert seen.closes() == [(1001, "client closed")]
+
+
+def test_an_oversize_message_from_a_client_still_sending_gets_1009_not_a_reset(main: Main) -> None:
+    """
+    The client announces an 8 MiB message (over max_message_size = 64K) and
+    keeps writing its payload without reading, as a client streaming a big
+    upload does: the gateway reads and discards it (lingering close, issue 16
+    item 10), so the client's writes never meet a reset and it then reads
+    the 1009 close frame and the end of the stream.
+    """
+    path, _, sock, reader = _open(main, "raw", "linger")
+    chunk = b"\x00" * 65536
+    sent = 0
+    with sock:
+        try:
+            sock.sendall(frame(OP_BINARY, b"", length=64 << 20))
+            # 8 MiB behind the header, spread over about 0.1 s: the writes go
+            # on well after the gateway has sent its close, as a real upload's would
+            for i in range(128):
+                sock.sendall(chunk)
+                sent += len(chunk)
+                if i % 8 == 7:
+                    time.sleep(0.006)
+        except OSError as e:
+            pytest.fail(f"the gateway reset the connection after {sent} bytes of payload: {e!r}")
+        before, (code, reason) = expect_close(reader)
+        assert before == []
+        assert (code, reason) == (1009, "message too big")
+        assert reader.wait_eof(5) == b""
+    seen = main.recorder.get(path)
+    assert seen.ended.wait(3)
+    assert seen.closes() == [(1001, "client closed")]
+    assert seen.data() == [(OP_TEXT, b"ok")]

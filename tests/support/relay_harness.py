@@ -22,7 +22,8 @@ from wsgateway.relay.relay import Relay
 class FakeTransport(StringTransport):
     """
     A L{StringTransport} that records, in order, what the relay did to it:
-    ``("write", bytes)``, ``("lose",)`` and ``("abort",)``. Connection loss is
+    ``("write", bytes)``, ``("lose",)``, ``("linger",)`` (loseWriteConnection:
+    a FIN, reading goes on) and ``("abort",)``. Connection loss is
     never reported back by itself: each test calls ``*_connection_lost`` when
     the "socket" goes away, so the order of events is under the test's control.
     """
@@ -33,6 +34,7 @@ class FakeTransport(StringTransport):
         super().__init__()
         self.events: list[tuple[Any, ...]] = []
         self.lose_calls = 0
+        self.linger_calls = 0
         self.abort_calls = 0
 
     def write(self, data: bytes) -> None:
@@ -43,6 +45,11 @@ class FakeTransport(StringTransport):
         self.lose_calls += 1
         self.events.append(("lose",))
         super().loseConnection()
+
+    def loseWriteConnection(self) -> None:
+        # like TCP's: the write half ends once what is written is out; reads go on
+        self.linger_calls += 1
+        self.events.append(("linger",))
 
     def unregisterProducer(self) -> None:
         # like Twisted's TCP and TLS transports: a no-op without a producer

@@ -184,7 +184,9 @@ class ChannelSession:
 
     def message(self, payload: bytes, binary: bool) -> None:
         """A whole message from the client."""
-        if self.outbox.closed:
+        if self.outbox.closed or self.proto.state != OPEN:
+            # Autobahn reads on after it closed the client for a malformed
+            # frame (failByDrop off, sessions.py): nothing more is published
             return
         if self.bucket is not None and not self.bucket.take(self.clock.seconds()):
             self.outbox.closed = True

@@ -52,7 +52,11 @@ def open_channel(
     # set before the 101 goes out: Autobahn starts its pings then
     proto.autoPingInterval = limits.ping_interval
     proto.autoPingTimeout = limits.ping_timeout
-    proto.closeHandshakeTimeout = 5
+    proto.closeHandshakeTimeout = limits.close_timeout
+    # A malformed frame gets a close frame with its code and reason (1002,
+    # 1007, 1009), as on proxy routes, and Autobahn reads on until the
+    # client's answer (bounded by close_timeout): not a TCP abort.
+    proto.failByDrop = False
     proto.channel_config = (route, limits)
     # the gateway is the endpoint here: it takes the first subprotocol offered
     # (browsers fail a handshake whose offered subprotocols get no answer)

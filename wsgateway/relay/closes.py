@@ -20,7 +20,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from wsgateway import codes
 from wsgateway.interfaces import RelayControl
 from wsgateway.relay.codec import encode_close, parse_close
-from wsgateway.relay.transport import lose
+from wsgateway.relay.transport import linger, lose
 
 # who closed a connection first (Relay.closed_by, the access log's closed_by)
 CLIENT = "client"
@@ -54,6 +54,8 @@ class Closes:
         self._timeout = close_timeout
         self._call: IDelayedCall | None = None
         self._lose_client_after = False
+        self._linger_client = False  # with _lose_client_after: linger() rather than lose()
+        self._violated = False
         self._lose_upstream_after = False
         self._expiry: IDelayedCall | None = None
         if close_at is not None:
@@ -182,7 +184,7 @@ class Closes:
         relay.client.write(chunk)
         relay.budget_client = budget - len(chunk)
         if relay.budget_client == 0 and self._lose_client_after:
-            lose(relay.client)
+            self._end_client()
 
     def owed_to_upstream(self, out: bytes, budget: int) -> None:
         relay = self._relay
@@ -195,12 +197,24 @@ class Closes:
             lose(upstream)
 
     def client_violation(self, code: int, reason: str) -> None:
+        if self._violated:
+            # called again for each read that follows: they are discarded
+            return
+        self._violated = True
         self._relay.log.info("closing client: {code} {reason}", code=code, reason=reason)
         self._gateway_closes(code, reason)
         self.to_client(code, reason)
         # The client's stream is unusable now: fail it (RFC 6455 7.1.7) once
-        # the close frame is out, rather than wait for an answer.
-        self.lose_client()
+        # the close frame is out, rather than wait for an answer. A client
+        # that broke a rule is often still sending (the rest of a big message,
+        # a flood): closing the socket on its unread data would make the
+        # kernel send a reset, which can overtake our close frame, so the
+        # client would see 1006 and retry at once. Hence nginx's lingering
+        # close, bounded by the close timer.
+        if code in codes.RULE_BROKEN:
+            self.linger_client()
+        else:
+            self.lose_client()
         self.to_upstream(codes.GOING_AWAY, "client closed")
 
     def upstream_violation(self, code: int, reason: str) -> None:
@@ -286,6 +300,32 @@ class Closes:
             self._lose_client_after = True
         else:
             lose(relay.client)
+
+    def linger_client(self) -> None:
+        """
+        Once what is owed to the client (its close) is written: our half of
+        its connection closed, what it still sends read and discarded (the
+        scanner has stopped), until it closes or the close timer aborts it.
+        """
+        relay = self._relay
+        if relay.client_lost:
+            return
+        self._linger_client = True
+        if relay.budget_client:
+            self._lose_client_after = True
+        else:
+            self._end_client()
+
+    def _end_client(self) -> None:
+        relay = self._relay
+        if not self._linger_client:
+            lose(relay.client)
+            return
+        if relay.upstream is not None:
+            # the upstream's full buffer must not stop the reads that keep the reset away
+            relay.upstream.unregisterProducer()
+        linger(relay.client)
+        self._start_timer()
 
     def lose_upstream(self) -> None:
         relay = self._relay

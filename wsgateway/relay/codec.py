@@ -92,6 +92,40 @@ def encode_close(code: int, reason: str = "", *, mask: bool) -> bytes:
     return encode_frame(OP_CLOSE, code.to_bytes(2, "big") + raw, mask=mask)
 
 
+# The codes below 3000 a peer may put in a close frame: RFC 6455 7.4.1 and the
+# IANA "WebSocket Close Code Number Registry" (1012-1014 were registered there
+# later). 1004 is reserved, 1005, 1006 and 1015 must never go on the wire, the
+# rest of 1000-2999 is unassigned; 3000-4999 are for libraries and
+# applications; anything else is not a close code at all.
+_SENDABLE_BELOW_3000 = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014))
+
+# what an invalid close frame from a client gets (fixed reasons, as the scanner's)
+E_CLOSE_LENGTH = (1002, "bad close frame")
+E_CLOSE_CODE = (1002, "bad close code")
+E_CLOSE_REASON = (1007, "invalid UTF-8 in close reason")
+
+
+def close_error(payload: bytes) -> tuple[int, str] | None:
+    """
+    Why an unmasked close payload may not be relayed (RFC 6455 5.5.1, 7.4):
+    None when it is valid (empty, or a sendable code and a UTF-8 reason),
+    else the (close code, fixed reason) to fail the connection with.
+    """
+    n = len(payload)
+    if n == 0:
+        return None
+    if n == 1:
+        return E_CLOSE_LENGTH
+    code = (payload[0] << 8) | payload[1]
+    if code not in _SENDABLE_BELOW_3000 and not 3000 <= code <= 4999:
+        return E_CLOSE_CODE
+    try:
+        payload[2:].decode("utf-8")
+    except UnicodeDecodeError:
+        return E_CLOSE_REASON
+    return None
+
+
 def parse_close(payload: bytes) -> tuple[int | None, str]:
     """
     Read an unmasked close payload as (code, reason).

@@ -76,12 +76,15 @@ class FrameScanner:
         *,
         masked: bool,
         max_message_size: int,
-        on_control: Callable[[int, bytes], bool],
+        on_control: Callable[[int, bytes], bool | tuple[int, str]],
         on_message: Callable[[], tuple[int, str] | None] | None = None,
     ) -> None:
         """
         @param on_control: called with each complete control frame's opcode
-            and unmasked payload; returns whether to forward it.
+            and unmasked payload; returns whether to forward it, or a
+            (close code, fixed reason) that stops the stream at that frame
+            like a violation (a close frame whose code or reason is invalid):
+            neither it nor anything after it is handed out.
         @param on_message: if given, called once per data message, when the
             header of its first frame is complete and before any byte of
             it is handed out. It returns None to let the message through,
@@ -298,6 +301,10 @@ class FrameScanner:
                     raise
                 finally:
                     self._in_callback = False
+                if isinstance(keep, tuple):
+                    # the frame itself is the violation: the output stops before it
+                    err = keep
+                    break
                 if not keep:
                     if parts is None:
                         parts = []

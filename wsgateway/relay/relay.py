@@ -30,7 +30,7 @@ from wsgateway import codes
 from wsgateway.interfaces import RelayHooks, RelayTransport
 from wsgateway.ops.logs import ConnLogger
 from wsgateway.relay.closes import Closes
-from wsgateway.relay.codec import OP_CLOSE, OP_PONG
+from wsgateway.relay.codec import OP_CLOSE, OP_PONG, close_error
 from wsgateway.relay.frames import FrameScanner
 from wsgateway.relay.hooks import NO_HOOKS
 from wsgateway.relay.keepalive import Keepalive
@@ -38,7 +38,7 @@ from wsgateway.relay.mirror import Mirror
 from wsgateway.relay.pushes import Pushes
 from wsgateway.relay.ratelimit import rate_limiter
 from wsgateway.relay.reconnect import Reconnect
-from wsgateway.relay.transport import Leg, Reader, lose, take
+from wsgateway.relay.transport import Leg, Reader, take
 
 
 class Relay:
@@ -206,13 +206,19 @@ class Relay:
 
     # -- control frames --------------------------------------------------
 
-    def _from_client(self, opcode: int, payload: bytes) -> bool:
+    def _from_client(self, opcode: int, payload: bytes) -> bool | tuple[int, str]:
         if opcode == OP_PONG:
             if payload == self.keepalive.payload:
                 self.keepalive.pong_from_client = True
                 return False
             return True
         if opcode == OP_CLOSE:
+            # An invalid close is a violation like any other (1002 or 1007,
+            # the upstream 1001): a conformant upstream would fail the
+            # connection on it, and the client would get 1014 for its own error.
+            invalid = close_error(payload)
+            if invalid is not None:
+                return invalid
             return self.closes.from_client(payload)
         # pings pass through: the upstream answers them itself
         return True
@@ -330,16 +336,17 @@ class Relay:
     mirror: Mirror | None = None  # copies of the client's frames go there; None once it is cut off or lost
     _mirrored: Mirror | None = None  # the one attached, also once cut off or lost
 
-    def attach_mirror(self, transport: RelayTransport, write_buffer: int, on_done: Callable[[], None]) -> bool:
+    def expect_mirror(self, write_buffer: int) -> Mirror | None:
         """
-        Start copying client frames to ``transport`` (an open upstream leg of
-        the route's mirror). Returns False (and the caller closes it) when
-        this connection is already closing.
+        Copy the client's frames for the route's mirror, whose leg is being
+        opened (relay/start.py's MirrorLeg): held, up to ``write_buffer``
+        bytes, until it opens (L{Mirror.opened}) or fails. None (and the
+        caller drops the leg) when this connection is already over.
         """
         if self.done or self.closed_by is not None:
-            return False
-        self.mirror = self._mirrored = Mirror(self, transport, write_buffer, on_done)
-        return True
+            return None
+        self.mirror = self._mirrored = Mirror(self, write_buffer)
+        return self.mirror
 
     def mirror_lost(self) -> None:
         self.mirror = None
@@ -360,8 +367,7 @@ class Relay:
         if self.reconnecting:
             self.hooks.stop_reconnecting()
         if self.mirror is not None:
-            # it had the client's close too, if there was one; no waiting for it
-            lose(self.mirror.transport)
+            self.mirror.finish()
         self.keepalive.stop()
         self.closes.stop()
         if self._on_done is not None:

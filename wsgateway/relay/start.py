@@ -24,6 +24,7 @@ from wsgateway.durable.relay import DurableDelivery
 from wsgateway.durable.replay import QueueLink, stored_headers
 from wsgateway.interfaces import DurableQueue
 from wsgateway.ops import logs
+from wsgateway.relay.mirror import Mirror
 from wsgateway.relay.relay import Relay
 from wsgateway.relay.transport import Leg, transport_of
 from wsgateway.upstream.leg import UpstreamProtocol, adopt
@@ -105,6 +106,7 @@ class RelayStarter:
             idle_timeout=limits.idle_timeout,
             ping_interval=limits.ping_interval,
             ping_timeout=limits.ping_timeout,
+            close_timeout=limits.close_timeout,
             on_done=info,
             reconnect=reconnect,
             messages_per_second=limits.messages_per_second,
@@ -145,39 +147,103 @@ class RelayStarter:
             retry_initial=upstream.config.backoff_initial,
         )
 
-    def start_mirror(self, relay: Relay, name: str, request: UpstreamRequest) -> None:
+    def open_mirror(self, name: str, request: UpstreamRequest) -> MirrorLeg | None:
         """
-        Open the route's mirror leg beside the relay. Nothing about it may
-        touch the primary: connect failures are logged at debug level, what
-        it sends is discarded, and a slow mirror is cut off by the relay.
+        Begin the connect of the route's mirror leg, alongside the primary's;
+        the relay takes it once it starts (L{MirrorLeg.attach}). None when
+        a reload has removed that upstream meanwhile.
         """
         mirror = self.upstreams.get(name)
         if mirror is None:
-            return  # removed by a reload during this connection's handshake
-        write_buffer = self.limits.write_buffer
+            return None
+        return MirrorLeg(mirror, name, request, self.limits.write_buffer)
 
-        def opened(result: tuple[Node, UpstreamProtocol]) -> None:
-            node, leg = result
-            released: list[bool] = []
 
-            def release() -> None:
-                if not released:
-                    released.append(True)
-                    mirror.release(node)
+class MirrorLeg:
+    """
+    The route's mirror leg of one connection, from its connect to the relay
+    whose client it copies. Nothing about it may touch the primary: connect
+    failures are logged at debug level, what it sends is discarded, and a
+    slow mirror is cut off by the relay (relay/mirror.py).
+    """
 
-            if not relay.attach_mirror(transport_of(leg), write_buffer, release):
-                release()
-                transport_of(leg).loseConnection()
-                return
-            sink = Leg(_discard, relay.mirror_lost)
-            if not adopt(leg, sink):
-                leg.sink = sink
-            leg.take_pending()
+    log = Logger()
 
-        def failed(f: Failure) -> None:
-            self.log.debug("mirror {mirror} not reached: {error}", mirror=name, error=f.getErrorMessage())
+    def __init__(self, mirror: Upstream[UpstreamProtocol], name: str, request: UpstreamRequest,
+                 write_buffer: int) -> None:
+        self._upstream = mirror
+        self._name = name
+        self._write_buffer = write_buffer
+        self._relay: Relay | None = None
+        self._copies: Mirror | None = None
+        self._open: tuple[Node, UpstreamProtocol] | None = None  # opened before the relay started
+        self._over = False  # failed, or cancelled: no relay takes it
+        self._connect: Deferred[tuple[Node, UpstreamProtocol]] = Deferred.fromCoroutine(mirror.connect(request))
+        self._connect.addCallbacks(self._opened, self._failed)
 
-        Deferred.fromCoroutine(mirror.connect(request)).addCallbacks(opened, failed)
+    def attach(self, relay: Relay) -> None:
+        """The relay has started: its client's frames are copied from the first, held until the leg opens."""
+        if self._over:
+            return
+        copies = relay.expect_mirror(self._write_buffer)
+        if copies is None:
+            self.cancel()
+            return
+        self._relay, self._copies = relay, copies
+        opened, self._open = self._open, None
+        if opened is not None:
+            self._hand_over(*opened)
+
+    def cancel(self) -> None:
+        """No relay will take it: the handshake failed, or the client left before the relay started."""
+        if self._over:
+            return
+        self._over = True
+        opened, self._open = self._open, None
+        if opened is not None:
+            node, leg = opened
+            self._upstream.release(node)
+            transport_of(leg).loseConnection()
+        else:
+            self._connect.cancel()
+
+    def _opened(self, result: tuple[Node, UpstreamProtocol]) -> None:
+        node, leg = result
+        if self._over:
+            self._upstream.release(node)
+            transport_of(leg).loseConnection()
+        elif self._relay is None:
+            self._open = result
+        else:
+            self._hand_over(node, leg)
+
+    def _hand_over(self, node: Node, leg: UpstreamProtocol) -> None:
+        relay, copies = self._relay, self._copies
+        assert relay is not None and copies is not None  # attached
+        mirror = self._upstream
+        released: list[bool] = []
+
+        def release() -> None:
+            if not released:
+                released.append(True)
+                mirror.release(node)
+
+        if not copies.opened(transport_of(leg), release):
+            release()
+            transport_of(leg).loseConnection()
+            return
+        sink = Leg(_discard, relay.mirror_lost)
+        if not adopt(leg, sink):
+            leg.sink = sink
+        leg.take_pending()
+
+    def _failed(self, f: Failure) -> None:
+        if self._over:
+            return  # cancelled: nobody wanted it any more
+        self._over = True
+        self.log.debug("mirror {mirror} not reached: {error}", mirror=self._name, error=f.getErrorMessage())
+        if self._copies is not None:
+            self._copies.failed()
 
 
 class Reconnector:

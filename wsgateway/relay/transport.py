@@ -3,8 +3,9 @@
 What the frame relay does with the transports it owns: the protocol each
 one talks to once the relay has it (L{Leg}), the write buffer and send-now
 set-up (L{take}), each transport as the streaming producer of the other
-(L{Reader}, L{Both}), a mirror's overflow alarm (L{Overflow}) and the one
-right way to end a leg (L{lose}).
+(L{Reader}, L{Both}), a mirror's overflow alarm (L{Overflow}), the one
+right way to end a leg (L{lose}) and the lingering close of a client that
+broke a rule (L{linger}).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import cast
 
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import BaseProtocol, Protocol, connectionDone
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -144,6 +146,27 @@ class Overflow:
 
     def stopProducing(self) -> None:
         pass
+
+
+def linger(transport: RelayTransport) -> None:
+    """
+    nginx's lingering close: our half of the connection ends once what was
+    written is out (a FIN after it), and reading goes on, so that data the
+    peer still sends does not make the kernel answer with a reset that could
+    overtake our last bytes. The peer's FIN (or the caller's timer) ends it.
+    TLS has no half-close of its own: its loseConnection sends close_notify
+    and reads on until the peer's, which is the same thing.
+    """
+    transport.unregisterProducer()
+    # it may have been paused by the other leg's buffer
+    transport.resumeProducing()
+    half_close = getattr(transport, "loseWriteConnection", None)
+    if half_close is None or isinstance(transport, TLSMemoryBIOProtocol):
+        # (a TLS transport offers the TCP transport's loseWriteConnection
+        # through ProtocolWrapper.__getattr__: a FIN under TLS, not wanted)
+        transport.loseConnection()
+    else:
+        half_close()
 
 
 def lose(transport: RelayTransport) -> None:
