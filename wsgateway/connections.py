@@ -19,7 +19,7 @@ from typing import Any
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from wsgateway.handshake.admission import ConnectionLimiter
+from wsgateway.handshake.admission import ConnectionLimiter, PendingHandshakes
 from wsgateway.interfaces import DurableQueue
 from wsgateway.ops import accesslog
 from wsgateway.ops.stats import Connection, GatewayStats
@@ -50,6 +50,10 @@ class LiveConnections:
         self.queue = queue  # the durable queue, when a route is at_least_once
         self.relays: set[Any] = set()
         self.sessions: set[Any] = set()  # open broadcast connections
+        # connections of every listener not upgraded yet ([limits] max_pending_handshakes)
+        self.pending = PendingHandshakes()
+        # connections that found their address's share taken, waiting for their request to refuse it
+        self.over_share = 0
 
     def open_connections(self) -> list[Any]:
         """Every open connection: relays and broadcast sessions (both have drain, client, upstream)."""
@@ -120,6 +124,30 @@ class LiveConnections:
         self.stats.closed(session, proto.close_code)
         self.end_span(proto, session, {"wsgateway.channel": proto.channel, "websocket.close_code": proto.close_code})
         accesslog.channel_closed(proto, session, self.clock.seconds())
+
+    # -- connections not upgraded yet --------------------------------------
+
+    def handshake_started(self, proto: Any, max_pending: int) -> list[Any]:
+        """
+        Hold ``proto`` until it is upgraded or lost; returns the oldest
+        connections beyond ``max_pending``, no longer held, for the caller
+        to drop.
+        """
+        return self.pending.add(proto, max_pending)
+
+    def handshake_ended(self, proto: Any) -> None:
+        """``proto`` was upgraded or lost (a no-op when it was not held)."""
+        self.pending.discard(proto)
+
+    def over_share_started(self, max_waiting: int) -> bool:
+        """Count one more connection waiting over its address's share; False (nothing counted) at ``max_waiting``."""
+        if self.over_share >= max_waiting:
+            return False
+        self.over_share += 1
+        return True
+
+    def over_share_ended(self) -> None:
+        self.over_share -= 1
 
     # -- handshakes that end without a connection --------------------------
 

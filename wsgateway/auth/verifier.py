@@ -10,6 +10,7 @@ refresh, which it gets injected.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -110,15 +111,41 @@ class TokenVerifier:
         except Exception as e:
             # Any failure to verify is a refusal, never a crash or an accept.
             raise AuthFailed(codes.UNAUTHORIZED, _why(e)) from None
+        times = {name: _numeric_date(claims, name) for name in _TIME_CLAIMS}
         sub = claims.get("sub")
-        exp = claims.get("exp")
         return Identity(
             subject=sub if isinstance(sub, str) else None,
             claims=claims,
             roles=roles_of(claims),
-            expires=float(exp) if isinstance(exp, (int, float)) else None,
+            expires=times["exp"],
             kind="jwt",
         )
+
+
+# RFC 7519 4.1.4-4.1.6: each a NumericDate when present
+_TIME_CLAIMS = ("exp", "nbf", "iat")
+
+
+def _numeric_date(claims: Mapping[str, Any], name: str) -> float | None:
+    """
+    The claim as seconds, or AuthFailed unless it is a NumericDate: a JSON
+    number. PyJWT compares int(value), which also takes a string of digits
+    and true/false, so a token with "exp": "9999999999" passed its checks
+    while the expiry close, scheduled only for a number, never came.
+    """
+    if name not in claims:
+        return None
+    value = claims[name]
+    # bool is an int subclass; NaN and Infinity are what Python's json reads for those words
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise AuthFailed(codes.UNAUTHORIZED, f"{name} is not a NumericDate")
+    try:
+        seconds = float(value)
+    except OverflowError:
+        raise AuthFailed(codes.UNAUTHORIZED, f"{name} is not a NumericDate") from None
+    if not math.isfinite(seconds):
+        raise AuthFailed(codes.UNAUTHORIZED, f"{name} is not a NumericDate")
+    return seconds
 
 
 def _why(e: Exception) -> str:

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
+from typing import Any
 
 from wsgateway import codes
 
-__all__ = ["client_ip", "ConnectionLimiter", "TokenBucket"]
+__all__ = ["client_ip", "ConnectionLimiter", "PendingHandshakes", "TokenBucket"]
 
 Network = IPv4Network | IPv6Network
 Address = IPv4Address | IPv6Address
@@ -108,12 +109,18 @@ class ConnectionLimiter:
     connection, from its connectionLost); an address's entry disappears when
     its count drops to 0, so a scan of many addresses leaves no memory behind.
     A limit of 0 means unlimited.
+
+    Connections still in the handshake (TCP open, request head not yet
+    read) count towards the per-address limit too (``begin_pending`` /
+    ``end_pending``, which pair the same way): otherwise one address could
+    hold any number of half-open sockets against a limit of 20.
     """
 
-    __slots__ = ("_max", "_max_per_ip", "_counts", "_active")
+    __slots__ = ("_max", "_max_per_ip", "_counts", "_active", "_pending")
 
     def __init__(self, max_connections: int, max_per_ip: int) -> None:
         self._counts: dict[str, int] = {}
+        self._pending: dict[str, int] = {}
         self._active = 0
         self._max = 0
         self._max_per_ip = 0
@@ -145,6 +152,9 @@ class ConnectionLimiter:
     def per_ip(self, ip: str) -> int:
         return self._counts.get(ip, 0)
 
+    def pending_per_ip(self, ip: str) -> int:
+        return self._pending.get(ip, 0)
+
     def admit(self, ip: str) -> int | None:
         """
         Count a new connection from ``ip`` and return None, or count nothing
@@ -155,11 +165,36 @@ class ConnectionLimiter:
         if self._max and self._active >= self._max:
             return codes.UNAVAILABLE
         n = self._counts.get(ip, 0)
-        if self._max_per_ip and n >= self._max_per_ip:
+        if self._max_per_ip and n + self._pending.get(ip, 0) >= self._max_per_ip:
             return codes.TOO_MANY_REQUESTS
         self._counts[ip] = n + 1
         self._active += 1
         return None
+
+    def begin_pending(self, ip: str) -> int | None:
+        """
+        Count a connection from ``ip`` whose request head has not arrived
+        and return None, or count nothing and return 429 when the address's
+        open and pending connections already reach its share. The gateway
+        total is not checked here: pending connections have a bound of
+        their own (L{PendingHandshakes}).
+        """
+        n = self._pending.get(ip, 0)
+        if self._max_per_ip and self._counts.get(ip, 0) + n >= self._max_per_ip:
+            return codes.TOO_MANY_REQUESTS
+        self._pending[ip] = n + 1
+        return None
+
+    def end_pending(self, ip: str) -> bool:
+        """Uncount one pending connection from ``ip``; False (nothing changed) when it holds none."""
+        n = self._pending.get(ip, 0)
+        if n <= 0:
+            return False
+        if n == 1:
+            del self._pending[ip]
+        else:
+            self._pending[ip] = n - 1
+        return True
 
     def release(self, ip: str) -> bool:
         """
@@ -180,6 +215,46 @@ class ConnectionLimiter:
     def __len__(self) -> int:
         """How many distinct addresses hold a connection."""
         return len(self._counts)
+
+
+class PendingHandshakes:
+    """
+    The connections of the whole gateway that are not upgraded yet, oldest
+    first. Past the bound the oldest are given back to be dropped, not the
+    newest refused: a flood of half-open sockets then costs each of them its
+    place within ``max_pending`` new connections, and a client that sends
+    its request at once still gets through.
+    """
+
+    __slots__ = ("_order",)
+
+    def __init__(self) -> None:
+        # dicts keep insertion order: the first key is the oldest
+        self._order: dict[Any, None] = {}
+
+    def add(self, conn: Any, max_pending: int) -> list[Any]:
+        """Hold ``conn``; return the oldest others, removed, that now exceed ``max_pending`` (>= 1)."""
+        order = self._order
+        dropped: list[Any] = []
+        while order and len(order) >= max_pending:
+            oldest = next(iter(order))
+            del order[oldest]
+            dropped.append(oldest)
+        order[conn] = None
+        return dropped
+
+    def discard(self, conn: Any) -> bool:
+        """Forget ``conn`` (upgraded, refused or lost); False when it was not held."""
+        if conn not in self._order:
+            return False
+        del self._order[conn]
+        return True
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def __contains__(self, conn: Any) -> bool:
+        return conn in self._order
 
 
 class TokenBucket:

@@ -34,13 +34,13 @@ from wsgateway.durable.entries import Entry
 from wsgateway.durable.replay import CONN_HEADER, SEQ_HEADER
 from wsgateway.handshake.admission import client_ip
 from wsgateway.handshake.headers import check_header, check_request_head, check_resource, check_subprotocol, \
-    upstream_headers
+    peer_is_trusted, upstream_headers
 from wsgateway.handshake.origins import OriginPolicy
 from wsgateway.interfaces import DurableQueue
 from wsgateway.relay.start import RelayStarter
 from wsgateway.relay.transport import transport_of
 from wsgateway.routing.patterns import has_dot_segments
-from wsgateway.routing.router import Router
+from wsgateway.routing.router import Router, split_host
 from wsgateway.routing.templates import TemplateError, query_params, render_template, upstream_target
 from wsgateway.upstream.balance import hash_key
 from wsgateway.upstream.leg import UpstreamProtocol
@@ -120,6 +120,21 @@ class HandshakeChain:
             channel=route.mode != "proxy" or route.upstream is None,
         )
 
+    def pending_address(self, transport: Any) -> str | None:
+        """
+        The address a connection whose request head has not arrived counts
+        against ``max_connections_per_ip`` (as ``begin`` will count it), or
+        None for a trusted proxy: the clients behind it are not known yet,
+        and its connections are bounded by ``max_pending_handshakes`` alone.
+        """
+        peer_ip = _peer_ip(transport)
+        trusted = self.trusted
+        if not trusted:
+            return peer_ip
+        # normalised as begin() will have it (an IPv4-mapped peer as IPv4)
+        ip = client_ip(peer_ip, None, trusted)
+        return None if peer_is_trusted(ip, trusted) else ip
+
     def origins_of(self, route_name: str) -> OriginPolicy | None:
         plan = self.plans.get(route_name)
         return plan.origins if plan is not None else None
@@ -143,7 +158,12 @@ class HandshakeChain:
         target = proto.http_request_uri
         if has_dot_segments(target):
             raise ConnectionDeny(codes.BAD_REQUEST, "Bad Request")
-        match = self.router.match(target, headers.get("host"), headers)
+        host = headers.get("host")
+        # Autobahn requires one Host but takes any text in it; a value that
+        # is not host[:port] would reach host rules and X-Forwarded-Host.
+        if host is None or split_host(host) is None:
+            raise ConnectionDeny(codes.BAD_REQUEST, "Bad Request")
+        match = self.router.match(target, host, headers)
         if match is None:
             raise ConnectionDeny(codes.NOT_FOUND, "Not Found")
         plan = self.plans[match.route.name]

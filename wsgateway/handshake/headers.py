@@ -35,6 +35,7 @@ from collections.abc import Iterable, Mapping
 from ipaddress import IPv4Network, IPv6Network, ip_address
 
 from wsgateway.ids import random_hex
+from wsgateway.routing.router import split_host
 
 # RFC 7230 section 6.1 plus the legacy proxy ones; never forwarded.
 HOP_BY_HOP = frozenset(
@@ -82,9 +83,13 @@ IDENTITY = frozenset(
         "forwarded",
         "x-request-id",
         "traceparent",
-        "x-wsgateway-replay",
     }
 )
+
+# Every header with this prefix is the gateway's to set (conn id, seq,
+# replay, and any it adds later): upstreams deduplicate on them, so a
+# client's copies are dropped on every route.
+GATEWAY_PREFIX = "x-wsgateway-"
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:+=/-]{1,128}\Z")
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})\Z")
@@ -286,6 +291,7 @@ def upstream_headers(
             or name in HANDSHAKE
             or name in IDENTITY
             or name in extra_identity
+            or name.startswith(GATEWAY_PREFIX)
             or name in connection_listed
             or (name in CREDENTIALS and not forward_auth)
         ):
@@ -297,9 +303,13 @@ def upstream_headers(
     out["X-Forwarded-For"] = f"{forwarded_for}, {peer_ip}" if forwarded_for else peer_ip
     proto = client.get("x-forwarded-proto") if trusted else None
     out["X-Forwarded-Proto"] = proto or ("https" if secure else "http")
-    host = (client.get("x-forwarded-host") if trusted else None) or client.get("host")
-    if host:
-        out["X-Forwarded-Host"] = host
+    # Only a value that is host[:port] is passed on: a list or a path in it
+    # is how host-header poisoning reaches an upstream that builds URLs.
+    forwarded_host = client.get("x-forwarded-host") if trusted else None
+    if forwarded_host is None or split_host(forwarded_host) is None:
+        forwarded_host = client.get("host")
+    if forwarded_host is not None and split_host(forwarded_host) is not None:
+        out["X-Forwarded-Host"] = forwarded_host.strip()
     rid = request_id(client.get("x-request-id"))
     out["X-Request-ID"] = rid
     tp, trace_id = trace or traceparent(client.get("traceparent"))

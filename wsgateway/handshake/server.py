@@ -33,6 +33,7 @@ from wsgateway.handshake.chain import HandshakeChain
 from wsgateway.handshake.headers import HeaderInjection
 from wsgateway.ids import random_hex
 from wsgateway.relay.relay import Relay
+from wsgateway.relay.start import MirrorLeg
 from wsgateway.relay.transport import transport_of
 from wsgateway.upstream.leg import UpstreamProtocol, adopt
 from wsgateway.upstream.pool import Node, Upstream, UpstreamError, UpstreamRequest
@@ -42,6 +43,11 @@ CONNECTING = WebSocketProtocol.STATE_CONNECTING
 # Autobahn's refusal reasons quote request text (a duplicated bearer
 # subprotocol, a resource with its query): never let it into a log line.
 _QUOTED = re.compile(r'"[^"]*"|\'[^\']*\'')
+
+# How long a connection that found its address's share taken may take to
+# send its request (and get its 429): a client sends it right after
+# connecting, so a round trip or a TLS handshake, not handshake_timeout.
+_OVER_SHARE_GRACE = 1.0
 
 # RFC 6750 section 3: the scheme a 401 asks for
 _BEARER_CHALLENGE = 'Bearer realm="wsgateway"'
@@ -68,6 +74,8 @@ class GatewayServerProtocol(WebSocketServerProtocol):
     node: Node | None = None
     upstream: Upstream[UpstreamProtocol] | None = None
     upstream_request: UpstreamRequest | None = None
+    # the route's mirror leg, connecting alongside the primary's until the relay takes it
+    mirror_leg: MirrorLeg | None = None
     trace_id = ""
     span: Any = None  # the connection's OpenTelemetry span, when tracing exports
     identity: Identity | None = None
@@ -79,6 +87,10 @@ class GatewayServerProtocol(WebSocketServerProtocol):
     opened_at = 0.0
     # the client IP counted by the limiter until the relay takes over
     admitted_ip: str | None = None
+    # the address counted as a pending connection until the request head is read
+    pending_ip: str | None = None
+    # over its address's share when it connected: waiting a short grace for its request
+    _over_share = False
     # an at_least_once route with no node reachable: accepted, its messages queued
     degraded = False
 
@@ -88,7 +100,64 @@ class GatewayServerProtocol(WebSocketServerProtocol):
         super().connectionMade()
         # Our own timer: Autobahn's batched timer rounds deadlines down to a
         # whole second, which would drop clients early (at once below 1 s).
-        self._head_timer = self.factory.clock.callLater(self.factory.handshake_timeout, self._head_timed_out)
+        factory = self.factory
+        self._head_timer = factory.clock.callLater(factory.handshake_timeout, self._head_timed_out)
+        live = factory.live
+        # Every connection not upgraded yet holds a descriptor: counted per
+        # address as an open one, and bounded for the whole gateway.
+        ip = factory.chain.pending_address(self.transport)
+        if ip is not None and live.limiter.begin_pending(ip) is not None:
+            self._wait_over_share()
+            return
+        self.pending_ip = ip
+        self._hold_pending()
+
+    def _hold_pending(self) -> None:
+        # Oldest out, not newest refused: a flood of idle sockets cannot
+        # keep a client that sends its request at once from getting in.
+        for oldest in self.factory.live.handshake_started(self, self.factory.max_pending):
+            oldest.drop_pending()
+
+    def _wait_over_share(self) -> None:
+        """
+        Its address's share is taken before it has sent anything. It gets
+        its 429 from the chain once its request is read: an answer sent
+        before would race the request, and the client would often see the
+        TCP reset its request provokes instead. Meanwhile it is no pending
+        handshake (so it cannot push out other addresses' ones) and has a
+        short grace instead of handshake_timeout; past max_pending such
+        connections at once it is dropped at once.
+        """
+        factory = self.factory
+        live = factory.live
+        if not live.over_share_started(factory.max_pending):
+            live.handshake_refused(self, codes.TOO_MANY_REQUESTS)
+            transport_of(self).abortConnection()
+            return
+        self._over_share = True
+        self._cancel_head_timer()
+        self._head_timer = factory.clock.callLater(min(factory.handshake_timeout, _OVER_SHARE_GRACE),
+                                                   self._head_timed_out)
+
+    def _end_over_share(self) -> bool:
+        if not self._over_share:
+            return False
+        self._over_share = False
+        self.factory.live.over_share_ended()
+        return True
+
+    def drop_pending(self) -> None:
+        """Dropped as the oldest connection not upgraded yet (``max_pending_handshakes``)."""
+        self._log.debug("dropping {peer}: the oldest of max_pending_handshakes", peer=self.peer,
+                        conn_id=self.conn_id)
+        self._end_pending()
+        transport_of(self).abortConnection()
+
+    def _end_pending(self) -> None:
+        """The request head is read (``begin`` counts the connection from here) or the connection is gone."""
+        if self.pending_ip is not None:
+            self.factory.live.limiter.end_pending(self.pending_ip)
+            self.pending_ip = None
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
@@ -132,6 +201,10 @@ class GatewayServerProtocol(WebSocketServerProtocol):
         # The client has sent its whole request in time; from here the wait
         # is for the upstream, bounded by connect_timeout and retries.
         self._cancel_head_timer()
+        self._end_pending()
+        if self._end_over_share():
+            # its request came in its grace: the chain refuses it (429) unless a place came free meanwhile
+            self._hold_pending()
         factory = self.factory
         chain = self.chain = factory.chain
         # A plain value when nothing async is needed: Autobahn takes either.
@@ -142,7 +215,14 @@ class GatewayServerProtocol(WebSocketServerProtocol):
         if isinstance(answer, Deferred):
             self._handshake = answer
             answer.addErrback(self._refused)
+            # the primary's connect has begun: the mirror's begins with it
+            self._open_mirror()
         return answer
+
+    def _open_mirror(self) -> None:
+        route, request = self.route, self.upstream_request
+        if self.mirror_leg is None and route is not None and route.mirror and request is not None:
+            self.mirror_leg = self.chain.relays.open_mirror(route.mirror, request)
 
     def _refused(self, f: Failure) -> None:
         assert f.value is not None  # a Failure always carries its exception here
@@ -207,6 +287,7 @@ class GatewayServerProtocol(WebSocketServerProtocol):
         self.dropConnection(abort=False)
 
     def onOpen(self) -> None:
+        self.factory.live.handshake_ended(self)
         if self.channel is not None:
             if not self.gone:
                 self.session = start_channel(self, self.factory.live)
@@ -220,6 +301,16 @@ class GatewayServerProtocol(WebSocketServerProtocol):
         early, self.data, self._early = self.data + self._early, b"", b""
         relays = self.chain.relays
         relay = relays.start(self, up)
+        if up is not None:
+            # (opened here when the handshake waited, on token keys, before the primary's connect began)
+            self._open_mirror()
+        mirror, self.mirror_leg = self.mirror_leg, None
+        if mirror is not None:
+            # before any client frame is relayed: the mirror gets copies from the first
+            if up is None:
+                mirror.cancel()
+            else:
+                mirror.attach(relay)
         if up is None:
             # degraded: the relay queues until it has an upstream leg of its own
             if not adopt(self, relay.client_leg):
@@ -244,13 +335,18 @@ class GatewayServerProtocol(WebSocketServerProtocol):
         if early:
             transport_of(self).resumeProducing()
             relay.client_data(early)
-        if self.route is not None and self.route.mirror and self.upstream_request is not None:
-            relays.start_mirror(relay, self.route.mirror, self.upstream_request)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.gone = True
+        if self.mirror_leg is not None:
+            # no relay took the connection over
+            self.mirror_leg.cancel()
+            self.mirror_leg = None
         self._cancel_head_timer()
+        self._end_pending()
+        self._end_over_share()
         live = self.factory.live
+        live.handshake_ended(self)
         if self.admitted_ip is not None:
             # counted at the handshake, but no relay took the connection over
             live.limiter.release(self.admitted_ip)
@@ -325,6 +421,7 @@ class GatewayServerFactory(WebSocketServerFactory):
         self.chain = chain
         limits = chain.limits
         self.handshake_timeout = limits.handshake_timeout
+        self.max_pending = limits.max_pending_handshakes
         self.write_buffer = limits.write_buffer
         self.setProtocolOptions(
             versions=[13],

@@ -13,13 +13,14 @@ import json
 from collections.abc import Iterable, Mapping
 from functools import lru_cache
 from typing import Any
-from urllib.parse import parse_qsl, unquote_plus
+from urllib.parse import unquote_plus
 from urllib.parse import quote as _urlquote
 
 from wsgateway.routing.patterns import PatternError, RouteMatch
 
 __all__ = [
-    "TemplateError", "check_template", "query_params", "render_template", "template_fields", "upstream_target",
+    "TemplateError", "check_template", "is_token_param", "query_params", "render_template", "template_fields",
+    "upstream_target",
 ]
 
 # A capture in a template may also name a value from the handshake.
@@ -184,30 +185,83 @@ def render_template(
 # ----------------------------------------------------------------- upstream
 
 
+def _param_spelling(name: str) -> str:
+    """
+    The spelling-blind form of a query parameter name: percent- and
+    ``+``-decoded until stable (a few rounds: some stacks decode twice),
+    trimmed, lower case (ASP.NET reads names case-insensitively), a
+    ``[...]`` suffix cut (PHP and Rails read ``x[]`` and ``x[k]`` as ``x``)
+    and ``.``, space and an unclosed ``[`` read as ``_`` (PHP's mangling).
+    """
+    for _ in range(3):
+        decoded = unquote_plus(name)
+        if decoded == name:
+            break
+        name = decoded
+    name = name.strip(" \t\x00").lower()
+    bracket = name.find("[")
+    if bracket >= 0 and "]" in name[bracket:]:
+        name = name[:bracket]
+    return name.replace(".", "_").replace(" ", "_").replace("[", "_")
+
+
+def is_token_param(name: str, param: str | None) -> bool:
+    """
+    Whether a query parameter named ``name`` (as sent, still encoded) could
+    be read as the token parameter ``param`` by the gateway or by any
+    framework behind it. The gateway's own parser (auth/credentials.py)
+    reads only the exact decoded name; this is deliberately wider, so what
+    is stripped is a superset of what is read.
+    """
+    return param is not None and _param_spelling(name) == _param_spelling(param)
+
+
+def _without_token(param: str, drop: str | None) -> str:
+    """
+    One ``&``-separated parameter minus every ``;``-separated part of it
+    that names the token parameter (older stacks split on ``;`` too); the
+    parameter itself, byte for byte, when there is none; "" when nothing is
+    left.
+    """
+    if drop is None:
+        return param
+    # whole, as the gateway's parser reads it: "access_token=a;b" is all token to it
+    if is_token_param(param.partition("=")[0], drop):
+        return ""
+    if ";" not in param:
+        return param
+    parts = param.split(";")
+    kept = [part for part in parts if not is_token_param(part.partition("=")[0], drop)]
+    if len(kept) == len(parts):
+        return param
+    return ";".join(part for part in kept if part)
+
+
 def query_params(request_path: str, *, drop: str | None = None) -> dict[str, str]:
     """
     The decoded query parameters of a request target for C{{query.X}}
-    templates; the first occurrence of a repeated name wins. C{drop} (the
-    token parameter) is left out so no template can forward the token.
+    templates; the first occurrence of a repeated name wins. Every spelling
+    of C{drop} (the token parameter, L{is_token_param}) is left out, also as
+    a ``;``-separated part of another parameter, so no template can forward
+    the token.
     """
     _, _, query = request_path.partition("?")
     result: dict[str, str] = {}
-    for name, value in parse_qsl(query, keep_blank_values=True):
-        if name != drop:
-            result.setdefault(name, value)
+    for param in query.split("&"):
+        param = _without_token(param, drop)
+        if not param:
+            continue
+        raw_name, _, raw_value = param.partition("=")
+        result.setdefault(unquote_plus(raw_name), unquote_plus(raw_value))
     return result
 
 
 def _filter_query(query: str, drop: str | None) -> str:
     kept = []
-    for part in query.split("&"):
-        if not part:
-            continue
-        # Compare the decoded name: the token parser decodes it, so
-        # "access%5Ftoken=..." must not slip through to the upstream.
-        if drop is not None and unquote_plus(part.partition("=")[0]) == drop:
-            continue
-        kept.append(part)
+    for param in query.split("&"):
+        param = _without_token(param, drop)
+        if param:
+            kept.append(param)
     return "&".join(kept)
 
 
@@ -224,8 +278,9 @@ def upstream_target(
     """
     The path and query to request from the upstream for this handshake.
 
-    The client's query is appended minus every C{drop_query_param}
-    parameter, the others byte-for-byte in their order. A template that
+    The client's query is appended minus every spelling of the
+    C{drop_query_param} parameter (L{is_token_param}), the others
+    byte-for-byte in their order. A template that
     carries its own C{?} gets the client's parameters after an C{&}.
     Raises L{TemplateError} when the template needs a value the
     connection lacks.
