@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.unit.handshake.test_listening -*-
 """
 A listening socket as a service, which says where it listens: once the
-socket is bound, one info line ``listening on {address}`` with ``kind``
+socket is bound, one info line ``KIND listening on ADDRESS (ENDPOINT)``, ``kind``
 (gateway, admin, demo), ``endpoint`` (the configured string) and
 ``address`` (the bound host:port or unix path), so ``tcp:0`` works and
 its port can be read from the log (docs/logs.md).
@@ -16,6 +16,10 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+
+# The line each bound listener logs; its fields are kind, endpoint and address
+LISTENING = "{kind} listening on {address} ({endpoint})"
 
 
 def describe(address: Any) -> str:
@@ -70,7 +74,7 @@ class ListeningService(Service):
         self.port = port
         self._listening = None
         address = describe(port.getHost())
-        self.log.info("listening on {address}", kind=self.kind, endpoint=self.desc, address=address)
+        self.log.info(LISTENING, kind=self.kind, endpoint=self.desc, address=address)
         return port
 
     def stopService(self) -> Deferred[None]:

@@ -35,6 +35,7 @@ from wsgateway.handshake.server import GatewayServerFactory
 from wsgateway.listening import ListeningService
 from wsgateway.ops import dashboard, logs
 from wsgateway.ops.admin import admin_site
+from wsgateway.ops.jsonapi import AdminFactory
 from wsgateway.ops.metrics import BrokerMetrics, GatewayMetrics, MetricsResource
 from wsgateway.ops.stats import GatewayStats
 from wsgateway.ops.tracing import make_tracer
@@ -142,11 +143,14 @@ class GatewayService(MultiService):
             # the dashboard at / (and /demo with the demo backend)
             pages = dashboard.resources(self, config.gateway.listen if config.demo is not None else None)
             site = admin_site(
-                self, token=config.admin.token or None,
+                self, token=config.admin.token or None, max_body=config.admin.max_body,
                 extra={b"metrics": MetricsResource(self.metrics.registry), **pages},
             )
+            # one cap for all the admin addresses, apart from the client listeners'
+            guarded = AdminFactory(site, clock=reactor, max_connections=config.admin.max_connections)
             for desc in config.admin.listen:
-                ListeningService(serverFromString(reactor, desc), site, kind="admin", desc=desc).setServiceParent(self)
+                ListeningService(serverFromString(reactor, desc), guarded, kind="admin",
+                                 desc=desc).setServiceParent(self)
         control = self.role.control_service(self, self.metrics.registry, reactor)
         if control is not None:
             # what a parent reads to serve the admin port for all workers

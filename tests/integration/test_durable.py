@@ -313,7 +313,7 @@ def test_sigterm_during_an_outage_keeps_the_queue_for_the_next_start(start_gatew
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
     assert _rows(gw) == 100
     backend.start()
-    gw2 = start_gateway(gw.ini_path.read_text().replace(str(gw.port), "{port}"))
+    gw2 = start_gateway(gw.ini_path.read_text().replace("tcp:0:", "tcp:{port}:"))
     assert wait_for(lambda: _rows(gw2) == 0, timeout=20)
     got = [m for leg in backend.legs for m in leg.messages]
     assert got == [f"q{i}" for i in range(100)]

@@ -49,7 +49,7 @@ def gateway_ini(routes: str, upstreams: dict[str, str], *, extra: str = "", leve
 def rewrite(gw: Gateway, body: str) -> None:
     """Replace the gateway's INI whole (write aside, then rename), as an operator should."""
     tmp = gw.ini_path.with_suffix(".new")
-    tmp.write_text(body.replace("{port}", str(gw.port)))
+    tmp.write_text(body.replace("{port}", gw.ini_port))
     os.replace(tmp, gw.ini_path)
 
 
@@ -244,6 +244,7 @@ def test_auth_secret_rotation_refuses_the_old_token_and_accepts_the_new(tmp_path
     old_secret, new_secret = "o" * 32, "n" * 32
     secret_file = tmp_path / "jwt.secret"
     secret_file.write_text(old_secret + "\n")
+    secret_file.chmod(0o600)  # a secret file must be private (SPEC section 13)
     auth = f"[auth]\nalgorithms = HS256\nsecret = file:{secret_file}\n"
     routes = "[route:a]\npath = /a\nupstream = x\nauth = required\n"
     gw = start_gateway(gateway_ini(routes, {"x": up.node}, extra=auth))

@@ -283,7 +283,7 @@ def test_sighup_reaches_every_worker(make_upstream, start_gateway):
         connect(f"{gw.url}/b/x", open_timeout=10)
     assert e.value.response.status_code == 404
     tmp = gw.ini_path.with_suffix(".new")
-    tmp.write_text(first.replace("{port}", str(gw.port)) + "\n[route:b]\npath = /b/**\nupstream = backend\n")
+    tmp.write_text(first.replace("{port}", gw.ini_port) + "\n[route:b]\npath = /b/**\nupstream = backend\n")
     os.replace(tmp, gw.ini_path)
     before = len(gw.log())
     gw.proc.send_signal(signal.SIGHUP)
@@ -330,6 +330,7 @@ def test_ssl_listener_shared_by_workers_and_a_renewed_certificate_reaches_both(m
         leaf = ca.issue_cert("localhost")
         for path, data in ((key, leaf.private_key_pem.bytes()), (cert, leaf.cert_chain_pems[0].bytes())):
             path.with_suffix(".tmp").write_bytes(data)
+            path.with_suffix(".tmp").chmod(0o600)  # the key must be private (SPEC section 13)
             os.replace(path.with_suffix(".tmp"), path)
 
     def trusting(ca: trustme.CA) -> ssl.SSLContext:

@@ -7,9 +7,11 @@ in threads. The fixtures that wrap these (``start_gateway``,
 
 from __future__ import annotations
 
+import configparser
 import os
 import signal
 import socket
+import re
 import subprocess
 import sys
 import threading
@@ -61,6 +63,9 @@ class Gateway:
     proc: subprocess.Popen[bytes]
     log_path: Path
     ini_path: Path
+    # what {port} became in the INI ("0" when the port was read back): a
+    # rewritten INI keeps it, so a reload does not see its listen change
+    ini_port: str = ""
 
     @property
     def url(self) -> str:
@@ -103,9 +108,14 @@ def spawn_gateway(
     ``scheme_port`` is the port to wait for when that is another listener.
     """
     require_integration("twistd")
-    port = port or free_port()
+    # Without a port of the caller's, the gateway binds port 0 and says which
+    # port it got (its "gateway listening on ADDRESS (tcp:0...)" line): no
+    # window in which another process could take a port picked for it.
+    read_back = port is None and "{port}" in body
+    if not read_back:
+        port = port or free_port()
     ini = tmpdir / f"{name}.ini"
-    ini.write_text(body.replace("{port}", str(port)))
+    ini.write_text(body.replace("{port}", "0" if read_back else str(port)))
     log_path = tmpdir / f"{name}.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
@@ -115,15 +125,46 @@ def spawn_gateway(
             stderr=subprocess.STDOUT,
             env=source_env(**(env or {})),
         )
-    gw = Gateway(port=port, proc=proc, log_path=log_path, ini_path=ini)
+    gw = Gateway(port=port or 0, proc=proc, log_path=log_path, ini_path=ini, ini_port="0" if read_back else str(port))
     if on_spawn is not None:
         on_spawn(gw)
     try:
-        wait_port(scheme_port or port, proc=proc)
+        if read_back:
+            gw.port = bound_port(gw)
+        wait_port(scheme_port or gw.port, proc=proc)
     except Exception:
         gw.stop()
         raise RuntimeError(f"gateway did not start:\n{gw.log()}") from None
     return gw
+
+
+# "gateway listening on 127.0.0.1:41234 (tcp:0:interface=127.0.0.1)", in text or JSON logs
+_LISTENING = re.compile(r"gateway listening on \S*:(\d+) \((?:tcp6?|ssl):0\b")
+
+
+def _log_file(ini: Path) -> Path | None:
+    """The ``[log] file`` of a gateway's INI, when it logs to a file rather than stdout."""
+    parser = configparser.ConfigParser(inline_comment_prefixes=(";",), interpolation=None, strict=False)
+    parser.read(ini)
+    name = parser.get("log", "file", fallback="-").strip()
+    return None if name in ("", "-") else ini.parent / name
+
+
+def bound_port(gw: Gateway, timeout: float = 15.0) -> int:
+    """The port the gateway's ``tcp:0`` / ``ssl:0`` listener got, from its log line."""
+    deadline = time.monotonic() + timeout
+    log_file = _log_file(gw.ini_path)
+    while time.monotonic() < deadline:
+        text = gw.log()
+        if log_file is not None and log_file.exists():
+            text += log_file.read_text(errors="replace")
+        found = _LISTENING.search(text)
+        if found:
+            return int(found.group(1))
+        if gw.proc.poll() is not None:
+            raise RuntimeError(f"process exited with {gw.proc.returncode} before listening")
+        time.sleep(0.02)
+    raise TimeoutError("the gateway logged no 'gateway listening on' line for its port-0 listener")
 
 
 

@@ -60,7 +60,9 @@ from twisted.logger import Logger
 from wsgateway import runtime
 from wsgateway.config.loader import ConfigError, GatewayConfig, load
 from wsgateway.endpoints import DEFAULT_BACKLOG, split_endpoint
+from wsgateway.listening import LISTENING
 from wsgateway.ops import logs
+from wsgateway.ops.jsonapi import AdminFactory
 from wsgateway.signals import on_signal, restore_signal
 from wsgateway.workers import aggregate
 from wsgateway.workers.admin import parent_site
@@ -127,9 +129,10 @@ class WorkerParent(MultiService):
         self._previous_sighup: Any = None
         self._previous_sigusr1: Any = None
         if config.admin is not None:
-            site = parent_site(self, config.admin.token or None)
+            site = parent_site(self, config.admin.token or None, max_body=config.admin.max_body)
+            guarded = AdminFactory(site, clock=reactor, max_connections=config.admin.max_connections)
             for desc in config.admin.listen:
-                strports.service(desc, site, reactor=reactor).setServiceParent(self)
+                strports.service(desc, guarded, reactor=reactor).setServiceParent(self)
         if config.demo is not None:
             from wsgateway.dev.demo import DemoFactory
 
@@ -139,7 +142,8 @@ class WorkerParent(MultiService):
     def setup(self, worker: int) -> WorkerSetup:
         gw = self.config.gateway
         return WorkerSetup(id=worker, node_id=gw.node_id, listen=gw.listen, workers=gw.workers,
-                           control=os.path.join(self.control_dir, f"w{worker}.sock"), token=self._token)
+                           control=os.path.join(self.control_dir, f"w{worker}.sock"), token=self._token,
+                           **({"max_body": self.config.admin.max_body} if self.config.admin is not None else {}))
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -164,6 +168,10 @@ class WorkerParent(MultiService):
         self._bind()
         self._adopt_orphaned_queues()
         gw = self.config.gateway
+        for desc, sock in zip(gw.listen, self.sockets):
+            # the parent binds the workers' sockets: it says where, as a single process does
+            host, port = sock.getsockname()[:2]
+            self.log.info(LISTENING, kind="gateway", endpoint=desc, address=f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
         self.log.info("wsgateway node {node_id} starting {workers} worker processes sharing {listen}",
                       node_id=gw.node_id, workers=gw.workers, listen=" ".join(gw.listen))
         self.control_dir = tempfile.mkdtemp(prefix="wsgateway-")  # 0700: only our user reaches the workers

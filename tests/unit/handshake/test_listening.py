@@ -33,7 +33,7 @@ def test_a_bound_port_0_is_logged_with_its_real_port() -> None:
         port = svc.port.getHost().port
         assert port != 0
         [event] = events
-        assert formatEvent(event) == f"listening on 127.0.0.1:{port}"
+        assert formatEvent(event) == f"gateway listening on 127.0.0.1:{port} (tcp:0:interface=127.0.0.1)"
         fields = json.loads(eventAsJSON(event))
         assert (fields["kind"], fields["endpoint"], fields["address"]) == (
             "gateway", "tcp:0:interface=127.0.0.1", f"127.0.0.1:{port}")
