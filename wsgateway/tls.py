@@ -127,7 +127,7 @@ def parse_listen(desc: str) -> SSLListen:
 
 
 def _read(path: str, option: str, private: bool = False) -> bytes:
-    # bounded and regular files only (SPEC section 13): at start, in wsgateway-check and on SIGHUP alike
+    # bounded and regular files only (docs/configuration.md): at start, in wsgateway-check and on SIGHUP alike
     try:
         return read_bounded(path, private=private)
     except FileRefused as e:

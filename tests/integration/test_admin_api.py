@@ -1,5 +1,5 @@
 """
-The token-protected /admin/* JSON API (SPEC section 6) of a real gateway:
+The token-protected /admin/* JSON API (docs/admin-api.md) of a real gateway:
 authorization, every endpoint's status codes and JSON shape, and the
 effects of log-level and drain.
 """

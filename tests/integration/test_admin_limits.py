@@ -1,5 +1,5 @@
 """
-The admin port against peers without the token (SPEC section 13, issue 16
+The admin port against peers without the token (docs/configuration.md, issue 16
 items 2 and 3), on the wire: bodies judged before they are read (401, 413
 for Content-Length and chunked), nothing spooled to disk, the connection
 cap that leaves the WebSocket listener alone, and the request deadline that

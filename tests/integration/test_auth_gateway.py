@@ -30,7 +30,7 @@ def mint(**claims: Any) -> str:
 def gateway(tmp_path: Path, start_gateway: Any, make_upstream: Any) -> tuple[Any, Any]:
     keys = tmp_path / "api-keys"
     keys.write_text(f"{hashlib.sha256(API_KEY.encode()).hexdigest()} billing-service writer\n")
-    keys.chmod(0o600)  # API keys are secrets: private to the gateway's user (SPEC section 13)
+    keys.chmod(0o600)  # API keys are secrets: private to the gateway's user (docs/configuration.md)
     up = make_upstream()
     gw = start_gateway(f"""
         [gateway]

@@ -1,5 +1,5 @@
 """
-Backpressure (SPEC section 3): a flooding client in front of a slow upstream
+Backpressure (docs/protocol.md#forwarding-and-close-codes): a flooding client in front of a slow upstream
 is paused by TCP; the gateway does not buffer what the upstream cannot take.
 """
 

@@ -1,5 +1,5 @@
 """
-Graceful shutdown (SPEC section 9): SIGTERM stops accepting, /readyz says
+Graceful shutdown (docs/operations.md#signals-and-lifecycle): SIGTERM stops accepting, /readyz says
 draining, and after drain_grace every client gets 1001 "going away" at its
 own random moment of the drain window (no reconnect stampede), without
 losing a message it sent before it saw the close; then twistd exits 0.

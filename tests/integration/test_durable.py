@@ -1,5 +1,5 @@
 """
-delivery = at_least_once end to end (SPEC section 5): real gateway
+delivery = at_least_once end to end (docs/durable-delivery.md): real gateway
 processes, a real SQLite queue file, a websockets backend that goes away
 and comes back on the same port. Delivery is checked the way an upstream
 that dedupes would see it: each upstream connection says which client

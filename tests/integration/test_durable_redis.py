@@ -1,5 +1,5 @@
 """
-delivery = at_least_once with [queue] backend = redis (SPEC section 5): two
+delivery = at_least_once with [queue] backend = redis (docs/durable-delivery.md): two
 gateway nodes share one real redis-server; every queued entry reaches the
 upstream through exactly one of them, also when one is killed with entries
 still queued.

@@ -1,5 +1,5 @@
 """
-Hostile and edge-case peers over real loopback sockets (SPEC sections 2 and 3).
+Hostile and edge-case peers over real loopback sockets (docs/protocol.md).
 
 Clients here are raw ``socket``s that write the HTTP upgrade and the frames
 byte by byte, so they can break the protocol on purpose; upstreams are either
@@ -310,7 +310,7 @@ def idle(tmp_path_factory) -> Iterator[tuple[Gateway, RawUpstream]]:
     yield from _raw_gateway(tmp_path_factory, "idle", "idle_timeout = 1\nping_interval = 0\n")
 
 
-# == 1. handshake statuses (SPEC section 2) ================================
+# == 1. handshake statuses (docs/protocol.md#handshake-statuses) ================================
 
 
 def _assert_fixed_status(resp: bytes, status_line: str) -> None:

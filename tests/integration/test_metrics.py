@@ -1,5 +1,5 @@
 """
-/metrics (SPEC section 7) through a real gateway with real clients and
+/metrics (docs/metrics.md) through a real gateway with real clients and
 upstreams: every metric moves. The collector and the connect observer on a
 fake clock are tests/unit/ops/test_metrics.py.
 """

@@ -1,6 +1,6 @@
 """
 The proxy core end to end: a real twistd gateway between the ``websockets``
-library as client and as upstream (SPEC sections 2 and 3).
+library as client and as upstream (docs/protocol.md).
 """
 
 from __future__ import annotations

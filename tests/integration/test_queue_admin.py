@@ -1,6 +1,6 @@
 """
-The durable queue through the admin port of a real gateway (SPEC sections
-5-7): ``GET /admin/queue`` (depth and oldest age per route, dead letters),
+The durable queue through the admin port of a real gateway (docs/durable-delivery.md,
+docs/admin-api.md, docs/metrics.md): ``GET /admin/queue`` (depth and oldest age per route, dead letters),
 ``POST /admin/queue/purge`` and ``POST /admin/queue/replay``, and the
 ``wsgateway_queue_depth`` / ``wsgateway_queue_delivered_total`` metrics.
 

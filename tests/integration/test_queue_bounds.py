@@ -1,5 +1,5 @@
 """
-The durable queue's bounds on the wire (issue 16 item 1, SPEC section 13,
+The durable queue's bounds on the wire (issue 16 item 1, docs/configuration.md,
 docs/durable-delivery.md#bounds-and-disk-space): with the upstream of an
 ``at_least_once`` route down, a client that keeps sending is closed with
 1013 "queue full" once its share (``[queue] max_bytes_per_connection``)

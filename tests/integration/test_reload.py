@@ -1,5 +1,5 @@
 """
-SIGHUP re-reads the whole INI (SPEC section 9): routes, upstreams, auth
+SIGHUP re-reads the whole INI (docs/operations.md#signals-and-lifecycle): routes, upstreams, auth
 keys, limits and the log level change for new connections, open ones are
 not touched, and an invalid file changes nothing. A real twistd, real
 clients, real upstreams.
@@ -244,7 +244,7 @@ def test_auth_secret_rotation_refuses_the_old_token_and_accepts_the_new(tmp_path
     old_secret, new_secret = "o" * 32, "n" * 32
     secret_file = tmp_path / "jwt.secret"
     secret_file.write_text(old_secret + "\n")
-    secret_file.chmod(0o600)  # a secret file must be private (SPEC section 13)
+    secret_file.chmod(0o600)  # a secret file must be private (docs/configuration.md)
     auth = f"[auth]\nalgorithms = HS256\nsecret = file:{secret_file}\n"
     routes = "[route:a]\npath = /a\nupstream = x\nauth = required\n"
     gw = start_gateway(gateway_ini(routes, {"x": up.node}, extra=auth))

@@ -48,7 +48,7 @@ def replace(path: Path, data: bytes) -> None:
     """Write a file whole (a temporary file, then rename), the way the README tells operators to."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
-    tmp.chmod(0o600)  # a private key must be private to the gateway's user (SPEC section 13)
+    tmp.chmod(0o600)  # a private key must be private to the gateway's user (docs/configuration.md)
     os.replace(tmp, path)
 
 

@@ -1,8 +1,8 @@
 """
 TLS on both legs, routing wiring, forwarded headers and several upstream
 nodes, end to end: a real ``twistd`` gateway between the ``websockets``
-library as client and as upstream, over loopback sockets only (SPEC sections
-1-3).
+library as client and as upstream, over loopback sockets only (docs/configuration.md,
+docs/protocol.md).
 
 Clients always dial 127.0.0.1 (``sock=``) and put the wanted name in the URL,
 so ``Host`` and the TLS server name are what the test says without any name
@@ -115,7 +115,7 @@ def write_leaf(tmp_path: Path, cert: trustme.LeafCert, stem: str) -> tuple[Path,
     key_path = tmp_path / f"{stem}.key.pem"
     cert_path = tmp_path / f"{stem}.cert.pem"
     cert.private_key_pem.write_to_path(str(key_path))
-    key_path.chmod(0o600)  # trustme writes 0644; a private key must be private (SPEC section 13)
+    key_path.chmod(0o600)  # trustme writes 0644; a private key must be private (docs/configuration.md)
     with open(cert_path, "wb") as f:
         for blob in cert.cert_chain_pems:
             f.write(blob.bytes())
@@ -320,7 +320,7 @@ def test_route_upstream_path_template(routed):
 
 
 def test_token_query_param_is_never_forwarded(routed):
-    # SPEC 1: query_param (default access_token) is "never logged, never
+    # docs/configuration.md: query_param (default access_token) is "never logged, never
     # forwarded"; "The query string is forwarded to the upstream, minus the
     # token parameter." There is no [auth] section in this config.
     ups, gw = routed

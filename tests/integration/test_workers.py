@@ -330,7 +330,7 @@ def test_ssl_listener_shared_by_workers_and_a_renewed_certificate_reaches_both(m
         leaf = ca.issue_cert("localhost")
         for path, data in ((key, leaf.private_key_pem.bytes()), (cert, leaf.cert_chain_pems[0].bytes())):
             path.with_suffix(".tmp").write_bytes(data)
-            path.with_suffix(".tmp").chmod(0o600)  # the key must be private (SPEC section 13)
+            path.with_suffix(".tmp").chmod(0o600)  # the key must be private (docs/configuration.md)
             os.replace(path.with_suffix(".tmp"), path)
 
     def trusting(ca: trustme.CA) -> ssl.SSLContext:

@@ -66,7 +66,7 @@ def main(tmp_path_factory: pytest.TempPathFactory, sent: Secrets) -> Iterator[Ma
     api_key = sent.add("sk_" + secrets.token_urlsafe(24))
     keys_file = tmp / "api_keys.txt"
     keys_file.write_text(f"# sha256 identity roles\n{hashlib.sha256(api_key.encode()).hexdigest()} svc-robot admin\n")
-    keys_file.chmod(0o600)  # API keys are secrets: private to the gateway's user (SPEC section 13)
+    keys_file.chmod(0o600)  # API keys are secrets: private to the gateway's user (docs/configuration.md)
     ca = trustme.CA()
     ca_pem = tmp / "upstream-ca.pem"
     ca.cert_pem.write_to_path(str(ca_pem))

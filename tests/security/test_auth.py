@@ -1,5 +1,5 @@
 """
-Forged, stale and misplaced credentials (SPEC sections 1 [auth] and 2).
+Forged, stale and misplaced credentials (docs/configuration.md [auth], docs/protocol.md).
 
 The main gateway pins HS256 with issuer, audience and ``leeway = 0``; two
 module-scoped gateways pin RS256, one with ``public_key_file`` and one with

@@ -1,5 +1,5 @@
 """
-Issue 16, items 4, 6, 7, 8 and 12, on the wire (SPEC sections 2 and 13):
+Issue 16, items 4, 6, 7, 8 and 12, on the wire (docs/protocol.md, docs/configuration.md):
 
 - a Host that is not ``host[:port]`` gets 400 and never reaches the upstream,
   and host rules match whole labels only;

@@ -1,5 +1,5 @@
 """
-Hostile frames after the upgrade (SPEC section 3, RFC 6455) on the main
+Hostile frames after the upgrade (docs/protocol.md#forwarding-and-close-codes, RFC 6455) on the main
 gateway (max_message_size 64K).
 
 What the gateway must stop itself (frame headers) goes to /raw, whose
@@ -172,7 +172,7 @@ def test_an_invalid_close_is_answered_by_the_gateway_and_never_relayed(main: Mai
     """
     Against /raw, whose recorder would take any close and echo its code:
     the gateway itself answers 1002 (1007 for the reason), and the upstream
-    gets 1001, never the client's invalid close (SPEC 13, issue 16 item 9).
+    gets 1001, never the client's invalid close (docs/configuration.md, issue 16 item 9).
     """
     path, _, sock, reader = _open(main, "raw", "badclose-raw")
     with sock:

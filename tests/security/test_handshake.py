@@ -1,5 +1,5 @@
 """
-Hostile upgrade requests against the long-lived main gateway (SPEC section 2).
+Hostile upgrade requests against the long-lived main gateway (docs/protocol.md#handshake-statuses).
 
 Already covered elsewhere, not repeated here: malformed key/method/HTTP/1.0
 (400), wrong version (426), oversized head (431), no route (404), stalled and

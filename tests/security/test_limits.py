@@ -1,5 +1,5 @@
 """
-Floods and limits (SPEC section 1 [limits], section 2: 429 and 503, section 3:
+Floods and limits (docs/configuration.md [limits], section 2: 429 and 503, section 3:
 1008 "rate limit exceeded").
 
 The 1 000-connection flood runs against the main gateway (max_connections_per_ip

@@ -1,5 +1,5 @@
 """
-wss:// upstreams that must not be trusted (SPEC section 1 [upstream] tls_ca:
+wss:// upstreams that must not be trusted (docs/configuration.md [upstream] tls_ca:
 "hostname verified").
 
 tests/test_tls_routing.py already checks the 502 for a certificate naming

@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.unit.config.test_config_files -*-
 """
-Reading a file the config names (SPEC section 13): a key, a certificate, a
+Reading a file the config names (docs/configuration.md): a key, a certificate, a
 JWKS or API-key file, a C{file:} value. At start, in C{wsgateway-check} and
 on every SIGHUP, through this one function, so a hostile or mistaken path
 cannot hang the daemon (a named pipe), exhaust its memory (C{/dev/zero}) or

@@ -20,7 +20,7 @@ class QueueConfig:
     backend: QueueBackend = "sqlite"
     max_attempts: int = 20
     retention: float = 86400.0
-    # SPEC section 13: beyond these new messages are refused (the client closed with 1013 "queue full");
+    # docs/configuration.md: beyond these new messages are refused (the client closed with 1013 "queue full");
     # nothing stored is dropped to make room
     max_bytes: int = 1024 ** 3
     max_bytes_per_connection: int = 16 * 1024 ** 2

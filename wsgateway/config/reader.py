@@ -33,7 +33,7 @@ T = TypeVar("T")
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
-# The keys whose C{file:} value is a secret: the file must be private to the gateway's user (SPEC section 13).
+# The keys whose C{file:} value is a secret: the file must be private to the gateway's user (docs/configuration.md).
 SECRET_KEYS = frozenset({("auth", "secret"), ("admin", "token"), ("redis", "url")})
 
 # Field metadata for a section dataclass field that no key sets (the NAME of [route:NAME]).

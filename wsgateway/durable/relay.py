@@ -64,7 +64,7 @@ from wsgateway.relay.transport import lose
 LOSS_CODES = frozenset({1001, 1011, 1012, 1013, 1014})
 
 # A refused append (QueueFull: [queue] max_bytes_per_connection or max_bytes): the client may try again once
-# the queue has drained, so 1013, not 1011 (SPEC section 13).
+# the queue has drained, so 1013, not 1011 (docs/configuration.md).
 TRY_AGAIN_LATER = 1013
 
 FLUSH_BATCH = 200

@@ -6,7 +6,7 @@ answers, request bodies with their size limit, L{Refused} for an answer
 other than 200, and the root whose unknown paths are an escaped 404.
 
 And what keeps an admin port bounded whatever an unauthenticated peer sends
-(SPEC section 13):
+(docs/configuration.md):
 
 - L{AdminSite} / L{AdminRequest}: a request is judged when its head is
   complete, before any byte of its body: a body needs the bearer token (401)

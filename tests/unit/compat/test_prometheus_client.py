@@ -6,9 +6,7 @@ the merged families (wsgateway/workers/aggregate.py), matching families by name.
 
 from __future__ import annotations
 
-import sys
 
-import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
@@ -56,7 +54,6 @@ def test_parsed_families_render_back_to_the_same_exposition() -> None:
         assert isinstance(Metric("x", "d", "gauge"), Metric)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process metrics come from /proc")
 def test_process_collector_family_names() -> None:
     # aggregate.MIN_FAMILIES and the sum of process_max_fds name these
     from prometheus_client.process_collector import ProcessCollector

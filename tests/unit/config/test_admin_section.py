@@ -1,6 +1,6 @@
 """
 [admin] max_connections, max_body and the token length on a port beyond
-loopback (SPEC section 13; wsgateway.config.admin).
+loopback (docs/configuration.md; wsgateway.config.admin).
 """
 
 from __future__ import annotations

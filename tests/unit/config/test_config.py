@@ -341,7 +341,7 @@ def test_file_values_are_relative_to_the_ini_and_lose_the_trailing_newline(
     conf = tmp_path / "conf"
     (conf / "secrets").mkdir(parents=True)
     (conf / "secrets" / "jwt").write_text(SECRET + "\n")
-    (conf / "secrets" / "jwt").chmod(0o600)  # a secret file must be private (SPEC section 13)
+    (conf / "secrets" / "jwt").chmod(0o600)  # a secret file must be private (docs/configuration.md)
     (conf / "nodes.txt").write_text("ws://10.0.0.1:9001 weight=3\nws://10.0.0.2:9001\n")
     monkeypatch.chdir(tmp_path)  # not the INI's folder
     path = write(conf, """
@@ -428,7 +428,7 @@ def test_relative_paths_are_resolved_against_the_ini_folder(tmp_path: Path, monk
     for name in ("ca.pem", "cert.pem", "key.pem"):
         (conf / "keys" / name).write_bytes(tls[name].read_bytes())
     for name in ("api-keys", "key.pem"):
-        (conf / "keys" / name).chmod(0o600)  # secrets must be private (SPEC section 13)
+        (conf / "keys" / name).chmod(0o600)  # secrets must be private (docs/configuration.md)
     monkeypatch.chdir(tmp_path)
     path = write(conf, """
         [auth]
@@ -551,7 +551,7 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     cert.private_key_pem.write_to_path(str(folder / "key.pem"))
     other.private_key_pem.write_to_path(str(folder / "other-key.pem"))
     for path in folder.iterdir():
-        path.chmod(0o600)  # trustme writes 0644; a private key must be private (SPEC section 13)
+        path.chmod(0o600)  # trustme writes 0644; a private key must be private (docs/configuration.md)
     return {p.name: p for p in folder.iterdir()}
 
 

@@ -1,5 +1,5 @@
 """
-Hostile configs (issue 16 item 13, SPEC section 13): the files a config
+Hostile configs (issue 16 item 13, docs/configuration.md): the files a config
 names are regular files of at most 1 MiB, the secret ones private to the
 gateway's user, whether read at start, by wsgateway-check or at a SIGHUP
 (the same functions); ``trusted_proxies`` cannot trust everyone and

@@ -1,4 +1,4 @@
-"""[limits] close_timeout (SPEC section 13): a duration > 0, default 5; the relay's close timer and lingering close."""
+"""[limits] close_timeout (docs/configuration.md): a duration > 0, default 5; the relay's close timer and lingering close."""
 
 from __future__ import annotations
 

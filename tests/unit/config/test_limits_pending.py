@@ -1,4 +1,4 @@
-"""[limits] max_pending_handshakes (SPEC section 13): a whole number >= 1, default 1024."""
+"""[limits] max_pending_handshakes (docs/configuration.md): a whole number >= 1, default 1024."""
 
 from __future__ import annotations
 

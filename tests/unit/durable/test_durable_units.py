@@ -1,5 +1,5 @@
 """
-The pure parts of durable delivery (SPEC section 5), without sockets:
+The pure parts of durable delivery (docs/durable-delivery.md), without sockets:
 MessageReader (whole client messages out of the masked stream, and the raw
 rest of an open one), Window.confirm (what a pong lets go), consecutive()
 and replay_request() (what one replay connection carries and asks for), and

@@ -1,5 +1,5 @@
 """
-What the SQLite store does to keep its file bounded (SPEC section 13,
+What the SQLite store does to keep its file bounded (docs/configuration.md,
 docs/durable-delivery.md#bounds-and-disk-space), on real files: the byte
 totals its triggers keep, through every statement that adds or removes
 rows; a file made before auto_vacuum converted and counted when opened;

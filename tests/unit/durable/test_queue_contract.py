@@ -268,7 +268,7 @@ def test_ulid_is_time_ordered_and_unique() -> None:
     assert len({new_ulid() for _ in range(1000)}) == 1000
 
 
-# -- bounds: [queue] max_bytes and max_bytes_per_connection (SPEC section 13) ---------------------------------
+# -- bounds: [queue] max_bytes and max_bytes_per_connection (docs/configuration.md) ---------------------------------
 
 
 def _size(e: NewEntry) -> int:

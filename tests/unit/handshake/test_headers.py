@@ -1,5 +1,5 @@
 """
-What goes upstream in the handshake headers (SPEC section 2), and the
+What goes upstream in the handshake headers (docs/protocol.md#handshake-statuses), and the
 checks that keep every name, value and request target the gateway writes
 there to one line, whatever parser reads it (see wsgateway.handshake.headers).
 """

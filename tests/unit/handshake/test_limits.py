@@ -1,7 +1,7 @@
 """
 Pure units of L{wsgateway.handshake.admission}: client address behind trusted proxies,
-connection counts (SPEC section 2: 429 and 503) and the message token
-bucket (SPEC ``[limits] messages_per_second``). No reactor, no clock:
+connection counts (docs/protocol.md#handshake-statuses: 429 and 503) and the message token
+bucket (docs/configuration.md ``[limits] messages_per_second``). No reactor, no clock:
 time is a plain number.
 """
 

@@ -1,5 +1,5 @@
 """
-Connections not upgraded yet (issue 16 item 8, SPEC section 13): they count
+Connections not upgraded yet (issue 16 item 8, docs/configuration.md): they count
 towards max_connections_per_ip from the moment they open, and past
 max_pending_handshakes the oldest are dropped. Pure units of the limiter
 and the pending set, then the client leg in memory (StringTransport, fake

@@ -1,5 +1,5 @@
 """
-The admin port's bounds (wsgateway.ops.jsonapi, SPEC section 13) on a fake
+The admin port's bounds (wsgateway.ops.jsonapi, docs/configuration.md) on a fake
 clock and a StringTransport: bodies judged at the end of the head (401 and
 413 before a byte of the body is kept), the lingering close after an early
 answer, the request deadline that no byte restarts, and the connection cap.

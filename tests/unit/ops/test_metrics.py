@@ -1,5 +1,5 @@
 """
-/metrics (SPEC section 7): the collector over GatewayStats and node health,
+/metrics (docs/metrics.md): the collector over GatewayStats and node health,
 and the connect observer on a fake clock. Every metric moving through a real
 gateway is tests/integration/test_metrics.py.
 """

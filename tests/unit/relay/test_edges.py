@@ -1,6 +1,6 @@
 """
 Protocol-unit tests of the relay against hostile or broken peers (issue 16,
-SPEC section 13), on the in-memory harness: a peer stalled in the middle of
+docs/configuration.md), on the in-memory harness: a peer stalled in the middle of
 a frame (item 5), invalid close frames from a client (item 9), the lingering
 close of a client that broke a rule (item 10) and the mirror's copies held
 until its leg opens (item 11).

@@ -7,7 +7,7 @@ it (``client_data`` / ``upstream_data`` / ``*_connection_lost``) and what it
 writes to each transport is decoded by a small independent frame parser
 below (not by ``wsgateway.relay.frames``), so a scanner bug cannot hide itself.
 
-Binding behaviour: SPEC section 3 (forwarding semantics, close codes).
+Binding behaviour: docs/protocol.md#forwarding-and-close-codes (forwarding semantics, close codes).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """
-The Host header as the gateway reads it (SPEC section 13, issue 16 item 4):
+The Host header as the gateway reads it (docs/configuration.md, issue 16 item 4):
 C{split_host} accepts C{host[:port]} only, and C{host} route rules match
 whole labels of a valid name, never a suffix of some other text.
 """

@@ -327,7 +327,7 @@ def test_match_compiles_no_regex(monkeypatch: pytest.MonkeyPatch) -> None:
         ("[::1]", "[::1]:8080", True),
         ("[::1]", "[::1]", True),
         ("::1", "[::1]:8080", True),
-        ("[::1]", "::1", False),  # an IPv6 Host must be bracketed (SPEC section 13)
+        ("[::1]", "::1", False),  # an IPv6 Host must be bracketed (docs/configuration.md)
         ("[::1]", "[::2]:8080", False),
         ("[::1]", "::1:8080", False),
         ("127.0.0.1", "127.0.0.1:8080", True),
