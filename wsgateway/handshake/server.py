@@ -11,46 +11,40 @@ channel session (channels/sessions.py). The upstream leg is
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from wsgateway import codes
 from wsgateway._compat import autobahn as _autobahn
-from wsgateway.auth.identity import AuthFailed, Identity
+from wsgateway.auth.identity import Identity
 from wsgateway.channels.outbox import ChannelSession
 from wsgateway.channels.sessions import start_channel
 from wsgateway.config.routes import RouteConfig
 from wsgateway.connections import LiveConnections
 from wsgateway.handshake.chain import HandshakeChain
-from wsgateway.handshake.headers import HeaderInjection
+from wsgateway.handshake.refusals import autobahn_answer, refusal_for, safe_reason
 from wsgateway.ids import random_hex
 from wsgateway.relay.relay import Relay
 from wsgateway.relay.start import MirrorLeg
 from wsgateway.relay.transport import transport_of
 from wsgateway.upstream.leg import UpstreamProtocol, adopt
-from wsgateway.upstream.pool import Node, Upstream, UpstreamError, UpstreamRequest
+from wsgateway.upstream.pool import Node, Upstream, UpstreamRequest
 
 CONNECTING = WebSocketProtocol.STATE_CONNECTING
 
-# Autobahn's refusal reasons quote request text (a duplicated bearer
-# subprotocol, a resource with its query): never let it into a log line.
-_QUOTED = re.compile(r'"[^"]*"|\'[^\']*\'')
 
 # How long a connection that found its address's share taken may take to
 # send its request (and get its 429): a client sends it right after
 # connecting, so a round trip or a TLS handshake, not handshake_timeout.
 _OVER_SHARE_GRACE = 1.0
 
-# RFC 6750 section 3: the scheme a 401 asks for
-_BEARER_CHALLENGE = 'Bearer realm="wsgateway"'
 
 
 class GatewayServerProtocol(WebSocketServerProtocol):
@@ -230,55 +224,25 @@ class GatewayServerProtocol(WebSocketServerProtocol):
 
     def _refusal(self, e: BaseException, f: Failure | None) -> ConnectionDeny:
         """The ConnectionDeny for what the handshake raised; ``_deny`` keeps the status and headers for failHandshake."""
-        if isinstance(e, AuthFailed):
-            self._log.info(
-                "refused {peer} with {status} on route {route}: {why}",
-                peer=self.peer,
-                status=e.status,
-                route=self.route.name if self.route else "-",
-                why=e.why,
-                conn_id=self.conn_id,
-                trace_id=self.trace_id,
-            )
-            headers = [("WWW-Authenticate", _BEARER_CHALLENGE)] if e.status == codes.UNAUTHORIZED else []
-            self._deny = (e.status, headers)
-            return ConnectionDeny(e.status, codes.reason_phrase(e.status))
-        if isinstance(e, HeaderInjection):
-            self._log.info(
-                "refused {peer} with 400: control characters in the request",
-                peer=self.peer,
-                conn_id=self.conn_id,
-                trace_id=self.trace_id,
-            )
-            self._deny = (codes.BAD_REQUEST, [])
-            return ConnectionDeny(codes.BAD_REQUEST, "Bad Request")
-        if isinstance(e, ConnectionDeny):
-            self._deny = (e.code, [])
-            return e
-        if isinstance(e, UpstreamError):
-            self._deny = (e.status, [])
-            return ConnectionDeny(e.status, codes.reason_phrase(e.status))
-        if isinstance(e, CancelledError):
-            self._deny = (codes.UNAVAILABLE, [])
-            return ConnectionDeny(codes.UNAVAILABLE, "Service Unavailable")
-        # Fail closed, with a fixed text: never an accept, never the exception's words.
-        self._log.failure("handshake of {conn_id} failed", f, conn_id=self.conn_id, trace_id=self.trace_id)
-        self._deny = (codes.INTERNAL_SERVER_ERROR, [])
-        return ConnectionDeny(codes.INTERNAL_SERVER_ERROR, "Internal Server Error")
+        r = refusal_for(e)
+        if r.unexpected:
+            self._log.failure("handshake of {conn_id} failed", f, conn_id=self.conn_id, trace_id=self.trace_id)
+        elif r.log == "auth":
+            self._log.info("refused {peer} with {status} on route {route}: {why}", peer=self.peer, status=r.status,
+                           route=self.route.name if self.route else "-", why=r.why, conn_id=self.conn_id,
+                           trace_id=self.trace_id)
+        elif r.log == "injection":
+            self._log.info("refused {peer} with 400: control characters in the request", peer=self.peer,
+                           conn_id=self.conn_id, trace_id=self.trace_id)
+        self._deny = (r.status, r.headers)
+        return r.deny
 
     def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
-        headers: list[tuple[str, str]] = []
         if self._deny is not None:
-            code, headers = self._deny
-        elif reason.startswith("WebSocket version") or "Sec-WebSocket-Version" in reason:
-            code, headers = codes.UPGRADE_REQUIRED, [("Sec-WebSocket-Version", "13")]
-        elif code == codes.UPGRADE_REQUIRED:
-            # a plain HTTP request to the WebSocket port
-            headers = [("Upgrade", "websocket"), ("Connection", "Upgrade")]
+            (code, headers), said = self._deny, safe_reason(reason)
         else:
-            # every other malformed upgrade (method, key, HTTP version, headers)
-            code = codes.BAD_REQUEST
-        self._log.debug("refused {peer}: {code} ({reason})", peer=self.peer, code=code, reason=_QUOTED.sub("…", reason))
+            code, headers, said = autobahn_answer(reason, code)
+        self._log.debug("refused {peer}: {code} ({reason})", peer=self.peer, code=code, reason=said)
         self.factory.live.handshake_refused(self, code)
         # A refusal is an answer, not a failure: Autobahn would log each one
         # at warn level, quoting its reason, which can carry request text.
