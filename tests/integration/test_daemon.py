@@ -25,6 +25,7 @@ from websockets.sync.client import connect
 
 from support.gateway import ROOT, TWISTD, default_config, free_port, proxy_ini, source_env, wait_port
 from support.waiting import wait_for
+from support.tlsclient import drained
 
 BAD = sorted((ROOT / "tests" / "data" / "bad").glob("*.ini"))
 
@@ -34,7 +35,7 @@ def wss_echo_client(port: int, ca_file: Path) -> Any:
     ctx = ssl.create_default_context(cafile=str(ca_file))
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     # close_timeout: a clean close over TLS takes the gateway's 5 s close timer
-    return connect(f"wss://localhost:{port}/echo", sock=sock, ssl=ctx, close_timeout=0.5)
+    return connect(f"wss://localhost:{port}/echo", sock=sock, ssl=drained(ctx), close_timeout=0.5)
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from support.gateway import TWISTD, free_port, Gateway, proxy_ini, source_env
 from support.waiting import wait_for
+from support.tlsclient import drained
 
 GATEWAY_LISTEN = "listen = tcp:{port}:interface=127.0.0.1"
 
@@ -73,7 +74,7 @@ def trusting(*cas: trustme.CA) -> ssl.SSLContext:
 def wss(port: int, ctx: ssl.SSLContext, path: str = "/", host: str = "localhost") -> ClientConnection:
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     try:
-        return connect(f"wss://{host}:{port}{path}", sock=sock, ssl=ctx, open_timeout=10, close_timeout=10,
+        return connect(f"wss://{host}:{port}{path}", sock=sock, ssl=drained(ctx), open_timeout=10, close_timeout=10,
                        compression=None)
     except BaseException:
         sock.close()

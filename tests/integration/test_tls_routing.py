@@ -25,6 +25,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from support.gateway import free_port
+from support.tlsclient import drained
 
 MiB = 1024 * 1024
 
@@ -92,7 +93,7 @@ def dial(
     kwargs.setdefault("compression", None)
     kwargs.setdefault("open_timeout", 10)
     try:
-        return connect(f"{scheme}://{host}:{port}{path}", sock=sock, ssl=ssl_ctx, **kwargs)
+        return connect(f"{scheme}://{host}:{port}{path}", sock=sock, ssl=ssl_ctx and drained(ssl_ctx), **kwargs)
     except BaseException:
         sock.close()
         raise

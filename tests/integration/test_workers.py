@@ -28,6 +28,7 @@ from websockets.sync.client import connect
 
 from support.gateway import free_port, Gateway, proxy_ini
 from support.waiting import wait_for
+from support.tlsclient import drained
 from wsgateway.config.loader import ConfigError, load
 
 ADMIN_TOKEN = "workers-test-admin-token-0123456789"
@@ -355,7 +356,7 @@ def test_ssl_listener_shared_by_workers_and_a_renewed_certificate_reaches_both(m
                 if {e["node_id"] for e in access_lines(gw)[since:]} == {"gw-1/w1", "gw-1/w2"}:
                     return
             sock = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
-            with connect(f"wss://localhost:{gw.port}/t{i}", sock=sock, ssl=trusting(ca), open_timeout=10) as ws:
+            with connect(f"wss://localhost:{gw.port}/t{i}", sock=sock, ssl=drained(trusting(ca)), open_timeout=10) as ws:
                 ws.send("tls")
                 assert ws.recv(timeout=5) == "tls"
 
