@@ -10,11 +10,11 @@ queue, the ``slow_consumer`` policy) is ``wsgateway.channels.outbox``.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Protocol
+from typing import Protocol
 
 from twisted.internet.interfaces import IPushProducer
 
-from wsgateway.interfaces import RelayControl
+from wsgateway.interfaces import RelayControl, RelayTransport
 from wsgateway.relay.codec import OP_BINARY, OP_TEXT, encode_frame
 from wsgateway.relay.transport import Both, Reader
 
@@ -67,11 +67,15 @@ class Pushes:
     def attach(self, outbox: IPushProducer) -> None:
         """Let ``outbox`` (channels.outbox.Outbox) hear when the client's socket is full."""
         self.outbox = outbox
-        client = self._relay.client
+        relay = self._relay
+        client = relay.client
         client.unregisterProducer()
-        client.registerProducer(self.producer(self._relay.upstream), True)
+        # While the upstream leg is being reconnected there is none to pause:
+        # the outbox alone, until upstream_reconnected registers both.
+        upstream = relay.upstream
+        client.registerProducer(outbox if upstream is None else self.producer(upstream), True)
 
-    def producer(self, upstream: Any) -> Reader | Both:
+    def producer(self, upstream: RelayTransport) -> Reader | Both:
         """The client transport's producer: ``upstream``, and the outbox once there is one."""
         reader = Reader(upstream)
         return reader if self.outbox is None else Both(reader, self.outbox)

@@ -1044,3 +1044,35 @@ def test_a_push_at_a_message_boundary_goes_out_at_once_and_not_after_close() -> 
     before = h.client.value()
     h.relay.push(b"late", False)
     assert h.client.value() == before
+
+
+class _Outbox:
+    """A push outbox that records what the client's buffer tells it."""
+
+    def __init__(self) -> None:
+        self.state = "producing"
+
+    def pauseProducing(self) -> None:
+        self.state = "paused"
+
+    def resumeProducing(self) -> None:
+        self.state = "producing"
+
+    def stopProducing(self) -> None:
+        self.state = "stopped"
+
+
+def test_an_outbox_attached_while_the_upstream_reconnects_is_paused_alone_then_with_the_new_leg() -> None:
+    h, r = make_reconnecting()
+    h.relay.upstream_leg.connectionLost(None)
+    assert h.relay.reconnecting
+    outbox = _Outbox()
+    h.relay.attach_outbox(outbox)  # a subscribe that completes during the reconnect
+    h.client.producer.pauseProducing()  # the client's socket is full: no leg to pause yet
+    assert outbox.state == "paused"
+    h.client.producer.resumeProducing()
+    new = FakeTransport()
+    h.relay.upstream_reconnected(new)
+    r.calls[0].callback(None)
+    h.client.producer.pauseProducing()
+    assert (outbox.state, new.producerState) == ("paused", "paused")
