@@ -19,6 +19,10 @@ MESSAGE_TOO_BIG = 1009
 INTERNAL_ERROR = 1011
 TRY_AGAIN_LATER = 1013
 BAD_GATEWAY = 1014
+# Never sent in a close frame (RFC 6455 7.4.1): what a close is recorded as
+# when it carried no code (1005), or when no close frame came at all (1006).
+NO_STATUS = 1005
+ABNORMAL = 1006
 
 # The closes of a client that broke a rule: the gateway reads and discards
 # what it still sends, for up to [limits] close_timeout, so the close frame

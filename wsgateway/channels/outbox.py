@@ -27,7 +27,6 @@ from wsgateway.handshake.admission import TokenBucket
 
 SLOW_CONSUMER = "slow consumer"
 OPEN = WebSocketProtocol.STATE_OPEN
-TRY_AGAIN_LATER = 1013  # RFC 6455 registry: "Try Again Later"
 
 
 @implementer(IPushProducer)
@@ -205,7 +204,7 @@ class ChannelSession:
                       channel=self.channel, error=f.getErrorMessage())
         if not self.outbox.closed:
             self.outbox.closed = True
-            self._close(TRY_AGAIN_LATER, "broadcast unavailable")
+            self._close(codes.TRY_AGAIN_LATER, "broadcast unavailable")
 
     upstream = None  # for the shutdown drain, which handles relays and sessions alike
 

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from wsgateway.codes import ABNORMAL
+
 C2U = "client_to_upstream"
 U2C = "upstream_to_client"
 NO_ROUTE = ""  # handshakes refused before a route was found (404, 400...)
@@ -78,7 +80,7 @@ class GatewayStats:
         totals = self._route(conn.route)
         _add(totals, relay)
         # 1006: no close frame either way (RFC 6455 7.1.5)
-        totals.closes[code if code is not None else 1006] += 1
+        totals.closes[code if code is not None else ABNORMAL] += 1
 
     def connections(self, route: str | None = None) -> Iterator[Connection]:
         for conn in self.open.values():

@@ -104,7 +104,7 @@ class Closes:
         if relay.closed_by is None:
             relay.closed_by = who
             code, reason = parse_close(payload)
-            relay.close_code = code if code is not None else 1005
+            relay.close_code = code if code is not None else codes.NO_STATUS
             relay.close_reason = reason
 
     def _gateway_closes(self, code: int, reason: str) -> None:
@@ -266,7 +266,7 @@ class Closes:
         relay.client_lost = True
         if relay.closed_by is None:
             relay.closed_by = CLIENT
-            relay.close_code = 1006
+            relay.close_code = codes.ABNORMAL
         if not relay.closed_to_upstream and not relay.upstream_lost:
             self.to_upstream(codes.GOING_AWAY, "client gone")
         if not relay.upstream_lost and not waits:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 
+from wsgateway.codes import INVALID_PAYLOAD, PROTOCOL_ERROR
+
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 
 OPCODES = frozenset((OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG))
@@ -100,9 +102,9 @@ def encode_close(code: int, reason: str = "", *, mask: bool) -> bytes:
 _SENDABLE_BELOW_3000 = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014))
 
 # what an invalid close frame from a client gets (fixed reasons, as the scanner's)
-E_CLOSE_LENGTH = (1002, "bad close frame")
-E_CLOSE_CODE = (1002, "bad close code")
-E_CLOSE_REASON = (1007, "invalid UTF-8 in close reason")
+E_CLOSE_LENGTH = (PROTOCOL_ERROR, "bad close frame")
+E_CLOSE_CODE = (PROTOCOL_ERROR, "bad close code")
+E_CLOSE_REASON = (INVALID_PAYLOAD, "invalid UTF-8 in close reason")
 
 
 def close_error(payload: bytes) -> tuple[int, str] | None:

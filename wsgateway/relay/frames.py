@@ -18,20 +18,21 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 
+from wsgateway.codes import INTERNAL_ERROR, MESSAGE_TOO_BIG, PROTOCOL_ERROR
 from wsgateway.relay.codec import unmask
 
 # Violations: (close code, short fixed reason).  Fixed strings so they are safe
 # to log and to put on the wire verbatim.
-_E_RSV = (1002, "reserved bits set")
-_E_OPCODE = (1002, "reserved opcode")
-_E_MUST_MASK = (1002, "frame must be masked")
-_E_MUST_NOT_MASK = (1002, "frame must not be masked")
-_E_CONTROL = (1002, "bad control frame")
-_E_UNEXPECTED_CONT = (1002, "unexpected continuation frame")
-_E_EXPECTED_CONT = (1002, "expected continuation frame")
-_E_LENGTH = (1002, "bad frame length")
-_E_TOO_BIG = (1009, "message too big")
-_E_INTERNAL = (1011, "internal error")
+_E_RSV = (PROTOCOL_ERROR, "reserved bits set")
+_E_OPCODE = (PROTOCOL_ERROR, "reserved opcode")
+_E_MUST_MASK = (PROTOCOL_ERROR, "frame must be masked")
+_E_MUST_NOT_MASK = (PROTOCOL_ERROR, "frame must not be masked")
+_E_CONTROL = (PROTOCOL_ERROR, "bad control frame")
+_E_UNEXPECTED_CONT = (PROTOCOL_ERROR, "unexpected continuation frame")
+_E_EXPECTED_CONT = (PROTOCOL_ERROR, "expected continuation frame")
+_E_LENGTH = (PROTOCOL_ERROR, "bad frame length")
+_E_TOO_BIG = (MESSAGE_TOO_BIG, "message too big")
+_E_INTERNAL = (INTERNAL_ERROR, "internal error")
 
 # Measured on CPython 3.11: a prebuilt Struct's unpack_from reads the 64-bit
 # length in ~58 ns against ~135 ns for int.from_bytes on a slice (which also

@@ -24,6 +24,8 @@ from typing import Any, Protocol, TypeVar
 
 from twisted.logger import Logger
 
+from wsgateway.codes import ABNORMAL
+
 __all__ = [
     "ABNORMAL_CLOSES", "DRAINING", "EJECTED", "HEALTHY", "UNHEALTHY", "NodeHealth",
     "OutlierDetector", "eligible_nodes", "is_abnormal_close",
@@ -35,7 +37,7 @@ HEALTHY, UNHEALTHY, EJECTED, DRAINING = "healthy", "unhealthy", "ejected", "drai
 # connection vanished without a close frame (the client then gets 1014).
 # 1000, 1001, 1012, 1011 and application codes (3000-4999) are the upstream's
 # own decision and never count.
-ABNORMAL_CLOSES = frozenset({None, 1006})
+ABNORMAL_CLOSES = frozenset({None, ABNORMAL})
 
 
 def is_abnormal_close(code: int | None) -> bool:
