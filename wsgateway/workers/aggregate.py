@@ -24,7 +24,7 @@ and merges per family and label set:
 - ``wsgateway_config_reloads_total``: the maximum, since every process
   counts the same SIGHUP (the parent, which never restarts, included);
 - ``shared`` gauges, which every worker reads from one place: the maximum.
-  ``wsgateway_queue_depth`` is one with ``[queue] backend = redis`` (each
+  ``REDIS_QUEUE_GAUGES`` are such with ``[queue] backend = redis`` (each
   worker reports the cluster's whole queue), not with SQLite (one file each).
 
 Counters never go down when a worker dies: its last scraped counters
@@ -75,6 +75,10 @@ def parse(text: str) -> dict[str, Family]:
         for s in parsed.samples:
             family.samples[(s.name, tuple(s.labels.items()))] = s.value  # every process writes labels in one order
     return out
+
+
+# The queue gauges every worker reads from the one Redis queue (its depth and its size).
+REDIS_QUEUE_GAUGES = frozenset({"wsgateway_queue_depth", "wsgateway_queue_bytes"})
 
 
 def rule(name: str, shared: frozenset[str] = frozenset()) -> str:

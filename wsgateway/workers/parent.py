@@ -108,9 +108,9 @@ class WorkerParent(MultiService):
         self.sockets: list[socket.socket] = []
         self.control_dir = ""
         self._token = secrets.token_urlsafe(32)  # the workers' /admin/*: only the parent knows it
-        # with a Redis queue every worker reports the whole cluster's depth: counted once
+        # with a Redis queue every worker reports the whole cluster's depth and size: counted once
         self.aggregate = aggregate.MetricsAggregate(
-            frozenset({"wsgateway_queue_depth"}) if config.queue.backend == "redis" else frozenset())
+            aggregate.REDIS_QUEUE_GAUGES if config.queue.backend == "redis" else frozenset())
         disable_created_metrics()
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)

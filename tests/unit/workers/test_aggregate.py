@@ -11,7 +11,13 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from wsgateway.workers.aggregate import MetricsAggregate, combine_status, merge_routes, merge_upstreams
+from wsgateway.workers.aggregate import (
+    REDIS_QUEUE_GAUGES,
+    MetricsAggregate,
+    combine_status,
+    merge_routes,
+    merge_upstreams,
+)
 
 
 def page(handshakes: int, active: int, healthy: int, reloads: int, observations: list[float],
@@ -126,7 +132,24 @@ def test_a_gauge_every_worker_reads_from_one_place_is_counted_once() -> None:
     agg.update(102, depth_page(3))
     assert value(samples(agg.render("")), "wsgateway_queue_depth") == 8
     # Redis: each worker reports the one cluster queue (5 just now, 6 a moment later)
-    agg = MetricsAggregate(frozenset({"wsgateway_queue_depth"}))
+    agg = MetricsAggregate(REDIS_QUEUE_GAUGES)
     agg.update(101, depth_page(5))
     agg.update(102, depth_page(6))
     assert value(samples(agg.render("")), "wsgateway_queue_depth") == 6
+
+
+def test_the_redis_queue_size_is_counted_once_and_each_sqlite_file_adds_up() -> None:
+    def size_page(size: int) -> str:
+        disable_created_metrics()
+        r = CollectorRegistry()
+        Gauge("wsgateway_queue_bytes", "b", registry=r).set(size)
+        return generate_latest(r).decode()
+
+    agg = MetricsAggregate(REDIS_QUEUE_GAUGES)
+    agg.update(101, size_page(4096))
+    agg.update(102, size_page(4100))
+    assert value(samples(agg.render("")), "wsgateway_queue_bytes") == 4100
+    agg = MetricsAggregate()
+    agg.update(101, size_page(4096))
+    agg.update(102, size_page(100))
+    assert value(samples(agg.render("")), "wsgateway_queue_bytes") == 4196
