@@ -100,7 +100,8 @@ def _forward_claim(v: Value) -> tuple[str, str]:
     claim, sep, header = v.text.rpartition("=")  # header names never hold '=', claim names (URLs) may
     if not sep or not claim or not TOKEN.fullmatch(header):
         raise Bad(f"{v.shown()} is not claim=Header-Name")
-    if header.lower() in _RESERVED_HEADERS or header.lower().startswith(("sec-websocket-", "proxy-")):
+    # X-Wsgateway-*: the gateway's own (Conn-Id, Seq, Replay, ...), which upstreams trust
+    if header.lower() in _RESERVED_HEADERS or header.lower().startswith(("sec-websocket-", "proxy-", "x-wsgateway-")):
         raise Bad(f"header {header!r} is set by the gateway itself or hop-by-hop: pick another name")
     return claim, header
 

@@ -606,6 +606,9 @@ def test_jwks_sources(tmp_path: Path, keys: dict[str, Path], tls: dict[str, Path
                               "jwks_url or api_keys_file"]),
     ("secret = {secret}0123456789\nforward_claims = sub=X-User-Id https://ex.com/roles=X-Roles tenant=Host",
      ["[auth] forward_claims: header 'Host' is set by the gateway itself or hop-by-hop: pick another name"]),
+    ("secret = {secret}0123456789\nforward_claims = sub=X-Wsgateway-Conn-Id",
+     ["[auth] forward_claims: header 'X-Wsgateway-Conn-Id' is set by the gateway itself or hop-by-hop: "
+      "pick another name"]),
     ("secret = {secret}0123456789\nforward_claims = sub=X-A roles=x-a",
      ["[auth] forward_claims: header 'x-a' appears twice"]),
     ("secret = {secret}0123456789\nforward_claims = sub", ["[auth] forward_claims: 'sub' is not claim=Header-Name"]),
