@@ -221,12 +221,15 @@ class FrameScanner:
                         if h > n:
                             break
                         ln = (data[i + 2] << 8) | data[i + 3]
+                        if ln < 126:  # RFC 6455 5.2: the minimal encoding is a MUST
+                            err = _E_LENGTH
+                            break
                     else:
                         h += 8
                         if h > n:
                             break
                         ln = _unpack_u64(data, i + 2)[0]
-                        if ln >> 63:
+                        if ln >> 63 or ln < 0x10000:
                             err = _E_LENGTH
                             break
                 elif h > n:

@@ -520,6 +520,11 @@ VIOLATIONS: dict[str, Case] = {
     "top-bit-length": case(
         True, patched(Frame(B, bytes(65536)), True, set_bits(2, 0x80)), LENGTH
     ),
+    # RFC 6455 5.2: "the minimal number of bytes MUST be used to encode the length"
+    "16bit-length-under-126": case(False, b"\x82\x7e\x00\x7d" + bytes(125), LENGTH),
+    "64bit-length-under-65536": case(
+        True, b"\x82\xff" + (65535).to_bytes(8, "big") + b"\0\0\0\0" + bytes(65535), LENGTH
+    ),
     "too-big-frame": case(True, ser(Frame(B, bytes(101)), True), TOO_BIG, limit=100),
     "too-big-fragments": case(
         False,
