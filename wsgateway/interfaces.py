@@ -77,7 +77,7 @@ class QueueStore(Protocol[IdT]):
     ``IdT`` = ``int``) or Redis Streams shared by a cluster
     (``wsgateway.durable.redis.RedisQueueStore``, ``IdT`` = ``str``). Used by
     ``wsgateway.durable.delivery``, ``wsgateway.durable.relay``, the admin
-    API and ``wsgateway.service``; ``tests/test_queue_contract.py`` runs one
+    API and ``wsgateway.service``; ``tests/unit/durable/test_queue_contract.py`` runs one
     suite against both.
 
     Ids: ``Entry.id`` is what the store names an entry by (a row id; a

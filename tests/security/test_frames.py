@@ -9,7 +9,7 @@ What RFC 6455 leaves to the endpoint that reads payloads (UTF-8, close
 codes) goes to /open, a ``websockets`` server, whose verdict must reach the
 client unchanged.
 
-Already covered in tests/test_edges.py, not repeated: unmasked frames,
+Already covered in tests/integration/test_edges.py, not repeated: unmasked frames,
 reserved opcodes 0x3 and 0xB, RSV1 and RSV3, a 126-byte ping or close, a
 fragmented ping, a continuation with nothing to continue, a data frame inside
 a fragmented message, and messages over max_message_size in one frame, in

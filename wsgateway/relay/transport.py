@@ -116,7 +116,7 @@ class Leg(Protocol):
     """
 
     # Each read calls the relay's own method, with no call of Leg's in between
-    # (tests/test_hotpath_budget.py counts them). mypy types an attribute that
+    # (tests/unit/relay/test_hotpath_budget.py counts them). mypy types an attribute that
     # shadows a method by the method's unbound signature (python/mypy#708), so
     # declaring the attribute needs this one ignore.
     dataReceived: Callable[[bytes], None]  # type: ignore[assignment]
