@@ -8,7 +8,8 @@ of orphaned worker files are in L{wsgateway.durable.sqlite_file}.
 One SQLite file in WAL mode holds the entries that could not be forwarded
 (table C{entries}) and the ones that gave up (table C{dead_letters}). Every
 SQLite call runs on one writer thread owned by the store (a L{ThreadPool} of
-size 1), never in the reactor thread, and in submission order.
+size 1), never in the reactor thread, and in submission order: the
+L{SQLiteWriter} of L{wsgateway.durable.sqlite_writer}.
 
 Group commit (L{wsgateway.durable.batching}, C{serial}): C{append} only
 buffers; the buffer is written at the end of the reactor turn, and while a
@@ -49,22 +50,21 @@ L{wsgateway.durable.sqlite_file}); the appends over a cap fail with
 L{QueueFull}, the rest of their batch is stored. Disk space comes back
 through C{auto_vacuum = INCREMENTAL}: after a purge, after the ack that
 empties the queue, and otherwise at most every C{RECLAIM_INTERVAL} seconds
-of acks, free pages are cut off the file and the WAL is truncated.
+of acks (sqlite_writer.py), free pages are cut off the file and the WAL is
+truncated.
 """
 
 from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 
 from wsgateway.durable.batching import GroupCommit
 from wsgateway.durable.entries import (
@@ -75,25 +75,13 @@ from wsgateway.durable.entries import (
     QueueUnavailable,
     in_conn_order,
 )
-from wsgateway.durable.sqlite_file import (
-    COLUMNS,
-    adopt_file,
-    adopt_orphans,
-    connect,
-    insert_capped,
-    reclaim,
-    row_entry,
-    stored_bytes,
-)
+from wsgateway.durable.sqlite_file import COLUMNS, adopt_file, adopt_orphans, insert_capped, row_entry
+from wsgateway.durable.sqlite_writer import SQLiteWriter
 
 if TYPE_CHECKING:
     from wsgateway.interfaces import QueueStore as QueueStoreInterface
 
 __all__ = ["SQLiteQueueStore", "adopt_file", "adopt_orphans"]
-
-T = TypeVar("T")
-
-RECLAIM_INTERVAL = 30.0  # seconds (store clock) between reclaims while acks keep coming
 
 
 def _chunks(ids: Sequence[int], n: int = 500) -> Iterable[Sequence[int]]:
@@ -127,22 +115,29 @@ class SQLiteQueueStore(Service):
         max_bytes_per_connection: int | None = None,
     ) -> None:
         self.path = path
-        self._reactor = reactor
         timer: Any = clock if clock is not None else reactor
         self._now: Callable[[], float] = timer.seconds
         self.max_attempts = max_attempts
         self.retention = retention
-        self._on_connect = on_connect
         self.max_bytes = max_bytes
         self.max_bytes_per_connection = max_bytes_per_connection
-        self.stored_bytes: int | None = None  # as of the last write (set in the writer thread)
-        self._reclaimed_at: float | None = None  # writer thread
-        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="wsgateway-queue")
-        self._conn: sqlite3.Connection | None = None  # writer thread only
+        self._writer = SQLiteWriter(path, reactor=reactor, log=self.log, on_connect=on_connect)
         self._commit: GroupCommit[int] = GroupCommit(self._write, clock=reactor, now=self._now, serial=True)
-        self._started = False
         self._stopping = False
-        self.errors = 0  # QueueUnavailable failures (reactor thread)
+
+    @property
+    def stored_bytes(self) -> int | None:
+        """What the file held as of the last write (or its opening), as the caps count it."""
+        return self._writer.stored_bytes
+
+    @stored_bytes.setter
+    def stored_bytes(self, value: int | None) -> None:
+        # QueueStore declares a settable attribute; the writer keeps the gauge
+        self._writer.stored_bytes = value
+
+    @property
+    def errors(self) -> int:
+        return self._writer.errors
 
     @property
     def transactions(self) -> int:
@@ -166,32 +161,31 @@ class SQLiteQueueStore(Service):
 
     def start(self) -> Deferred[None]:
         """Start the writer thread and open the file. Fires even if it cannot be opened (logged; operations retry)."""
-        if self._started:
+        if self._writer.started:
             return succeed(None)
-        self._started = True
         self.running = 1
-        self._pool.start()
+        self._writer.start()
 
         def failed(f: Failure) -> None:
             self.log.error("queue file {path} unavailable: {why}", path=self.path, why=f.getErrorMessage())
 
-        d = self._call(self._open)
+        d = self._writer.call(self._writer.open)
         return d.addCallbacks(lambda _: None, failed)
 
     def stop(self) -> Deferred[None]:
         """Write what is buffered, close the file, stop the thread."""
-        if not self._started:
+        if not self._writer.started:
             return succeed(None)
         self._stopping = True
         d = self._commit.when_idle()
 
         def close(_: object) -> Deferred[None]:
-            return self._call(self._close)
+            return self._writer.call(self._writer.close)
 
         def done(result: object) -> None:
-            self._started = self._stopping = False
+            self._stopping = False
             self.running = 0
-            self._pool.stop()
+            self._writer.stop()
 
         d.addCallback(close)
         d.addBoth(done)
@@ -203,92 +197,10 @@ class SQLiteQueueStore(Service):
     def stopService(self) -> Deferred[None]:
         return self.stop()
 
-    # -- writer thread ---------------------------------------------------
-
-    def _open(self) -> sqlite3.Connection:
-        if self._conn is None:
-            conn = connect(self.path)
-            if self._on_connect is not None:
-                try:
-                    self._on_connect(conn)
-                except BaseException:
-                    conn.close()
-                    raise
-            self._conn = conn
-            self.stored_bytes = stored_bytes(conn)  # the gauge, before the first write after a restart
-        return self._conn
-
-    def _close(self) -> None:
-        if self._conn is not None:
-            conn, self._conn = self._conn, None
-            conn.close()
-
-    def _tx(self, work: Callable[[sqlite3.Connection], T], write: bool = True) -> T:
-        """Run C{work} in one transaction, in the writer thread; on error roll back and drop the connection."""
-        try:
-            conn = self._open()
-            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-            try:
-                result = work(conn)
-                if write:
-                    self.stored_bytes = stored_bytes(conn)
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-            return result
-        except (sqlite3.Error, OSError) as e:
-            try:
-                self._close()
-            except sqlite3.Error:
-                self._conn = None
-            raise QueueUnavailable(f"{self.path}: {e}") from e
-
-    def _call(self, fn: Callable[[], T]) -> Deferred[T]:
-        if not self._started:
-            raise RuntimeError("the queue store is not started")
-
-        def run() -> T:
-            try:
-                return fn()
-            except (sqlite3.Error, OSError) as e:
-                self._conn = None
-                raise QueueUnavailable(f"{self.path}: {e}") from e
-
-        d = deferToThreadPool(self._reactor, self._pool, run)
-        d.addErrback(self._count_error)
-        return d
-
-    def _tx_call(self, work: Callable[[sqlite3.Connection], T], write: bool = True) -> Deferred[T]:
-        return self._call(lambda: self._tx(work, write))
-
-    def _freeing_call(self, work: Callable[[sqlite3.Connection], T], *, now: float, at_once: bool) -> Deferred[T]:
-        """C{_tx_call} of a delete, then the space given back (L{reclaim}) when it is due."""
-        def run() -> T:
-            result = self._tx(work)
-            last = self._reclaimed_at
-            if at_once or not self.stored_bytes or last is None or now - last >= RECLAIM_INTERVAL:
-                self._reclaimed_at = now
-                try:
-                    reclaim(self._open())
-                except (sqlite3.Error, OSError) as e:
-                    # what was deleted stays deleted; the space comes back with a later reclaim
-                    self.log.warn("queue file {path}: giving disk space back failed: {why}", path=self.path, why=e)
-            return result
-
-        return self._call(run)
-
-    def _count_error(self, f: Failure) -> Failure:
-        if f.check(QueueUnavailable):
-            self.errors += 1
-            self.log.warn("queue store: {why}", why=f.getErrorMessage())
-        return f
-
     # -- append (group commit) -------------------------------------------
 
     def append(self, entries: Sequence[NewEntry]) -> Deferred[list[int]]:
-        if not self._started or self._stopping:
+        if not self._writer.started or self._stopping:
             return fail(QueueUnavailable(f"{self.path}: the queue store is not running"))
         return self._commit.add(list(entries))
 
@@ -301,7 +213,7 @@ class SQLiteQueueStore(Service):
                 f = Failure(QueueUnavailable(f"{self.path}: {f.getErrorMessage()}"))
             return f
 
-        return self._tx_call(lambda conn: insert_capped(
+        return self._writer.tx_call(lambda conn: insert_capped(
             conn, rows, now, max_bytes=self.max_bytes, max_bytes_per_connection=self.max_bytes_per_connection,
         )).addErrback(unavailable)
 
@@ -317,7 +229,7 @@ class SQLiteQueueStore(Service):
                 )
             return in_conn_order([row_entry(r) for r in rows])
 
-        return self._tx_call(read, write=False)
+        return self._writer.tx_call(read, write=False)
 
     def pending_for(self, conn_key: str, limit: int = 500) -> Deferred[list[Entry]]:
         def read(conn: sqlite3.Connection) -> list[Entry]:
@@ -326,14 +238,14 @@ class SQLiteQueueStore(Service):
             )
             return [row_entry(r) for r in rows]
 
-        return self._tx_call(read, write=False)
+        return self._writer.tx_call(read, write=False)
 
     def conn_keys(self, limit: int = 100) -> Deferred[list[tuple[str, str]]]:
         def read(conn: sqlite3.Connection) -> list[tuple[str, str]]:
             q = "SELECT route, conn_key FROM entries GROUP BY conn_key ORDER BY min(id) LIMIT ?"
             return [(str(r), str(c)) for r, c in conn.execute(q, (limit,))]
 
-        return self._tx_call(read, write=False)
+        return self._writer.tx_call(read, write=False)
 
     def ack(self, ids: Sequence[int]) -> Deferred[int]:
         ids = list(ids)
@@ -345,7 +257,7 @@ class SQLiteQueueStore(Service):
                 n += conn.execute(f"DELETE FROM entries WHERE id IN ({marks})", chunk).rowcount
             return n
 
-        return self._freeing_call(delete, now=self._now(), at_once=False)
+        return self._writer.freeing_call(delete, now=self._now(), at_once=False)
 
     def attempt_failed(self, ids: Sequence[int]) -> Deferred[list[int]]:
         ids = list(ids)
@@ -362,11 +274,12 @@ class SQLiteQueueStore(Service):
                                     "retention", now)
             return sorted(moved)
 
-        return self._tx_call(bump)
+        return self._writer.tx_call(bump)
 
     def expire(self, now: float | None = None) -> Deferred[list[int]]:
         at = self._now() if now is None else now
-        return self._tx_call(lambda conn: self._bury(conn, "enqueued_at < ?", [at - self.retention], "retention", at))
+        return self._writer.tx_call(
+            lambda conn: self._bury(conn, "enqueued_at < ?", [at - self.retention], "retention", at))
 
     @staticmethod
     def _bury(conn: sqlite3.Connection, where: str, args: list[Any], reason: str, now: float) -> list[int]:
@@ -392,7 +305,7 @@ class SQLiteQueueStore(Service):
                 out.setdefault(route, {"depth": 0, "oldest_age": 0.0, "dead": 0})["dead"] = n
             return out
 
-        return self._tx_call(read, write=False)
+        return self._writer.tx_call(read, write=False)
 
     def dead_letters(self, limit: int = 100, route: str | None = None) -> Deferred[list[DeadLetter]]:
         def read(conn: sqlite3.Connection) -> list[DeadLetter]:
@@ -402,7 +315,7 @@ class SQLiteQueueStore(Service):
             )
             return [DeadLetter(row_entry(r[:13]), r[13], r[14]) for r in rows]
 
-        return self._tx_call(read, write=False)
+        return self._writer.tx_call(read, write=False)
 
     def replay_dead(self, ids: Sequence[int] | None = None) -> Deferred[int]:
         now = self._now()
@@ -420,7 +333,7 @@ class SQLiteQueueStore(Service):
                 return one("", ())
             return sum(one(f"WHERE id IN ({','.join('?' * len(c))})", c) for c in _chunks(list(ids)))
 
-        return self._tx_call(move)
+        return self._writer.tx_call(move)
 
     def purge(self, route: str | None = None, *, dead: bool = False) -> Deferred[int]:
         table = "dead_letters" if dead else "entries"
@@ -430,7 +343,7 @@ class SQLiteQueueStore(Service):
                 return conn.execute(f"DELETE FROM {table}").rowcount
             return conn.execute(f"DELETE FROM {table} WHERE route = ?", (route,)).rowcount
 
-        return self._freeing_call(delete, now=self._now(), at_once=True)
+        return self._writer.freeing_call(delete, now=self._now(), at_once=True)
 
 
 if TYPE_CHECKING:
