@@ -16,7 +16,8 @@ The relay keeps trying to open a new upstream leg; when one opens it
 delivers the connection's queued entries on it in order, each batch
 confirmed by a ping and then acknowledged (removed), and once none is left
 it relays live again. If the client leaves before that, its entries stay in
-the store and the L{Deliverer} sends them on a replay connection.
+the store and the L{Deliverer} sends them on a replay connection. The
+flush on a new leg is L{QueueFlush} (flush.py).
 
 Guarantee: at least once. A message counts as taken by the upstream once
 the upstream answered two pings sent behind it in turn (the second one
@@ -52,11 +53,15 @@ from wsgateway import codes
 from wsgateway.durable.appends import Appends
 from wsgateway.durable.clientstream import MessageReader
 from wsgateway.durable.confirmations import Confirmations, GatedReader, Recording
-from wsgateway.durable.entries import Entry, QueueFull, QueueUnavailable
-from wsgateway.durable.replay import CONN_HEADER, SEQ_HEADER, QueueLink, consecutive
+from wsgateway.durable.entries import QueueFull, QueueUnavailable
+from wsgateway.durable.flush import CONFIRM_TIMEOUT, FLUSH_BATCH, QueueFlush
+from wsgateway.durable.replay import CONN_HEADER, SEQ_HEADER, QueueLink
 from wsgateway.interfaces import RelayControl, RelayTransport
-from wsgateway.relay.codec import OP_BINARY, OP_CLOSE, OP_PONG, OP_TEXT, encode_close, encode_frame, parse_close
+from wsgateway.relay.codec import OP_CLOSE, OP_PONG, encode_close, encode_frame, parse_close
 from wsgateway.relay.transport import lose
+
+# CONFIRM_TIMEOUT and FLUSH_BATCH are flush.py's; the Deliverer takes them from here
+__all__ = ["CONFIRM_TIMEOUT", "FLUSH_BATCH", "LOSS_CODES", "DurableDelivery"]
 
 # Upstream close codes after which the messages it may not have read are
 # queued and a new leg is sought: going away, internal error, restart, try
@@ -67,9 +72,7 @@ LOSS_CODES = frozenset({1001, 1011, 1012, 1013, 1014})
 # the queue has drained, so 1013, not 1011 (docs/configuration.md).
 TRY_AGAIN_LATER = 1013
 
-FLUSH_BATCH = 200
 RETRY_MAX = 5.0  # seconds between attempts to reach the upstream again, at most
-CONFIRM_TIMEOUT = 10.0
 
 
 class DurableDelivery:
@@ -86,6 +89,7 @@ class DurableDelivery:
     mirrors_held = False  # queued client frames are not copied to a mirror
     relay: RelayControl
     confirms: Confirmations  # the window, once attached to the relay
+    flush: QueueFlush  # the queued entries on a new leg, once attached to the relay
 
     def __init__(self, link: QueueLink, reconnect: Callable[[Any], Deferred[None]], *, clock: IReactorTime,
                  write_buffer: int) -> None:
@@ -97,10 +101,6 @@ class DurableDelivery:
         self._upstream_full = False
         self.appends = Appends(link, clock, appended=self._maybe_resume, failed=self._append_failed)
         self._queue_failed = False
-        self._flush_batch: list[Any] = []
-        self._flush_d: Deferred[None] | None = None
-        self.flushing = False
-        self.delivered = 0
         self.reader: MessageReader | None = None
         self.leg_seq = 1
         self._upstream_going = False
@@ -110,6 +110,8 @@ class DurableDelivery:
     def attach(self, relay: RelayControl) -> None:
         self.relay = relay
         self.confirms = Confirmations(relay, self._clock, self._cap, self._maybe_resume)
+        self.flush = QueueFlush(relay, self.link, self.appends, self.confirms, self._clock,
+                                caught_up=self._caught_up, gap=self._renumber)
 
     def upstream_transport(self, transport: RelayTransport) -> RelayTransport:
         return Recording(transport, self.confirms.sent)
@@ -131,6 +133,16 @@ class DurableDelivery:
     @property
     def queued(self) -> int:
         return self.appends.queued
+
+    @property
+    def flushing(self) -> bool:
+        """Queued entries are being delivered on a new leg."""
+        return self.flush.flushing
+
+    @property
+    def delivered(self) -> int:
+        """Queued entries delivered on this connection's legs (and acknowledged)."""
+        return self.flush.delivered
 
     def leg_headers(self) -> dict[str, str]:
         return {CONN_HEADER: self.link.conn_key, SEQ_HEADER: str(self.leg_seq)}
@@ -222,7 +234,7 @@ class DurableDelivery:
         self._upstream_going = False
         self.confirms.cancel_timer()
         self.confirms.fail()
-        batch, self._flush_batch = self._flush_batch, []
+        batch = self.flush.take_unconfirmed()
         if batch:
             # delivered on this leg but not confirmed: one more attempt for them
             self.link.store.attempt_failed([e.id for e in batch]).addErrback(lambda f: None)
@@ -236,7 +248,7 @@ class DurableDelivery:
         # nothing goes to the old leg any more, and its full buffer no longer holds the client back
         self._upstream_full = False
         relay.upstream_gone(vanished)
-        self.flushing = False
+        self.flush.stop()
         if relay.u2c.in_frame or relay.u2c.in_message or relay.closed_to_client or relay.client_lost \
                 or relay.closed_by is not None:
             # The client's stream cannot go on (a message from the upstream
@@ -305,82 +317,24 @@ class DurableDelivery:
 
     def upstream_reconnected(self) -> None:
         self._reconnect_d = None
-        self._flush_d = Deferred.fromCoroutine(self._flush())
-        self._flush_d.addErrback(self._loop_failed)
+        self.flush.start(self.leg_seq).addErrback(self._loop_failed)
 
-    async def _flush(self) -> None:
-        relay = self.relay
-        self.flushing = True
-        store, key = self.link.store, self.link.conn_key
-        next_seq = self.leg_seq  # what the upstream counts the next message as
-        while self.flushing and not relay.done and relay.upstream is not None:
-            busy, gen = self.appends.in_flight, self.appends.begun
-            try:
-                entries: list[Entry] = await store.pending_for(key, FLUSH_BATCH)
-            except QueueUnavailable:
-                self._flush_failed()
-                return
-            if not self.flushing or relay.upstream is None:
-                return
-            if not entries:
-                if not busy and not self.appends.in_flight and gen == self.appends.begun:
-                    if self.reader is not None and self.reader.next_seq != next_seq:
-                        self._renumber()
-                        return
-                    self._go_live()
-                    return
-                await self.appends.settled()
-                continue
-            if entries[0].seq != next_seq:
-                # entries dead-lettered or purged meanwhile: the upstream would count wrong
-                self._renumber()
-                return
-            entries = consecutive(entries)
-            next_seq = entries[-1].seq + 1
-            self._flush_batch = entries
-            relay.upstream.write(b"".join(
-                encode_frame(OP_BINARY if e.binary else OP_TEXT, e.message, mask=True) for e in entries
-            ))
-            timer = self._clock.callLater(CONFIRM_TIMEOUT, self._confirm_timed_out)
-            ok = True
-            for _ in range(2):  # two rounds, as for live messages (module docstring)
-                ok = await self.confirms.round_trip()
-                if not ok:
-                    break
-            if timer.active():
-                timer.cancel()
-            if not ok or not self._flush_batch:
-                return  # the leg was lost: its handler counted the attempt
-            self._flush_batch = []
-            try:
-                await store.ack([e.id for e in entries])
-            except QueueUnavailable:
-                self._flush_failed()
-                return
-            self.delivered += len(entries)
-            self.link.on_delivered(len(entries))
+    def _caught_up(self, next_seq: int) -> None:
+        """The flush delivered every queued entry; the upstream counts the next message as C{next_seq}."""
+        if self.reader is not None and self.reader.next_seq != next_seq:
+            self._renumber()
+            return
+        self._go_live()
 
     def _renumber(self) -> None:
         """A gap in the seqs this leg carries: a new leg, whose X-Wsgateway-Seq says where it starts."""
         relay = self.relay
         relay.log.info("gap in queued sequence numbers: opening a new upstream leg")
-        self.flushing = False
+        self.flush.stop()
         if relay.upstream is not None and not relay.upstream_lost:
             relay.upstream.write(encode_close(codes.GOING_AWAY, "renumbering", mask=True))
             self._upstream_going = True
             lose(relay.upstream)
-
-    def _confirm_timed_out(self) -> None:
-        relay = self.relay
-        if relay.upstream is not None and not relay.upstream_lost:
-            relay.log.warn("upstream did not confirm delivered entries in time: dropping it")
-            relay.upstream.abortConnection()
-
-    def _flush_failed(self) -> None:
-        self.link.on_failure("read")
-        self.relay.log.error("queue unavailable while delivering: closing the client with 1011")
-        self.flushing = False
-        self.relay.close(codes.INTERNAL_ERROR, "queue unavailable")
 
     def _go_live(self) -> None:
         """Nothing of this client is queued any more: relay its stream again, from where the reader is."""
@@ -389,7 +343,7 @@ class DurableDelivery:
         rest = reader.rest()
         self.reader = None
         relay.holding = False
-        self.flushing = False
+        self.flush.stop()
         relay.reconnecting = False
         self.confirms.restart(reader.next_seq - 1)
         if rest:
@@ -410,7 +364,7 @@ class DurableDelivery:
     def _stop_flushing(self) -> None:
         """End a flush leg (its unconfirmed batch stays queued for the replay)."""
         relay = self.relay
-        self.flushing = False
+        self.flush.stop()
         if relay.upstream is not None and not relay.upstream_lost:
             relay.closed_to_upstream = True
             relay.upstream.write(encode_close(codes.GOING_AWAY, "client gone", mask=True))
