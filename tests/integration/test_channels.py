@@ -300,5 +300,7 @@ def test_a_malformed_frame_on_a_broadcast_route_gets_a_close_frame_not_an_abort(
         assert reason
         sock.sendall(rawws.frame(rawws.OP_CLOSE, code.to_bytes(2, "big")))
         reader.wait_eof(5)
-    # not the TCP abort's warning ("dropping connection to peer ... with abort=True")
+    # not the TCP abort's warning ("dropping connection to peer ... with abort=True"), and
+    # no warning at all: a peer's protocol error is the access line's close code, as on proxy routes
     assert "abort=True" not in gw.log()
+    assert not [line for line in gw.log().splitlines() if "autobahn" in line and "#warn]" in line]

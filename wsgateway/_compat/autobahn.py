@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.unit.handshake.test_proxy_units -*-
 """
-Two adjustments to Autobahn, measured.
+Three adjustments to Autobahn: two measured, one for the log.
 
 Its protocols build the arguments of
 their debug log lines on every connection whether or not debug logging is
@@ -16,6 +16,13 @@ upstream leg's per-connection factory view), unless the protocol already
 has it: Autobahn's way to configure connections individually.
 ``preset_options`` uses that way, with a protocol subclass that holds the
 factory's options: 5 % more handshakes per core-second (bench scenario e).
+
+And Autobahn logs a peer's protocol error at warn level, one to three lines
+per connection (``failing WebSocket connection (code=1002)``, ``dropping
+connection to peer ... with abort=False``): on a broadcast route, where
+Autobahn reads the client's frames, any unauthenticated peer could fill the
+log at will. ``PeerFaultLog`` puts those two lines at debug, as the relay
+does for proxy routes: the access line's close code already says it.
 """
 
 from __future__ import annotations
@@ -85,3 +92,25 @@ def preset_options(factory: Any) -> None:
                for name in base.CONFIG_ATTRS for v in (getattr(factory, name),)}
     factory._options_of = base
     factory.protocol = type(base.__name__, (base,), {**options, "__module__": base.__module__})
+
+
+class PeerFaultLog:
+    """
+    A protocol's Autobahn logger, with the lines that report the peer's own
+    protocol errors (``PEER_FAULTS``, the start of Autobahn's format
+    strings) at debug instead of warn. Everything else is the logger's.
+    """
+
+    PEER_FAULTS = ("failing WebSocket connection", "dropping connection to peer")
+
+    def __init__(self, log: Any) -> None:
+        self._log = log
+
+    def warn(self, format: str | None = None, **kwargs: Any) -> None:
+        if format is not None and format.startswith(self.PEER_FAULTS):
+            self._log.debug(format, **kwargs)
+        else:
+            self._log.warn(format, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._log, name)

@@ -29,6 +29,7 @@ from wsgateway.channels.sessions import start_channel
 from wsgateway.config.routes import RouteConfig
 from wsgateway.connections import LiveConnections
 from wsgateway.handshake.chain import HandshakeChain
+from wsgateway.handshake.pending import PendingHandshake
 from wsgateway.handshake.refusals import autobahn_answer, refusal_for, safe_reason
 from wsgateway.ids import random_hex
 from wsgateway.relay.relay import Relay
@@ -40,19 +41,14 @@ from wsgateway.upstream.pool import Node, Upstream, UpstreamRequest
 CONNECTING = WebSocketProtocol.STATE_CONNECTING
 
 
-# How long a connection that found its address's share taken may take to
-# send its request (and get its 429): a client sends it right after
-# connecting, so a round trip or a TLS handshake, not handshake_timeout.
-_OVER_SHARE_GRACE = 1.0
-
-
-
 class GatewayServerProtocol(WebSocketServerProtocol):
     """The gateway as the client's WebSocket server."""
 
     # not ``log``: that name is Autobahn's own txaio logger, whose debug
     # calls are no-ops; a twisted Logger there would build every event.
     _log = Logger()
+    # Autobahn's: a peer's protocol error (a broadcast client's bad frame) at debug, not warn
+    log = _autobahn.PeerFaultLog(WebSocketServerProtocol.log)
     factory: GatewayServerFactory
     # the chain this connection's handshake began with: a reload during it changes nothing for it
     chain: HandshakeChain
@@ -81,89 +77,20 @@ class GatewayServerProtocol(WebSocketServerProtocol):
     opened_at = 0.0
     # the client IP counted by the limiter until the relay takes over
     admitted_ip: str | None = None
-    # the address counted as a pending connection until the request head is read
-    pending_ip: str | None = None
-    # over its address's share when it connected: waiting a short grace for its request
-    _over_share = False
+    # until the request head is read: its timer, its place among the pending handshakes
+    _pending: PendingHandshake | None = None
     # an at_least_once route with no node reachable: accepted, its messages queued
     degraded = False
 
-    _head_timer: Any = None
-
     def connectionMade(self) -> None:
         super().connectionMade()
-        # Our own timer: Autobahn's batched timer rounds deadlines down to a
-        # whole second, which would drop clients early (at once below 1 s).
-        factory = self.factory
-        self._head_timer = factory.clock.callLater(factory.handshake_timeout, self._head_timed_out)
-        live = factory.live
-        # Every connection not upgraded yet holds a descriptor: counted per
-        # address as an open one, and bounded for the whole gateway.
-        ip = factory.chain.pending_address(self.transport)
-        if ip is not None and live.limiter.begin_pending(ip) is not None:
-            self._wait_over_share()
-            return
-        self.pending_ip = ip
-        self._hold_pending()
-
-    def _hold_pending(self) -> None:
-        # Oldest out, not newest refused: a flood of idle sockets cannot
-        # keep a client that sends its request at once from getting in.
-        for oldest in self.factory.live.handshake_started(self, self.factory.max_pending):
-            oldest.drop_pending()
-
-    def _wait_over_share(self) -> None:
-        """
-        Its address's share is taken before it has sent anything. It gets
-        its 429 from the chain once its request is read: an answer sent
-        before would race the request, and the client would often see the
-        TCP reset its request provokes instead. Meanwhile it is no pending
-        handshake (so it cannot push out other addresses' ones) and has a
-        short grace instead of handshake_timeout; past max_pending such
-        connections at once it is dropped at once.
-        """
-        factory = self.factory
-        live = factory.live
-        if not live.over_share_started(factory.max_pending):
-            live.handshake_refused(self, codes.TOO_MANY_REQUESTS)
-            transport_of(self).abortConnection()
-            return
-        self._over_share = True
-        self._cancel_head_timer()
-        self._head_timer = factory.clock.callLater(min(factory.handshake_timeout, _OVER_SHARE_GRACE),
-                                                   self._head_timed_out)
-
-    def _end_over_share(self) -> bool:
-        if not self._over_share:
-            return False
-        self._over_share = False
-        self.factory.live.over_share_ended()
-        return True
+        self._pending = PendingHandshake(self, self.factory, self._log)
+        self._pending.begin()
 
     def drop_pending(self) -> None:
         """Dropped as the oldest connection not upgraded yet (``max_pending_handshakes``)."""
-        self._log.debug("dropping {peer}: the oldest of max_pending_handshakes", peer=self.peer,
-                        conn_id=self.conn_id)
-        self._end_pending()
-        transport_of(self).abortConnection()
-
-    def _end_pending(self) -> None:
-        """The request head is read (``begin`` counts the connection from here) or the connection is gone."""
-        if self.pending_ip is not None:
-            self.factory.live.limiter.end_pending(self.pending_ip)
-            self.pending_ip = None
-
-    def _head_timed_out(self) -> None:
-        self._head_timer = None
-        if not self._head_done:
-            self._log.debug("dropping {peer}: no complete upgrade request in time", peer=self.peer)
-            transport_of(self).abortConnection()
-
-    def _cancel_head_timer(self) -> None:
-        if self._head_timer is not None:
-            if self._head_timer.active():
-                self._head_timer.cancel()
-            self._head_timer = None
+        assert self._pending is not None  # held from connectionMade on
+        self._pending.drop()
 
     def dataReceived(self, data: bytes) -> None:
         relay = self.relay
@@ -194,11 +121,8 @@ class GatewayServerProtocol(WebSocketServerProtocol):
         self._head_done = True
         # The client has sent its whole request in time; from here the wait
         # is for the upstream, bounded by connect_timeout and retries.
-        self._cancel_head_timer()
-        self._end_pending()
-        if self._end_over_share():
-            # its request came in its grace: the chain refuses it (429) unless a place came free meanwhile
-            self._hold_pending()
+        assert self._pending is not None  # held from connectionMade on
+        self._pending.head_read()
         factory = self.factory
         chain = self.chain = factory.chain
         # A plain value when nothing async is needed: Autobahn takes either.
@@ -306,9 +230,8 @@ class GatewayServerProtocol(WebSocketServerProtocol):
             # no relay took the connection over
             self.mirror_leg.cancel()
             self.mirror_leg = None
-        self._cancel_head_timer()
-        self._end_pending()
-        self._end_over_share()
+        if self._pending is not None:
+            self._pending.lost()
         live = self.factory.live
         live.handshake_ended(self)
         if self.admitted_ip is not None:

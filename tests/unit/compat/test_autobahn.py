@@ -418,3 +418,42 @@ def test_nvx_flag_and_log_namespace() -> None:
         for cls in (WebSocketServerProtocol, WebSocketClientProtocol):
             namespace = getattr(getattr(cls.log, "_logger", None), "namespace", "autobahn")
             assert namespace.startswith("autobahn"), namespace
+
+
+def test_a_peers_protocol_error_is_logged_through_warn_with_the_texts_peer_fault_log_lowers() -> None:
+    """wsgateway/_compat/autobahn.py PeerFaultLog: a client's bad frame makes Autobahn call
+    ``log.warn`` with format strings starting with PEER_FAULTS, and nothing else at warn."""
+    from wsgateway._compat.autobahn import PeerFaultLog
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.lines: list[tuple[str, str]] = []
+
+        def warn(self, format: str, **kwargs: object) -> None:
+            self.lines.append(("warn", format))
+
+        def debug(self, format: str, **kwargs: object) -> None:
+            self.lines.append(("debug", format))
+
+        def __getattr__(self, name: str):
+            return lambda *a, **k: None
+
+    with relied_on(LIB, "the warn lines of WebSocketProtocol._fail_connection and dropConnection",
+                   "wsgateway/_compat/autobahn.py (PeerFaultLog)"):
+        raw = Recorder()
+        p, _ = server()
+        p.log = raw
+        p.dataReceived(head())
+        assert p.state == WebSocketProtocol.STATE_OPEN
+        p.dataReceived(bytes([0xA1, 0x80]) + b"abcd")  # RSV2 set, no extension: 1002
+        assert p.state != WebSocketProtocol.STATE_OPEN
+        warned = [f for level, f in raw.lines if level == "warn"]
+        assert warned, "Autobahn no longer warns about a peer's protocol error"
+        assert all(f.startswith(PeerFaultLog.PEER_FAULTS) for f in warned), warned
+        assert warned[0].startswith("failing WebSocket connection")
+    lowered = Recorder()
+    log = PeerFaultLog(lowered)
+    for f in warned:
+        log.warn(f, code=1002, reason="x")
+    log.warn("something else")
+    assert [level for level, _ in lowered.lines] == ["debug"] * len(warned) + ["warn"]
