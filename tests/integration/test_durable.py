@@ -121,9 +121,17 @@ def test_down_at_handshake_then_client_leaves_replays_with_identity_headers(star
 
 
 def _rows(gw: Any) -> int:
-    db = sqlite3.connect(Path(gw.ini_path).parent / "q.sqlite")
+    """Entries in the gateway's queue file; 0 while the store has not created it (it opens it in its own thread)."""
+    path = Path(gw.ini_path).parent / "q.sqlite"
+    if not path.exists():
+        return 0
+    db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)  # never creates the file under the gateway
     try:
         return int(db.execute("SELECT count(*) FROM entries").fetchone()[0])
+    except sqlite3.OperationalError as e:
+        if "no such table" in str(e):
+            return 0
+        raise
     finally:
         db.close()
 
