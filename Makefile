@@ -19,6 +19,10 @@ LOCK := requirements/lock.txt
 UV_VERSION ?= 0.13.10
 LOCK_PYTHON ?= 3.11
 PYTEST_ARGS ?=
+# Two processes (this machine and CI have 2 cores; the integration tests
+# mostly wait on daemons): groups of tests sharing a gateway stay together
+# (tests/support/tiers.py group_of). PYTEST_WORKERS= runs it in one process.
+PYTEST_WORKERS ?= -n 2 --dist loadgroup
 # Debian packages the test suite needs (command -> package): chromium for
 # tests/browser/ (Playwright drives it; it downloads no browser of its own),
 # ss to read a listening socket's backlog
@@ -38,7 +42,7 @@ devcert: $(BIN)/.installed
 
 # The types first (seconds, and a type error fails fast), then the whole suite.
 test: typecheck sysdeps
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 # mypy with the zope plugin, as configured in setup.cfg ([mypy]): 0 errors on wsgateway/.
 typecheck: $(BIN)/.installed-test
@@ -64,10 +68,12 @@ $(BIN)/.installed-test: $(BIN)/.installed
 # Regenerates $(LOCK) from setup.cfg's ranges (every extra) and
 # requirements/build.in: the newest versions they allow, resolved for
 # CPython $(LOCK_PYTHON) on Linux. Then run `make test` and read tests/compat/.
+# `make lock LOCK_UPGRADE=` keeps every pin it can (adding a dependency).
+LOCK_UPGRADE ?= --upgrade
 lock:
 	test -x $(VENV)-lock/bin/uv || { $(PYTHON) -m venv $(VENV)-lock && \
 	  $(VENV)-lock/bin/pip install --quiet uv==$(UV_VERSION); }
-	$(VENV)-lock/bin/uv pip compile --quiet --upgrade setup.cfg requirements/build.in --all-extras \
+	$(VENV)-lock/bin/uv pip compile --quiet $(LOCK_UPGRADE) setup.cfg requirements/build.in --all-extras \
 	  --python-version $(LOCK_PYTHON) --python-platform linux --custom-compile-command "make lock" -o $(LOCK)
 	@echo "$(LOCK) regenerated: review 'git diff $(LOCK)', then run 'make test' before committing it"
 

@@ -28,6 +28,10 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     for item in items:
         if tiers.is_integration(item):
             item.add_marker(pytest.mark.integration)
+        # pytest-xdist (--dist loadgroup, `make test`): a module's tests share
+        # its module-scoped gateway, so they run in one worker; tests/security
+        # is one group, its survival checks judging the gateway all of it abused.
+        item.add_marker(pytest.mark.xdist_group(tiers.group_of(item)))
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -18,6 +18,7 @@ import pytest
 
 TESTS = Path(__file__).resolve().parent.parent
 INTEGRATION_FOLDERS = (TESTS / "integration", TESTS / "browser")
+SECURITY = TESTS / "security"
 # fixtures that start twistd, redis-server or Chromium (directly or through another fixture)
 PROCESS_FIXTURES = frozenset({
     "start_gateway",
@@ -40,6 +41,18 @@ def is_integration(item: pytest.Item) -> bool:
     if any(folder in path.parents for folder in INTEGRATION_FOLDERS):
         return True
     return bool(PROCESS_FIXTURES.intersection(getattr(item, "fixturenames", ())))
+
+
+def group_of(item: pytest.Item) -> str:
+    """
+    The pytest-xdist group of a test: its module (whose module-scoped
+    gateway its tests share), or ``security`` for all of tests/security
+    (one session-scoped gateway, judged by test_survival.py after the rest).
+    """
+    path = Path(str(item.path))
+    if SECURITY in path.parents:
+        return "security"
+    return path.relative_to(TESTS).as_posix()
 
 
 def entering(item: pytest.Item | None) -> None:
