@@ -99,7 +99,9 @@ class DurableDelivery:
         self._clock = clock
         self._cap = max(4 * write_buffer, 1 << 20)
         self._upstream_full = False
-        self.appends = Appends(link, clock, appended=self._maybe_resume, failed=self._append_failed)
+        self.appends = Appends(link, clock, appended=self._appended, failed=self._append_failed)
+        # the client's pings while holding, answered once what it sent before them is stored
+        self._pongs: list[bytes] = []
         self._queue_failed = False
         self.reader: MessageReader | None = None
         self.leg_seq = 1
@@ -192,18 +194,33 @@ class DurableDelivery:
         assert self.reader is not None
         relay = self.relay
         messages, pings = self.reader.feed(out)
-        for p in pings if answer_pings else ():
-            # nobody upstream answers them now
+        if answer_pings:
+            # Nobody upstream answers them now: we do, after what came before
+            # them is stored, so that a pong still means "all of it is in".
+            self._pongs += pings
+        if messages:
+            relay.client.pauseProducing()  # not read while an append is in flight (module docstring)
+            self.appends.add(messages)
+        if self._pongs and not self.appends.in_flight:
+            self._answer_pings()
+
+    def _answer_pings(self) -> None:
+        relay = self.relay
+        pings, self._pongs = self._pongs, []
+        for p in pings:
             if not (relay.closed_to_client or relay.client_lost):
                 pong = relay.u2c.inject(encode_frame(OP_PONG, p, mask=False))
                 if pong:
                     relay.client.write(pong)
-        if messages:
-            relay.client.pauseProducing()  # not read while an append is in flight (module docstring)
-            self.appends.add(messages)
+
+    def _appended(self) -> None:
+        if self._pongs and not self.appends.in_flight:
+            self._answer_pings()
+        self._maybe_resume()
 
     def _append_failed(self, f: Failure) -> None:
         self._queue_failed = True
+        self._pongs.clear()  # what came before them was not stored
         if f.check(QueueFull):
             # the client's own doing (or a full queue), not the store failing: a warning, and no failure counted
             self.relay.log.warn("queue full: closing the client with 1013 ({why})", why=f.getErrorMessage())

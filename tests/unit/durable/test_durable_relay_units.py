@@ -273,6 +273,24 @@ def test_holding_answers_the_clients_pings() -> None:
     assert (f.opcode, f.payload, f.masked) == (OP_PONG, b"hi", False)
 
 
+def test_holding_answers_a_ping_only_once_the_messages_before_it_are_stored() -> None:
+    """A pong while holding means: what you sent before the ping is in the queue."""
+    h = make(upstream=False, manual=True)
+    h.relay.client_data(c_frame(OP_TEXT, b"m1") + c_frame(OP_PING, b"after m1"))
+    assert h.client.value() == b""  # m1's write is in flight
+    h.store.finish_appends()
+    [f] = parse_frames(h.client.value())
+    assert (f.opcode, f.payload) == (OP_PONG, b"after m1") and h.store.messages() == [b"m1"]
+
+
+def test_pings_behind_a_refused_message_get_no_pong() -> None:
+    h = make(upstream=False, manual=True)
+    h.relay.client_data(c_frame(OP_TEXT, b"m1") + c_frame(OP_PING, b"after m1"))
+    d, _ = h.store.pending_appends.pop()
+    d.errback(QueueFull("this connection's share is used up", whole=False))
+    assert [f.opcode for f in parse_frames(h.client.value())] == [OP_CLOSE]
+
+
 def test_an_upstream_going_away_is_answered_and_its_window_queued() -> None:
     h = make()
     h.send(b"m1")
