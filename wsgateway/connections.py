@@ -84,6 +84,7 @@ class LiveConnections:
             subject=subject,
             started=relay.started,
             relay=relay,
+            compressed=relay.deflate,
         ))
 
     def relay_done(self, info: Any, relay: Any) -> None:

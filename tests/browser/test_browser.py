@@ -230,3 +230,47 @@ def test_default_config_demo_page_round_trips_over_wss_through_the_gateway(tmp_p
     expect(log.locator(".received")).to_have_text("< hello from Chromium", timeout=WAIT_MS)
     expect(log.locator(".error")).to_have_count(0)
     assert violations == []
+
+
+def test_chromium_talks_compressed_through_the_gateway_to_a_compressing_upstream(make_upstream, start_gateway,
+                                                                                  launch):
+    """docs/protocol.md#compression: Chromium's own permessage-deflate, passed through both legs."""
+    up = make_upstream(compression="deflate")
+    gw = start_gateway(f"""
+        [gateway]
+        listen = tcp:{{port}}:interface=127.0.0.1
+
+        [log]
+        format = text
+
+        [upstream:backend]
+        nodes = {up.node}
+        retries = 0
+
+        [route:main]
+        path = /**
+        upstream = backend
+        """)
+    page = launch().new_page()
+    result = page.evaluate("""async (url) => {
+        const ws = new WebSocket(url);
+        await new Promise((ok, fail) => { ws.onopen = ok; ws.onerror = () => fail(new Error("no connection")); });
+        const text = JSON.stringify(Array.from({length: 400}, (_, i) => ({id: i, kind: "quote", price: 100 + i % 9})));
+        const echoed = new Promise(ok => { ws.onmessage = e => ok(e.data); });
+        ws.send(text);
+        const got = await echoed;
+        const extensions = ws.extensions;
+        ws.close(1000);
+        return {extensions, same: got === text, size: text.length};
+    }""", f"{gw.url}/browser")
+    assert result["same"] is True
+    # the client leg: what the gateway answered Chromium (the upstream's answer, plus client_no_context_takeover)
+    assert "permessage-deflate" in result["extensions"] and "client_no_context_takeover" in result["extensions"]
+    # the upstream leg: Chromium's offer reached the upstream, which accepted it
+    assert "permessage-deflate" in up.requests[0].headers.get("Sec-WebSocket-Extensions", "")
+    closed = re.compile(r"closed \S+ route=main .* bytes_in=(\d+) bytes_out=(\d+) .* compressed=True")
+    assert wait_for(lambda: closed.search(gw.log()), 10)
+    found = closed.search(gw.log())
+    assert found is not None
+    # the wire byte counters saw compressed frames: a fraction of the text each way
+    assert int(found.group(1)) < result["size"] / 3 and int(found.group(2)) < result["size"] / 3

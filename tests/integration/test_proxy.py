@@ -237,12 +237,3 @@ def test_message_over_max_message_size_closes_1009(make_upstream, start_gateway)
             ws.recv(timeout=5)
     assert e.value.rcvd.code == 1009
     assert up.received == ["a" * 1024]
-
-
-def test_permessage_deflate_is_declined_on_both_legs(echo_gateway):
-    up, gw = echo_gateway
-    with connect(gw.url + "/echo", compression="deflate") as ws:
-        assert "Sec-WebSocket-Extensions" not in ws.response.headers
-        ws.send("plain frames")
-        assert ws.recv(timeout=5) == "plain frames"
-    assert "Sec-WebSocket-Extensions" not in up.requests[0].headers

@@ -37,6 +37,9 @@ RouteAuth = Literal["required", "optional", "none"]
 Delivery = Literal["at_most_once", "at_least_once"]
 OnUpstreamClose = Literal["close", "reconnect"]
 SlowConsumer = Literal["close", "drop_oldest"]
+# permessage-deflate (docs/protocol.md#compression): passed through on proxy
+# routes, negotiated by the gateway itself on broadcast routes; off declines it
+Compression = Literal["passthrough", "off"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,19 @@ class RouteConfig:
     client_publish: bool = True
     slow_consumer: SlowConsumer = "close"
     subscribe: tuple[str, ...] = ()
+    compression: Compression = "passthrough"
+
+    @property
+    def compressed(self) -> bool:
+        """
+        Whether the route may negotiate permessage-deflate. Declined where an
+        upstream connection after the first would need the same compression
+        parameters, which nothing guarantees (docs/protocol.md#compression):
+        at_least_once (replayed on a new connection), on_upstream_close =
+        reconnect, and a mirror (a second upstream reading the client's frames).
+        """
+        return (self.compression == "passthrough" and self.delivery == "at_most_once"
+                and self.on_upstream_close == "close" and not self.mirror)
 
 
 # Keys that mean something in one mode only: set away from their default in the other mode, they are an error.
@@ -133,6 +149,7 @@ def read_route(reader: Reader, sec: Section, name: str, upstreams: Sequence[str]
         client_publish=sec.get("client_publish", boolean, d.client_publish),
         slow_consumer=sec.get("slow_consumer", one_of(SlowConsumer), d.slow_consumer),
         subscribe=sec.get("subscribe", list_of(_template(captures)), d.subscribe),
+        compression=sec.get("compression", one_of(Compression), d.compression),
     )
     mode = values["mode"]
     if sec.ok("mode"):
@@ -146,6 +163,10 @@ def read_route(reader: Reader, sec: Section, name: str, upstreams: Sequence[str]
             sec.error("channel", "required with mode = broadcast, e.g. channel = room:{room}")
         if mode == "proxy" and values["slow_consumer"] != d.slow_consumer and not values["subscribe"]:
             sec.error("slow_consumer", "only applies to broadcast routes and routes with subscribe")
+    if values["delivery"] == "at_least_once" and values["compression"] == "passthrough" and sec.has("compression"):
+        # stored messages are replayed on a new upstream connection, whose
+        # compression context is new: they must be stored uncompressed
+        sec.error("compression", "at_least_once routes decline compression: set compression = off or remove it")
     if values["mirror"] and values["mirror"] == values["upstream"]:
         sec.error("mirror", "is the route's own upstream")
     if values["strip_prefix"] and not has_rest and sec.ok("path"):

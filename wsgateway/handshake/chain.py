@@ -43,6 +43,7 @@ from wsgateway.routing.patterns import has_dot_segments
 from wsgateway.routing.router import Router, split_host
 from wsgateway.routing.templates import TemplateError, query_params, render_template, upstream_target
 from wsgateway.upstream.balance import hash_key
+from wsgateway.upstream.compression import for_client, offers_header, offers_in
 from wsgateway.upstream.leg import UpstreamProtocol
 from wsgateway.upstream.pool import Node, Upstream, UpstreamError, UpstreamRequest
 
@@ -259,9 +260,13 @@ class HandshakeChain:
             check_header("User-Agent", useragent)
         for p in protocols:
             check_subprotocol(p)
+        # the client's permessage-deflate offers, and only those, go upstream (docs/protocol.md#compression)
+        offers = offers_in(headers.get("sec-websocket-extensions")) if route.compressed else ()
+        if offers:
+            out["Sec-WebSocket-Extensions"] = offers_header(offers)
         ureq = proto.upstream_request = UpstreamRequest(
             resource=resource, headers=out, protocols=protocols, origin=origin, useragent=useragent,
-            trace_id=proto.trace_id,
+            trace_id=proto.trace_id, deflate_offers=offers,
         )
         d: Deferred[Any] = Deferred.fromCoroutine(upstream.connect(ureq, key=key, version=version))
         d.addCallbacks(self._connected, self._unreached, callbackArgs=(proto, upstream),
@@ -269,7 +274,7 @@ class HandshakeChain:
         return d
 
     def _connected(self, result: tuple[Node, UpstreamProtocol], proto: Any,
-                   upstream: Upstream[UpstreamProtocol]) -> str | None:
+                   upstream: Upstream[UpstreamProtocol]) -> str | None | tuple[str | None, dict[str, str]]:
         node, leg = result
         if proto.gone:
             upstream.release(node)
@@ -278,6 +283,9 @@ class HandshakeChain:
         proto.node = node
         proto.upstream = upstream
         proto.upstream_leg = leg
+        if leg.deflate is not None:
+            # Autobahn answers (subprotocol, headers) as it answers a subprotocol alone
+            return leg.websocket_protocol_in_use, {"Sec-WebSocket-Extensions": for_client(leg.deflate)}
         return leg.websocket_protocol_in_use
 
     def _unreached(self, f: Failure, proto: Any, plan: RoutePlan, protocols: tuple[str, ...]) -> Any:

@@ -26,7 +26,8 @@ def relay_closed(info: Any, relay: Any, now: float) -> None:
     _log.info(
         "closed {conn_id} route={route} upstream={upstream} node={node} peer={peer} trace_id={trace_id} "
         "code={code} closed_by={closed_by} duration={duration:.3f} messages_in={msgs_in} "
-        "messages_out={msgs_out} bytes_in={bytes_in} bytes_out={bytes_out} mirror_dropped={mirror_dropped}",
+        "messages_out={msgs_out} bytes_in={bytes_in} bytes_out={bytes_out} mirror_dropped={mirror_dropped} "
+        "compressed={compressed}",
         conn_id=info.conn_id,
         route=route.name if route else "",
         upstream=route.upstream if route else "",
@@ -41,6 +42,7 @@ def relay_closed(info: Any, relay: Any, now: float) -> None:
         bytes_in=relay.bytes_c2u,
         bytes_out=relay.bytes_u2c,
         mirror_dropped=relay.mirror_dropped,
+        compressed=relay.deflate,
     )
 
 
@@ -49,7 +51,7 @@ def channel_closed(proto: Any, session: Any, now: float) -> None:
     _log.info(
         "closed {conn_id} route={route} channel={channel} peer={peer} trace_id={trace_id} code={code} "
         "duration={duration:.3f} messages_in={msgs_in} messages_out={msgs_out} bytes_in={bytes_in} "
-        "bytes_out={bytes_out} dropped={dropped}",
+        "bytes_out={bytes_out} dropped={dropped} compressed={compressed}",
         conn_id=proto.conn_id,
         route=proto.route.name if proto.route else "",
         channel=proto.channel,
@@ -62,4 +64,6 @@ def channel_closed(proto: Any, session: Any, now: float) -> None:
         bytes_in=session.bytes_c2u,
         bytes_out=session.bytes_u2c,
         dropped=session.outbox.dropped,
+        # permessage-deflate negotiated (Autobahn's list of the extensions in use)
+        compressed=bool(getattr(proto, "websocket_extensions_in_use", None)),
     )

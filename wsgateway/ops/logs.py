@@ -56,6 +56,7 @@ FIELDS = (
     "msgs_out",
     "bytes_in",
     "bytes_out",
+    "compressed",
 )
 
 

@@ -111,6 +111,9 @@ class GatewayCollector(Collector):
         live = stats.active()
         for route in _ordered(configured, live):
             f.active.add_metric([route], live.get(route, 0))
+        compressed = stats.compressed_active()
+        for route in _ordered(configured, compressed):
+            f.compressed.add_metric([route], compressed.get(route, 0))
 
         traffic = stats.traffic()
         for route in _ordered(configured, traffic):
@@ -148,6 +151,10 @@ class _Families:
         self.active = GaugeMetricFamily(
             "wsgateway_connections_active", "Open relayed connections.", labels=["route"]
         )
+        self.compressed = GaugeMetricFamily(
+            "wsgateway_compressed_connections_active",
+            "Open connections with permessage-deflate negotiated with the client.", labels=["route"]
+        )
         self.handshakes = CounterMetricFamily(
             "wsgateway_handshakes",
             "Client handshakes by HTTP status: 101 = accepted, else the refusal; route (none) = no route matched.",
@@ -173,7 +180,8 @@ class _Families:
         )
 
     def all(self) -> list[Metric]:
-        return [self.active, self.handshakes, self.messages, self.bytes, self.closes, self.node_healthy]
+        return [self.active, self.compressed, self.handshakes, self.messages, self.bytes, self.closes,
+                self.node_healthy]
 
 
 def _ordered(configured: list[str], seen: Iterable[str]) -> list[str]:

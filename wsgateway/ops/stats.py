@@ -53,6 +53,7 @@ class Connection:
     subject: str | None
     started: float
     relay: Any  # a Counted relay
+    compressed: bool = False  # permessage-deflate negotiated with the client
 
 
 class GatewayStats:
@@ -90,6 +91,10 @@ class GatewayStats:
     def active(self) -> Counter[str]:
         """Open connections per route."""
         return Counter(conn.route for conn in self.open.values())
+
+    def compressed_active(self) -> Counter[str]:
+        """Open connections per route with permessage-deflate negotiated."""
+        return Counter(conn.route for conn in self.open.values() if conn.compressed)
 
     def traffic(self) -> dict[str, RouteTotals]:
         """Messages and bytes per route and direction, open connections included."""

@@ -165,7 +165,9 @@ class Closes:
         relay.closed_to_upstream = True
         upstream = relay.upstream
         assert upstream is not None  # not upstream_lost, and the hooks did not end it: a leg is open
-        if relay.c2u.in_frame and relay.client_lost:
+        if relay.c2u.in_frame and (relay.client_lost or relay.c2u.error is not None):
+            # the rest of the frame will never come (the client is gone, or its
+            # compressed message was refused in the middle of a frame)
             upstream.abortConnection()
             return
         out = relay.c2u.inject(encode_close(code, reason, mask=True))

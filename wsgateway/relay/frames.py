@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 from wsgateway.codes import INTERNAL_ERROR, MESSAGE_TOO_BIG, PROTOCOL_ERROR
 from wsgateway.relay.codec import unmask
+from wsgateway.relay.inflate import CompressedSizes
 
 # Violations: (close code, short fixed reason).  Fixed strings so they are safe
 # to log and to put on the wire verbatim.
@@ -66,6 +67,8 @@ class FrameScanner:
         "_message_size",
         "_pending",
         "_in_callback",
+        "_deflate",
+        "_inflate",
     )
 
     error: tuple[int, str] | None
@@ -79,6 +82,7 @@ class FrameScanner:
         max_message_size: int,
         on_control: Callable[[int, bytes], bool | tuple[int, str]],
         on_message: Callable[[], tuple[int, str] | None] | None = None,
+        deflate: bool = False,
     ) -> None:
         """
         @param on_control: called with each complete control frame's opcode
@@ -93,6 +97,10 @@ class FrameScanner:
             a violation: the message is never forwarded. Continuation and
             control frames do not call it. Left None, it costs one
             comparison per message.
+        @param deflate: permessage-deflate was negotiated (RFC 7692): RSV1
+            marks a compressed message, on its first frame only. With a
+            C{max_message_size} on a masked (client) stream, a compressed
+            message's limit counts its inflated size (relay/inflate.py).
         """
         if max_message_size < 0:
             raise ValueError("max_message_size must be >= 0 (0 = unlimited)")
@@ -112,6 +120,8 @@ class FrameScanner:
         self._message_size = 0
         self._pending: list[bytes] = []
         self._in_callback = False
+        self._deflate = deflate
+        self._inflate = CompressedSizes(max_message_size) if deflate and masked and max_message_size else None
 
     @property
     def in_frame(self) -> bool:
@@ -168,6 +178,11 @@ class FrameScanner:
         parts: list[bytes] | None = None
         start = 0
         if rem:
+            if self._inflate is not None and self._inflate.counting:
+                err0 = self._inflate.more(data, rem)
+                if err0 is not None:
+                    self.error = err0
+                    return b""
             if rem > n:
                 # Mid-payload of a (possibly huge) data frame: stream it on.
                 self._remaining = rem - n
@@ -195,10 +210,12 @@ class FrameScanner:
         data_frames = self.data_frames
         err: tuple[int, str] | None = None
 
+        inflate = self._inflate
         while n - i >= 2:
             b0 = data[i]
             b1 = data[i + 1]
-            if b0 & 0x70:
+            # RSV1 is permessage-deflate's "compressed", on a message's first frame only
+            if b0 & 0x70 and (b0 & 0x70 != 0x40 or not self._deflate or b0 & 0x0F not in (1, 2)):
                 err = _E_RSV
                 break
             op = b0 & 0x0F
@@ -258,6 +275,10 @@ class FrameScanner:
                     size = message_size + ln
                     if limit and size > limit:
                         err = _E_TOO_BIG
+                        break
+                if inflate is not None and (b0 & 0x40 if op else inflate.counting):
+                    err = inflate.frame(data, h, ln, bool(op), bool(b0 & 0x80))
+                    if err is not None:
                         break
                 data_frames += 1
                 if b0 & 0x80:

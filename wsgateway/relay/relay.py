@@ -71,6 +71,7 @@ class Relay:
         close_at: float | None = None,
         log_fields: dict[str, Any] | None = None,
         hooks: RelayHooks | None = None,
+        deflate: bool = False,
     ) -> None:
         """
         ``messages_per_second`` (0 = off) limits client messages with a token
@@ -79,7 +80,9 @@ class Relay:
         with 1008 "token expired". ``log_fields`` (conn_id, trace_id...) go
         into every line this relay logs. ``hooks`` decide what an upstream
         loss does; without them, ``reconnect`` (and ``reconnect_buffer``)
-        makes them L{Reconnect}'s.
+        makes them L{Reconnect}'s. ``deflate``: both legs agreed on
+        permessage-deflate (RSV1 frames are legal, and a client message's
+        limit counts its inflated size).
         """
         if log_fields is not None:
             # on the class it is always the Logger: only an instance gets a ConnLogger
@@ -93,6 +96,7 @@ class Relay:
         self.upstream: RelayTransport | None = upstream if upstream is None else hooks.upstream_transport(upstream)
         self._clock = clock
         self._on_done = on_done
+        self.deflate = deflate
         # client -> upstream frames must be masked; the limit protects the
         # upstream and the gateway from clients, not the other way round.
         self.c2u = FrameScanner(
@@ -100,8 +104,9 @@ class Relay:
             max_message_size=max_message_size,
             on_control=self._from_client,
             on_message=rate_limiter(messages_per_second, clock),
+            deflate=deflate,
         )
-        self.u2c = FrameScanner(masked=False, max_message_size=0, on_control=self._from_upstream)
+        self.u2c = FrameScanner(masked=False, max_message_size=0, on_control=self._from_upstream, deflate=deflate)
         self.bytes_c2u = 0
         self.bytes_u2c = 0
         # close handshake state, one flag per half
@@ -294,7 +299,8 @@ class Relay:
         self.close_from_upstream = False
         self.budget_upstream = None
         self.keepalive.pong_from_upstream = True
-        self.u2c = FrameScanner(masked=False, max_message_size=0, on_control=self._from_upstream)
+        self.u2c = FrameScanner(masked=False, max_message_size=0, on_control=self._from_upstream,
+                                deflate=self.deflate)
         take(transport, self.write_buffer)
         self.client.unregisterProducer()
         self.client.registerProducer(Reader(transport) if self.pushes is None else self.pushes.producer(transport),

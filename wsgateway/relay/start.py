@@ -115,6 +115,7 @@ class RelayStarter:
                         "peer": proto.peer},
             reconnect_buffer=upstream.config.reconnect_buffer if upstream is not None else 0,
             hooks=delivery,
+            deflate=leg is not None and leg.deflate is not None,
         )
         broker = self.live.broker
         if proto.push_channels and broker is not None and route is not None:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from autobahn.websocket.compress import PerMessageDeflateResponseAccept
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectingRequest
 from twisted.internet.defer import Deferred
@@ -21,6 +22,7 @@ from twisted.python.failure import Failure
 
 from wsgateway._compat import autobahn as _autobahn
 from wsgateway.relay.transport import Leg, transport_of
+from wsgateway.upstream.compression import Deflate, accepted, from_autobahn
 from wsgateway.upstream.errors import describe_failure
 from wsgateway.upstream.pool import Node, UpstreamRefused, UpstreamRequest
 
@@ -46,6 +48,22 @@ class UpstreamProtocol(WebSocketClientProtocol):
     # protocol stays in place, forwarding to it
     sink: Leg | None = None
     _paused = False
+    # the client's permessage-deflate offers this leg passed on, and the
+    # upstream's answer once checked against them (upstream/compression.py)
+    deflate_offers: tuple[Deflate, ...] = ()
+    deflate: Deflate | None = None
+
+    def accept_deflate(self, response: Any) -> PerMessageDeflateResponseAccept | None:
+        """
+        Autobahn's ``perMessageCompressionAccept`` for a leg that passed offers
+        on: an answer RFC 7692 allows to one of them is accepted; any other
+        fails the handshake, and the client gets 502.
+        """
+        answer = from_autobahn(response)
+        if not accepted(self.deflate_offers, answer):
+            return None
+        self.deflate = answer
+        return PerMessageDeflateResponseAccept(response)
 
     def onConnecting(self, transport_details: Any) -> ConnectingRequest:
         return self.request
@@ -135,8 +153,10 @@ class _LegFactory(Factory):
 
     noisy = False
 
-    def __init__(self, shared: WebSocketClientFactory, request: ConnectingRequest, opened: Deferred[Any]) -> None:
+    def __init__(self, shared: WebSocketClientFactory, request: ConnectingRequest, opened: Deferred[Any],
+                 deflate_offers: tuple[Deflate, ...] = ()) -> None:
         self.shared = shared
+        self.deflate_offers = deflate_offers
         # None once the attempt is over (UpstreamConnector.connect's release)
         self.request: ConnectingRequest | None = request
         self.opened: Deferred[Any] | None = opened
@@ -150,6 +170,10 @@ class _LegFactory(Factory):
         p.factory = _FactoryView(self.shared, request.protocols)
         p.request = request
         p.opened = self.opened
+        if self.deflate_offers:
+            # an instance attribute: Autobahn copies its factory's (declining) one only where there is none
+            p.deflate_offers = self.deflate_offers
+            setattr(p, "perMessageCompressionAccept", p.accept_deflate)  # Autobahn's option, untyped
         self.built = p
         return p
 
@@ -203,7 +227,7 @@ class UpstreamConnector:
                 transport_of(built).abortConnection()
 
         opened: Deferred[UpstreamProtocol] = Deferred(cancel)
-        factory = _LegFactory(self._factory(node), creq, opened)
+        factory = _LegFactory(self._factory(node), creq, opened, req.deflate_offers)
         connecting = self._endpoint_for(node, timeout).connect(factory)
 
         def failed(f: Failure) -> None:

@@ -25,6 +25,7 @@ from wsgateway import codes
 from wsgateway.backoff import exponential, full_jitter
 from wsgateway.config.upstreams import NodeConfig, UpstreamConfig
 from wsgateway.upstream.balance import Strategy, strategy_for
+from wsgateway.upstream.compression import Deflate
 from wsgateway.upstream.errors import describe_error
 from wsgateway.upstream.health import NodeHealth, OutlierDetector, eligible_nodes
 from wsgateway.upstream.preference import filter_nodes
@@ -96,6 +97,8 @@ class UpstreamRequest:
     # attempt failures at debug level: the durable queue's background retries,
     # which would otherwise log a warning per client every few seconds of an outage
     quiet: bool = False
+    # the client's permessage-deflate offers, passed on (handshake/compression.py)
+    deflate_offers: tuple[Deflate, ...] = ()
 
 
 class ConnectObserver(Protocol):

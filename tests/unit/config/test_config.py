@@ -1120,3 +1120,54 @@ def test_listeners_get_a_default_backlog_unless_they_name_one(desc: str, expecte
     from wsgateway.endpoints import with_backlog
 
     assert with_backlog(desc) == expected
+
+
+def test_compression_key(tmp_path: Path) -> None:
+    config = cfg(tmp_path, """
+        [queue]
+        path = q.sqlite
+        [upstream:other]
+        nodes = ws://127.0.0.1:9002
+        [route:plain]
+        path = /plain
+        upstream = demo
+        [route:off]
+        path = /off
+        upstream = demo
+        compression = off
+        [route:durable]
+        path = /durable
+        upstream = demo
+        delivery = at_least_once
+        [route:reconnecting]
+        path = /reconnecting
+        upstream = demo
+        on_upstream_close = reconnect
+        [route:mirrored]
+        path = /mirrored
+        upstream = demo
+        mirror = other
+    """)
+    routes = {r.name: r for r in config.routes}
+    assert routes["plain"].compression == "passthrough" and routes["plain"].compressed
+    assert routes["off"].compression == "off" and not routes["off"].compressed
+    # a second upstream connection could not be held to the same parameters: declined
+    assert not routes["durable"].compressed
+    assert not routes["reconnecting"].compressed
+    assert not routes["mirrored"].compressed
+    assert problems(tmp_path, """
+        [queue]
+        path = q.sqlite
+        [route:durable]
+        path = /durable
+        upstream = demo
+        delivery = at_least_once
+        compression = passthrough
+        [route:typo]
+        path = /typo
+        upstream = demo
+        compression = gzip
+    """) == [
+        "[route:durable] compression: at_least_once routes decline compression: set compression = off or remove it",
+        "[route:typo] compression: 'gzip' is not one of passthrough | off",
+    ]
