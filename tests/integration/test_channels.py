@@ -196,7 +196,8 @@ def test_a_slow_subscriber_is_closed_and_the_room_goes_on(redis_server: RedisSer
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", gw.port))
-    slow = connect(f"{gw.url}/room/big", sock=sock, max_queue=1, open_timeout=5)  # never read by us
+    # never read by us; uncompressed, so that the 64 KiB messages fill its socket
+    slow = connect(f"{gw.url}/room/big", sock=sock, max_queue=1, open_timeout=5, compression=None)
     publisher = connect(f"{gw.url}/room/big", open_timeout=5)
     chunk = b"x" * 65536
     for i in range(300):

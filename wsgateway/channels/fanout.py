@@ -11,10 +11,19 @@ from typing import Protocol
 
 from twisted.logger import Logger
 
+from wsgateway.channels.deflate import PreparedMessage
+
 __all__ = ["BrokerObserver", "BrokerUnavailable", "Fanout", "NullObserver", "Subscriber"]
 
 
 class Subscriber(Protocol):
+    """
+    Takes a channel's messages. One that also has
+    C{deliver_prepared(message: PreparedMessage)} gets that instead: the
+    message with the frames made of it, shared by every subscriber of this
+    delivery (a broadcast connection's, outbox.PreparedSubscription).
+    """
+
     def deliver(self, payload: bytes, binary: bool) -> None: ...
 
 
@@ -91,6 +100,9 @@ class Fanout:
         subs = self._channels.get(channel)
         if not subs:
             return 0
+        # one per message, whatever the number of subscribers: each frame
+        # (plain, or compressed for one window) is made once, on first use
+        message = PreparedMessage(payload, binary)
         count = 0
         for key, sub in list(subs.items()):
             if sub is origin:
@@ -99,7 +111,11 @@ class Fanout:
             if current is None or current.get(key) is not sub:
                 continue  # unsubscribed by an earlier delivery of this message
             try:
-                sub.deliver(payload, binary)
+                prepared = getattr(sub, "deliver_prepared", None)
+                if prepared is not None:
+                    prepared(message)
+                else:
+                    sub.deliver(payload, binary)
             except Exception:
                 self.log.failure("a subscriber of {channel} failed to take a message", channel=channel)
             else:

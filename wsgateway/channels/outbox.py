@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from wsgateway import codes
+from wsgateway.channels.deflate import PreparedMessage, frame_payload_size
 from wsgateway.handshake.admission import TokenBucket
 
 SLOW_CONSUMER = "slow consumer"
@@ -126,6 +127,36 @@ class Subscription:
         self.channels = ()
 
 
+class MessageTooBig(Exception):
+    """A published message over the subscriber's max_message_size (as Autobahn's sendMessage refused it)."""
+
+
+class PreparedSubscription(Subscription):
+    """
+    A broadcast connection's membership: its outbox takes whole frames,
+    the ones of the L{PreparedMessage} for its C{window} (None: plain), so
+    that subscribers with the same window write the same bytes and queue
+    what actually goes on the wire.
+    """
+
+    __slots__ = ("window", "max_size")
+
+    def __init__(self, broker: Any, outbox: Outbox, channels: tuple[str, ...], *, window: int | None,
+                 max_size: int) -> None:
+        self.window = window
+        self.max_size = max_size
+        super().__init__(broker, outbox, channels)
+
+    def deliver_prepared(self, message: PreparedMessage) -> None:
+        if 0 < self.max_size < len(message.payload):
+            # the fanout logs it and goes on with the others
+            raise MessageTooBig(f"{len(message.payload)} bytes over max_message_size {self.max_size}")
+        self.outbox.deliver(message.frame(self.window), message.binary)
+
+    def deliver(self, payload: bytes, binary: bool) -> None:
+        self.deliver_prepared(PreparedMessage(payload, binary))
+
+
 class ChannelSession:
     """
     A client of a ``mode = broadcast`` route: what it sends is published to
@@ -150,6 +181,8 @@ class ChannelSession:
         messages_per_second: float,
         clock: IReactorTime,
         on_drop: Callable[[int], None] | None = None,
+        window: int | None = None,
+        max_size: int = 0,
     ) -> None:
         self.proto = proto
         self.broker = broker
@@ -164,15 +197,23 @@ class ChannelSession:
             if messages_per_second > 0
             else None
         )
-        self.outbox = Outbox(self._send, self._close, limit=queue_limit, policy=slow_consumer, on_drop=on_drop)
+        # the outbox holds whole frames (compressed ones for a compressed
+        # connection): what it counts against queue_limit is what the socket has to take
+        self.outbox = Outbox(self._write, self._close, limit=queue_limit, policy=slow_consumer, on_drop=on_drop)
         proto.transport.registerProducer(self.outbox, True)
-        self.subscription = Subscription(broker, self.outbox, (channel,))
+        self.subscription = PreparedSubscription(broker, self.outbox, (channel,), window=window, max_size=max_size)
         broker.join(channel, conn_id, user)
 
-    def _send(self, payload: bytes, binary: bool) -> None:
+    def _write(self, frame: bytes, binary: bool) -> None:
+        """One whole frame of a L{PreparedMessage}, shared with the channel's other subscribers."""
+        if self.proto.state != OPEN:
+            # the close handshake has begun: no data frame may follow ours
+            # (RFC 6455 5.5.1), where Autobahn's sendMessage would raise
+            return
         self.messages_u2c += 1
-        self.bytes_u2c += len(payload)
-        self.proto.sendMessage(payload, binary)
+        # the payload as it goes on the wire (compressed, if it is), as the relay counts
+        self.bytes_u2c += frame_payload_size(frame)
+        self.proto.sendData(frame)
 
     def _close(self, code: int, reason: str) -> None:
         self.log.info("{conn_id} closing client: {code} {reason}", conn_id=self.conn_id, code=code, reason=reason)

@@ -16,6 +16,7 @@ from twisted.logger import Logger
 
 from wsgateway import codes
 from wsgateway._compat.sendnow import send_at_once
+from wsgateway.channels.deflate import acceptor, negotiated
 from wsgateway.channels.outbox import ChannelSession
 from wsgateway.config.limits import LimitsConfig
 from wsgateway.config.routes import RouteConfig
@@ -58,6 +59,10 @@ def open_channel(
     # client's answer (bounded by close_timeout): not a TCP abort.
     proto.failByDrop = False
     proto.channel_config = (route, limits)
+    # Autobahn asks this connection's own accept function once onConnect has
+    # answered (succeedHandshake): the gateway is the endpoint, so it
+    # negotiates permessage-deflate itself, whatever the factory's default
+    proto.perMessageCompressionAccept = acceptor(route.compressed, limits.max_message_size)
     # the gateway is the endpoint here: it takes the first subprotocol offered
     # (browsers fail a handshake whose offered subprotocols get no answer)
     return protocols[0] if protocols else None
@@ -68,6 +73,7 @@ def start_channel(proto: Any, live: Any) -> ChannelSession:
     route, limits = proto.channel_config
     identity = proto.identity
     clock = live.clock
+    deflate = negotiated(proto.websocket_extensions_in_use)
     session = ChannelSession(
         proto,
         live.broker,
@@ -79,6 +85,8 @@ def start_channel(proto: Any, live: Any) -> ChannelSession:
         queue_limit=limits.write_buffer,
         messages_per_second=limits.messages_per_second,
         clock=clock,
+        window=deflate.window,
+        max_size=proto.maxMessagePayloadSize,
     )
     proto.opened_at = clock.seconds()
     # one write per delivery: sent at once, like the relay's (sendnow.py)
@@ -86,7 +94,7 @@ def start_channel(proto: Any, live: Any) -> ChannelSession:
     live.session_opened(session, Connection(
         conn_id=proto.conn_id, route=route.name, upstream="", node="", peer=proto.peer,
         trace_id=proto.trace_id, subject=identity.subject if identity is not None else None,
-        started=proto.opened_at, relay=session,
+        started=proto.opened_at, relay=session, compressed=deflate.compressed,
     ))
     _log.debug("{conn_id} joined channel {channel} on route {route}", conn_id=proto.conn_id,
                channel=proto.channel, route=route.name, trace_id=proto.trace_id)

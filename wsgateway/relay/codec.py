@@ -39,22 +39,24 @@ def unmask(payload: bytes, key: bytes) -> bytes:
     )
 
 
-def encode_frame(opcode: int, payload: bytes = b"", *, fin: bool = True, mask: bool) -> bytes:
+def encode_frame(opcode: int, payload: bytes = b"", *, fin: bool = True, mask: bool, rsv1: bool = False) -> bytes:
     """
     Build a complete frame the gateway originates.
 
     @param mask: C{True} towards an upstream (the gateway is its client, RFC
         6455 5.3 requires masking), C{False} towards a client.
+    @param rsv1: the "compressed" bit of permessage-deflate (RFC 7692 6):
+        C{payload} is already deflated (wsgateway.channels.deflate).
     @raise ValueError: for an unknown opcode or a control frame that RFC 6455
-        forbids (fragmented or over 125 bytes): we must never emit a frame we
-        would reject ourselves.
+        forbids (fragmented, over 125 bytes or compressed): we must never
+        emit a frame we would reject ourselves.
     """
     if opcode not in OPCODES:
         raise ValueError(f"reserved opcode {opcode:#x}")
     n = len(payload)
-    if opcode >= OP_CLOSE and (n > _MAX_CONTROL or not fin):
-        raise ValueError("control frames must be final and carry at most 125 bytes")
-    b0 = (0x80 if fin else 0) | opcode
+    if opcode >= OP_CLOSE and (n > _MAX_CONTROL or not fin or rsv1):
+        raise ValueError("control frames must be final, uncompressed and carry at most 125 bytes")
+    b0 = ((0xC0 if rsv1 else 0x80) if fin else (0x40 if rsv1 else 0)) | opcode
     b1 = 0x80 if mask else 0
     if n < 126:
         header = bytes((b0, b1 | n))
