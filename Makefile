@@ -28,7 +28,7 @@ PYTEST_WORKERS ?= -n 2 --dist loadgroup
 # ss to read a listening socket's backlog
 SYSDEPS ?= chromium=chromium redis-server=redis-server systemd-analyze=systemd ss=iproute2
 
-.PHONY: bench-compare bench-variants bench-workers run test typecheck test-latest lock check devcert bench bench-auth bench-ops bench-fanout sysdeps clean
+.PHONY: bench-compare bench-variants bench-workers run test typecheck test-latest lock check devcert bench bench-auth bench-ops bench-fanout bench-compress sysdeps clean
 
 run: $(BIN)/.installed devcert
 	$(BIN)/twistd -n --pidfile= wsgateway --config $(CONFIG)
@@ -151,8 +151,25 @@ bench-workers: $(BIN)/.installed
 	done
 
 # Broadcast fan-out: 1 publisher, 1 000 subscribers on one gateway process, then on two sharing Redis.
+# COMPRESS=1: one process, 1 KiB JSON at 20 msg/s, subscribers without then with permessage-deflate
+# (REPS, default 3, interleaved).
 bench-fanout: $(BIN)/.installed-test sysdeps
-	$(BIN)/python bench/fanout.py --subscribers $${SUBSCRIBERS:-1000} --rate $${RATE:-50} --seconds $${DURATION:-5}
+	$(BIN)/python bench/fanout.py --subscribers $${SUBSCRIBERS:-1000} --seconds $${DURATION:-5} \
+	  $(if $(filter 1,$(COMPRESS)),--compress --reps $${REPS:-3} --rate $${RATE:-20},--rate $${RATE:-50})
+
+# The three permessage-deflate figures (bench/README.md, "Compression"): scenarios j, dj and dz of
+# bench/run.sh on twisted-relay, nginx1 and the gateway (bench/gateway-compress.ini), then the
+# compressed fan-out; fails (after printing every table) when compression was not negotiated.
+bench-compress: $(BIN)/.installed-test
+	rc=0; \
+	PATH="$(CURDIR)/$(BIN):$$PATH" TWISTD=$(CURDIR)/$(BIN)/twistd PYTHON=$(CURDIR)/$(BIN)/python \
+	  GATEWAY_CMD="$(CURDIR)/$(BIN)/twistd -n --pidfile= wsgateway --config $(CURDIR)/bench/gateway-compress.ini" \
+	  GATEWAY_URL=ws://127.0.0.1:9500/ws REPS=$${REPS:-3} SCENARIOS="$${SCENARIOS:-j dj dz}" \
+	  bash bench/run.sh $${TARGETS:-twisted-relay nginx1 gateway} || rc=$$?; \
+	echo; echo "### Fan-out with compression (bench/fanout.py --compress)"; echo; \
+	$(BIN)/python bench/fanout.py --compress --reps $${REPS:-3} --subscribers $${SUBSCRIBERS:-1000} \
+	  --rate $${RATE:-20} --seconds $${DURATION:-5} || rc=$$?; \
+	exit $$rc
 
 # Handshakes (scenario e) with HS256 JWT authentication on, against the same peers.
 bench-auth: $(BIN)/.installed

@@ -9,7 +9,9 @@ before and with the idle connections). Throughput "per SUT core" divides by the
 CPU fraction the system under test used, which is the fair comparison when
 loadgen and echo share the other core (PIN=split).
 
-The tables keep the layout of the entries in bench/RESULTS.md.
+The tables keep the layout of the entries in bench/RESULTS.md. The compression
+scenarios (j, dj, dz) add their own tables and a table of their goals; a target
+that did not negotiate permessage-deflate gets no figure, and a line saying so.
 """
 
 from __future__ import annotations
@@ -34,7 +36,16 @@ PINGPONG_TITLES = {
     "b": "(b) 50 conns, 64 B, 16 in flight",
     "c": "(c) 10 conns, 64 KiB, 1 in flight",
     "l": "(l) 1 conn, 64 B, 1 in flight (unloaded latency)",
+    "j": "(j) 10 conns, 16 KiB JSON text, 1 in flight, permessage-deflate",
 }
+IDLE_TITLES = {
+    "d": "(d) idle connections: SUT RSS",
+    "dj": "(dj) idle connections after 3 echoes of 1 KiB JSON each: SUT RSS",
+    "dz": "(dz) idle connections after 3 echoes of 1 KiB JSON each, permessage-deflate: SUT RSS",
+}
+# goals of the compression figures (bench/README.md)
+GOAL_J_PER_CORE = 0.85  # gateway / twisted-relay, j msgs/s per SUT core: at least
+GOAL_DZ_MEMORY = 2.0  # dz / dj KiB per connection (delta), same target: at most
 
 
 class Results:
@@ -108,20 +119,84 @@ def pingpong_tables(res: Results) -> None:
                for t in targets])
 
 
-def idle_table(res: Results) -> None:
-    targets = res.measured("d")
+def idle_table(res: Results, sc: str = "d") -> None:
+    targets = res.measured(sc)
     if not targets:
         return
-    print("### (d) idle connections: SUT RSS\n")
+    print(f"### {IDLE_TITLES[sc]}\n")
     rows = []
     for t in targets:
-        before, idle = res.median(t, "d", "sut_rss_before_kb"), res.median(t, "d", "sut_rss_idle_kb")
-        rows.append([t, cell(res, t, "d", "connections"),
+        before, idle = res.median(t, sc, "sut_rss_before_kb"), res.median(t, sc, "sut_rss_idle_kb")
+        rows.append([t, cell(res, t, sc, "connections"),
                      num(before / 1024 if before else None, 1), num(idle / 1024 if idle else None, 1),
-                     cell(res, t, "d", "kib_per_conn_total", 1, True), cell(res, t, "d", "kib_per_conn_delta", 1, True),
-                     str(res.total(t, "d", "errors", "echo_errors"))])
+                     cell(res, t, sc, "kib_per_conn_total", 1, True), cell(res, t, sc, "kib_per_conn_delta", 1, True),
+                     str(res.total(t, sc, "errors", "echo_errors"))])
     table(["target", "conns open", "RSS before MiB", "RSS idle MiB", "KiB/conn (RSS/conns)", "KiB/conn (delta)",
            "errors"], rows)
+
+
+def verdict(x: float | None, y: float | None, goal: float, at_least: bool) -> str:
+    if x is None or not y:
+        return "**no figure**"
+    r = x / y
+    return "met" if (r >= goal if at_least else r <= goal) else "**not met**"
+
+
+def compression_tables(res: Results) -> None:
+    """Scenarios j, dj, dz: negotiation failures, payload, and the goals' ratios."""
+    scenarios = [sc for sc in ("j", "dj", "dz") if res.measured(sc)]
+    if not scenarios:
+        return
+    print("### Compression (permessage-deflate)\n")
+    for sc in scenarios:
+        for t in res.measured(sc):
+            failed = [r for r in res.cells[t, sc] if r.get("compression_not_negotiated")]
+            if failed:
+                r = failed[0]
+                print(f"**{t}, scenario {sc}: permessage-deflate NOT negotiated** in {len(failed)} of "
+                      f"{len(res.cells[t, sc])} repetitions ({r['compression_not_negotiated']} of {r.get('connections')} "
+                      f"connections; Sec-WebSocket-Extensions: '{r.get('extensions_header', '')}'): no figure.\n")
+    for sc, what in (("j", "16 KiB"), ("dz", "1 KiB")):
+        sample = [r for r in res.rows if r["scenario"] == sc and r.get("deflate_ratio_l1")]
+        if sample:
+            r = sample[0]
+            print(f"{sc} payload: {r.get('payload_messages')} distinct {what} JSON messages (seed {r.get('seed')}), "
+                  f"deflate ratio {r['deflate_ratio_l1']:.2f}x at level 1 (gorilla's, the loadgen's and the echo's), "
+                  f"{r['deflate_ratio_l6']:.2f}x at level 6 (zlib's default), each message on its own.\n")
+    wire = [t for t in res.measured("j") if res.values(t, "j", "wire_ratio_in")]
+    if wire:
+        print("j on the wire, client side: echoes' payload bytes / bytes read (handshakes included; near the "
+              "deflate ratio when the echoes arrive compressed, near 1 when they do not): "
+              + ", ".join(f"{t} {res.median(t, 'j', 'wire_ratio_in'):.2f}x" for t in wire) + "\n")
+        for t in wire:
+            w = res.median(t, "j", "wire_ratio_in")
+            if w is not None and w < 1.5:
+                print(f"**{t}, scenario j: the echoes did NOT arrive compressed** (permessage-deflate negotiated, "
+                      "frames sent plain): its j figure is not a compressed one.\n")
+    rows: list[list[str]] = []
+    if res.measured("j"):
+        base = "twisted-relay"
+        for t in res.measured("j"):
+            if t == base:
+                continue
+            x, y = res.per_core(t, "j", "msgs_per_s"), res.per_core(base, "j", "msgs_per_s")
+            goal = f">= {GOAL_J_PER_CORE}" if t == "gateway" else ""
+            rows.append([f"j msgs/s per SUT core", f"{t} / {base}", ratio(x, y), goal,
+                         verdict(x, y, GOAL_J_PER_CORE, True) if goal else ""])
+        for t in res.measured("j"):
+            if t != "direct" and res.has("direct", "j"):
+                rows.append(["j msgs/s", f"{t} / direct", ratio(res.median(t, "j", "msgs_per_s"),
+                                                               res.median("direct", "j", "msgs_per_s")), "", ""])
+    for t in res.measured("dz"):
+        if res.has(t, "dj"):
+            x, y = res.median(t, "dz", "kib_per_conn_delta"), res.median(t, "dj", "kib_per_conn_delta")
+            goal = f"<= {GOAL_DZ_MEMORY}" if t == "gateway" else ""
+            rows.append(["KiB/conn (delta), compressed / not", f"{t} dz / {t} dj", ratio(x, y), goal,
+                         verdict(x, y, GOAL_DZ_MEMORY, False) if goal else ""])
+    if rows:
+        print("Goals: the gateway at >= 0.85x twisted-relay's j msgs/s per SUT core; an idle compressed connection "
+              "(dz) at most 2x the memory of an uncompressed one (dj).\n")
+        table(["figure", "x / y", "ratio", "goal", "verdict"], rows)
 
 
 def handshake_table(res: Results) -> None:
@@ -159,6 +234,8 @@ def latency_added_table(res: Results) -> None:
 
 
 def ratio_tables(res: Results) -> None:
+    if not any(res.measured(sc) for sc in ("a", "b", "c", "d", "e", "l")):
+        return  # only compression scenarios: their ratios are in compression_tables
     pairs = (GATEWAY_PAIRS if "gateway" in res.targets else []) + PEER_PAIRS
     pairs = [(x, y) for x, y in pairs if x in res.targets and y in res.targets]
     if not pairs:
@@ -194,9 +271,12 @@ def main(paths: list[str]) -> int:
     print(f"pin={','.join(pins)}; reps={len(reps)}; medians, (min–max) over reps\n")
     pingpong_tables(res)
     idle_table(res)
+    idle_table(res, "dj")
+    idle_table(res, "dz")
     handshake_table(res)
     latency_added_table(res)
     ratio_tables(res)
+    compression_tables(res)
     return 0
 
 

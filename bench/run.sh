@@ -10,6 +10,9 @@
 # Environment:
 #   REPS=3                 repetitions; targets are interleaved within each repetition
 #   SCENARIOS="d a b c e"  a b c l: ping-pong; d: idle connections; e: handshakes
+#                          compression (permessage-deflate, not in the default): j: ping-pong of 16 KiB JSON,
+#                          compressed; dz: idle connections after 3 compressed 1 KiB JSON echoes each;
+#                          dj: the same as dz without compression (dz's baseline)
 #   DUR=5 WARM=1           measured / warmup seconds of a ping-pong or handshake scenario
 #   IDLE_N=5000            connections held open in scenario d
 #   PIN=split|none         split: system under test on cpu1, loadgen and echo on cpu0
@@ -61,7 +64,7 @@ done
 { [ "$DUR" -ge 1 ] && [ "$DUR" -le 120 ]; } || die "DUR=$DUR: 1..120 seconds"
 [ "$WARM" -le 30 ] || die "WARM=$WARM: 0..30 seconds"
 { [ "$IDLE_N" -ge 1 ] && [ "$IDLE_N" -le 9000 ]; } || die "IDLE_N=$IDLE_N: 1..9000"
-for sc in $SCENARIOS; do case $sc in a|b|c|d|e|l) ;; *) die "unknown scenario '$sc' (a b c d e l)" ;; esac; done
+for sc in $SCENARIOS; do case $sc in a|b|c|d|e|l|j|dj|dz) ;; *) die "unknown scenario '$sc' (a b c d e l j dj dz)" ;; esac; done
 for t in $TARGET_LIST; do
   case $t in direct|nginx1|nginxauto|haproxy|gin|twisted-relay|gateway|gateway-base) ;; *) die "unknown target '$t'" ;; esac
 done
@@ -167,6 +170,7 @@ stop() {  # pid: TERM, then KILL after 5 s
 }
 
 SUT_PID=""; ECHO_PID=""; IDLE_PID=""
+NOT_NEGOTIATED=""  # target/scenario pairs of j or dz where permessage-deflate was not negotiated
 stop_all() {
   stop "$IDLE_PID"; IDLE_PID=""
   stop "$SUT_PID"; SUT_PID=""
@@ -177,7 +181,9 @@ trap 'log "interrupted"; exit 130' INT TERM
 
 start_echo() {  # cpu prefix
   port_free $ECHO_PORT || return 1
-  $1 "$BIN/echo" -addr 127.0.0.1:$ECHO_PORT >"$WORK/echo.log" 2>&1 &
+  # -compress: accepts a permessage-deflate offer (scenarios j, dz); nothing changes for a client that
+  # offers none (every other scenario)
+  $1 "$BIN/echo" -addr 127.0.0.1:$ECHO_PORT -compress >"$WORK/echo.log" 2>&1 &
   ECHO_PID=$!
   wait_listening $ECHO_PORT $ECHO_PID || { log "echo upstream did not start (see $WORK/echo.log)"; return 1; }
 }
@@ -246,6 +252,9 @@ describe() {
     l) echo "1 conn, 64 B, 1 in flight (unloaded latency)" ;;
     d) echo "$IDLE_N idle conns, RSS" ;;
     e) echo "handshakes, 20 dialers" ;;
+    j) echo "10 conns, 16 KiB JSON text, 1 in flight, permessage-deflate" ;;
+    dj) echo "$IDLE_N idle conns after 3 echoes of 1 KiB JSON each, RSS" ;;
+    dz) echo "$IDLE_N idle conns after 3 echoes of 1 KiB JSON each, permessage-deflate, RSS" ;;
   esac
 }
 
@@ -257,6 +266,7 @@ measure_load() {  # target scenario rep: ping-pong or handshake scenario
     c) args="-mode pingpong -c 10 -s 65536 -p 1" ;;
     l) args="-mode pingpong -c 1 -s 64 -p 1" ;;
     e) args="-mode handshake -c 20" ;;
+    j) args="-mode pingpong -c 10 -s 16384 -p 1 -payload json -compress" ;;
   esac
   s0=$(cpu_ticks "$SUT_PID"); e0=0; [ -n "$ECHO_PID" ] && e0=$(cpu_ticks "$ECHO_PID"); t0=$(date +%s.%N)
   res=$(timeout $((WARM + DUR + 90)) $LG_CPU "$BIN/loadgen" $args -url "$URL" -insecure -d "${DUR}s" -w "${WARM}s" | tail -1)
@@ -265,16 +275,27 @@ measure_load() {  # target scenario rep: ping-pong or handshake scenario
   # CPU % over the whole loadgen run (connect, warmup, measure, close); 100 = one core
   extra=$(awk -v s="$((s1 - s0))" -v e="$((e1 - e0))" -v t0="$t0" -v t1="$t1" -v hz="$HZ" -v rss="$(rss_kb "$SUT_PID")" \
     'BEGIN { el = t1 - t0; printf "{\"sut_cpu_pct\":%.1f,\"echo_cpu_pct\":%.1f,\"sut_rss_kb\":%d}", 100*s/hz/el, 100*e/hz/el, rss }')
+  if [ "$(jq -r '.compression_not_negotiated // 0' <<<"$res")" != 0 ]; then
+    record "$t" "$sc" "$rep" '{}' <<<"$res"  # errors, no figure (not even the SUT's CPU)
+    NOT_NEGOTIATED="$NOT_NEGOTIATED $t/$sc"
+    log "    $t $sc: permessage-deflate was NOT negotiated ($(jq -r '.compression_not_negotiated' <<<"$res") connections;"\
+      "Sec-WebSocket-Extensions: '$(jq -r '.extensions_header' <<<"$res")'): no figure recorded, errors > 0"
+    return 1
+  fi
   record "$t" "$sc" "$rep" "$extra" <<<"$res"
-  log "    $(jq -c '{msgs_per_s, handshakes_per_s, p50_us, p99_us, errors} | with_entries(select(.value != null))
+  log "    $(jq -c '{msgs_per_s, handshakes_per_s, p50_us, p99_us, errors, mismatches, deflate_ratio_l1, wire_ratio_in} | with_entries(select(.value != null))
     | with_entries(if (.value|type) == "number" then .value |= (. * 10 | round / 10) else . end)' <<<"$res") $extra"
 }
 
-measure_idle() {  # target rep: scenario d
-  local t=$1 rep=$2 before after open i extra ready="$WORK/idle-ready.json"
+measure_idle() {  # target rep scenario: d, dj or dz
+  local t=$1 rep=$2 sc=${3:-d} before after open i extra notneg args="" ready="$WORK/idle-ready.json"
+  case $sc in
+    dj) args="-s 1024 -payload json -idlemsgs 3" ;;
+    dz) args="-s 1024 -payload json -idlemsgs 3 -compress" ;;
+  esac
   rm -f "$ready"
   before=$(rss_kb "$SUT_PID")
-  $LG_CPU "$BIN/loadgen" -mode idle -url "$URL" -insecure -c "$IDLE_N" -hold 120s -readyfile "$ready" >"$WORK/idle.out" 2>&1 &
+  $LG_CPU "$BIN/loadgen" -mode idle $args -url "$URL" -insecure -c "$IDLE_N" -hold 120s -readyfile "$ready" >"$WORK/idle.out" 2>&1 &
   IDLE_PID=$!
   for i in $(seq 1 900); do  # 90 s at most to open them
     [ -s "$ready" ] && break
@@ -285,13 +306,21 @@ measure_idle() {  # target rep: scenario d
   after=$(rss_kb "$SUT_PID")
   open=$(jq -r '.connections' "$ready" 2>/dev/null || echo 0)
   stop "$IDLE_PID"; IDLE_PID=""
-  [ -s "$ready" ] || { log "$t d: the idle connections never became ready (see $WORK/idle.out)"; return 1; }
-  extra=$(jq -nc --argjson b "$before" --argjson a "$after" --argjson n "${open:-0}" \
+  [ -s "$ready" ] || { log "$t $sc: the idle connections never became ready (see $WORK/idle.out)"; return 1; }
+  notneg=$(jq -r '.compression_not_negotiated // 0' "$ready" 2>/dev/null || echo 0)
+  # without the compression asked for, the memory figure would be the uncompressed one: none is recorded
+  extra=$(jq -nc --argjson b "$before" --argjson a "$after" --argjson n "${open:-0}" --argjson nn "${notneg:-0}" \
     '{sut_rss_before_kb: $b, sut_rss_idle_kb: $a,
-      kib_per_conn_total: (if $n > 0 then $a / $n else null end),
-      kib_per_conn_delta: (if $n > 0 then ($a - $b) / $n else null end)}')
-  record "$t" d "$rep" "$extra" <"$ready"
-  log "    open=$open RSS ${before} kB -> ${after} kB $(jq -c '{kib_per_conn_total, kib_per_conn_delta} | map_values(. * 10 | round / 10)' <<<"$extra")"
+      kib_per_conn_total: (if $n > 0 and $nn == 0 then $a / $n else null end),
+      kib_per_conn_delta: (if $n > 0 and $nn == 0 then ($a - $b) / $n else null end)}')
+  record "$t" "$sc" "$rep" "$extra" <"$ready"
+  if [ "$notneg" != 0 ]; then
+    NOT_NEGOTIATED="$NOT_NEGOTIATED $t/$sc"
+    log "    $t $sc: permessage-deflate was NOT negotiated on $notneg of $open connections"\
+      "(Sec-WebSocket-Extensions: '$(jq -r '.extensions_header' "$ready")'): no figure recorded, errors > 0"
+  else
+    log "    open=$open RSS ${before} kB -> ${after} kB $(jq -c '{kib_per_conn_total, kib_per_conn_delta} | map_values(. * 10 | round / 10)' <<<"$extra")"
+  fi
   sleep 2  # let the closes drain
 }
 
@@ -312,7 +341,12 @@ for rep in $(seq 1 "$REPS"); do
     for sc in $SCENARIOS; do
       k=$((k + 1))
       log "-- rep $rep/$REPS, target $t, scenario $sc ($k/$nsc): $(describe "$sc")"
-      if [ "$sc" = d ]; then measure_idle "$t" "$rep"; else measure_load "$t" "$sc" "$rep"; fi
+      if [ $k -gt 1 ] && { [ "$sc" = dj ] || [ "$sc" = dz ]; }; then
+        # dz is compared with dj: each on a fresh process, so that neither reuses what the other freed
+        stop_all; sleep 1
+        if ! start_target "$t" || ! check_path "$t"; then log "   $t: restart for $sc failed: skipped"; stop_all; continue; fi
+      fi
+      case $sc in d|dj|dz) measure_idle "$t" "$rep" "$sc" ;; *) measure_load "$t" "$sc" "$rep" ;; esac
       sleep 1
     done
     stop_all
@@ -327,3 +361,8 @@ echo "$HEADER"
 echo '```'
 echo
 "$PYTHON" "$BENCH/report.py" "$OUT"
+if [ -n "$NOT_NEGOTIATED" ]; then
+  # the tables are printed, and the run fails: a compression figure is missing
+  log "error: permessage-deflate was NOT negotiated in:$NOT_NEGOTIATED (no figure for those; see above)"
+  exit 3
+fi
