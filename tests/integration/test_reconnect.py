@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 
 import pytest
 from websockets.exceptions import ConnectionClosed
@@ -67,13 +66,21 @@ def test_killing_a_node_under_100_clients_loses_no_client_and_no_message(make_up
         else:
             code = 1001 if how == "shutdown-1001" else 1012
             threading.Thread(target=a.server.shutdown, kwargs={"code": code}, daemon=True).start()
-        time.sleep(0.3)  # the gateway has seen the loss; the outage starts
+        # The outage starts once the gateway has seen every loss. A message sent
+        # before that goes to the old node, which is closing and drops it: the
+        # at-most-once loss that on_upstream_close = reconnect does not cover
+        # (docs/configuration.md), and not what this test is about.
+        assert wait_for(lambda: gw.log().count("upstream gone") == n // 2, timeout=10)
 
         for i, ws in enumerate(clients):
             for k in range(1, 6):
                 ws.send(f"c{i}:{k}")
         for i, ws in enumerate(clients):
-            got = [ws.recv(timeout=15) for _ in range(5)]
+            try:
+                got = [ws.recv(timeout=15) for _ in range(5)]
+            except TimeoutError:
+                theirs = [m for up in (a, b) for m in up.received if m.startswith(f"c{i}:")]
+                raise AssertionError(f"client {i} got no echo; the upstreams got {theirs}") from None
             assert got == [f"c{i}:{k}" for k in range(1, 6)], (i, got)
     finally:
         for ws in clients:
