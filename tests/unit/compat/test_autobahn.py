@@ -457,3 +457,47 @@ def test_a_peers_protocol_error_is_logged_through_warn_with_the_texts_peer_fault
         log.warn(f, code=1002, reason="x")
     log.warn("something else")
     assert [level for level, _ in lowered.lines] == ["debug"] * len(warned) + ["warn"]
+
+
+# -- permessage-deflate: the upstream leg's check of the answer, the broadcast side's accept ---------
+
+
+def test_client_consults_an_instance_accept_with_the_parsed_answer() -> None:
+    from autobahn.websocket.compress import PerMessageDeflateResponseAccept
+
+    seen = []
+
+    def check(response):
+        seen.append((response.server_no_context_takeover, response.client_no_context_takeover,
+                     response.server_max_window_bits, response.client_max_window_bits))
+        return PerMessageDeflateResponseAccept(response) if len(seen) == 1 else None
+
+    with relied_on(LIB, "client perMessageCompressionAccept(response) read per instance at the handshake; "
+                        "PerMessageDeflateResponse fields (0 = absent); PerMessageDeflateResponseAccept(response)",
+                   "wsgateway/upstream/leg.py, wsgateway/upstream/compression.py (from_autobahn)"):
+        p, t = client(Client)
+        p.perMessageCompressionAccept = check
+        p._dataReceived(accept(t.value(), "Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover; "
+                                          "server_max_window_bits=10\r\n"))
+        assert p.state == WebSocketProtocol.STATE_OPEN
+        assert seen == [(True, False, 10, 0)]
+        refused, t2 = client(Client)
+        refused.perMessageCompressionAccept = check
+        refused._dataReceived(accept(t2.value(), "Sec-WebSocket-Extensions: permessage-deflate\r\n"))
+        assert refused.state != WebSocketProtocol.STATE_OPEN, "an answer the check refused still opened the leg"
+
+
+def test_server_consults_an_accept_set_in_on_connect_and_lists_the_extension_in_use() -> None:
+    from autobahn.websocket.compress import PerMessageDeflateOfferAccept
+
+    class S(WebSocketServerProtocol):
+        def onConnect(self, request):
+            self.perMessageCompressionAccept = lambda offers: PerMessageDeflateOfferAccept(offers[0])
+
+    with relied_on(LIB, "server perMessageCompressionAccept read after onConnect; websocket_extensions_in_use",
+                   "wsgateway/channels/sessions.py, wsgateway/channels/deflate.py, wsgateway/ops/accesslog.py"):
+        p, t = server(S)
+        p._dataReceived(head(extra="Sec-WebSocket-Extensions: permessage-deflate\r\n"))
+        assert p.state == WebSocketProtocol.STATE_OPEN
+        assert b"Sec-WebSocket-Extensions: permessage-deflate" in t.value()
+        assert len(p.websocket_extensions_in_use) == 1
