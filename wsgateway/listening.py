@@ -50,6 +50,15 @@ class ListeningService(Service):
         self.desc = desc
         self.port: IListeningPort | None = None
         self._listening: Deferred[IListeningPort] | None = None
+        self._waiting: list[Deferred[IListeningPort]] = []
+
+    def when_bound(self) -> Deferred[IListeningPort]:
+        """Fires with the port once the socket is bound (at once if it is); never, if it cannot be."""
+        if self.port is not None:
+            return succeed(self.port)
+        d: Deferred[IListeningPort] = Deferred()
+        self._waiting.append(d)
+        return d
 
     def startService(self) -> None:
         super().startService()
@@ -75,6 +84,9 @@ class ListeningService(Service):
         self._listening = None
         address = describe(port.getHost())
         self.log.info(LISTENING, kind=self.kind, endpoint=self.desc, address=address)
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(port)
         return port
 
     def stopService(self) -> Deferred[None]:

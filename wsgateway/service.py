@@ -20,7 +20,7 @@ from twisted.internet.defer import Deferred, DeferredList, gatherResults
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from wsgateway import runtime, tls
+from wsgateway import runtime, sdnotify, tls
 from wsgateway.channels.broker import make_broker
 from wsgateway.config.loader import ConfigError, GatewayConfig, load
 from wsgateway.config.routes import RouteConfig
@@ -41,6 +41,7 @@ from wsgateway.ops.stats import GatewayStats
 from wsgateway.ops.tracing import make_tracer
 from wsgateway.upstream.leg import UpstreamProtocol
 from wsgateway.upstream.pool import Upstream
+from wsgateway.version import version
 
 if TYPE_CHECKING:
     from wsgateway.interfaces import ProcessRole
@@ -139,6 +140,7 @@ class GatewayService(MultiService):
         self._previous_sighup: Any = None
         self._previous_sigusr1: Any = None
         self.draining = False
+        self.notifier = sdnotify.Notifier()  # READY=1, RELOADING=1, STOPPING=1 to systemd ($NOTIFY_SOCKET)
         if config.admin is not None:
             # the dashboard at / (and /demo with the demo backend)
             pages = dashboard.resources(self, config.gateway.listen if config.demo is not None else None)
@@ -196,9 +198,10 @@ class GatewayService(MultiService):
 
     def startService(self) -> None:
         self.log.info(
-            "wsgateway node {node_id} starting: Autobahn {autobahn} (NVX acceleration {nvx}), {routes} routes, "
-            "{upstreams} upstreams, listening on {listen}",
+            "wsgateway node {node_id} starting: wsgateway {version}, Autobahn {autobahn} (NVX acceleration {nvx}), "
+            "{routes} routes, {upstreams} upstreams, listening on {listen}",
             node_id=self.config.gateway.node_id,
+            version=version(),
             autobahn=autobahn.__version__,
             nvx="active" if USES_NVX else "NOT active",
             routes=len(self.config.routes),
@@ -225,6 +228,8 @@ class GatewayService(MultiService):
         if hasattr(signal, "SIGXFSZ") and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         super().startService()
+        sdnotify.ready_when(self.notifier, [s.when_bound() for s in self if isinstance(s, ListeningService)],
+                            self.reactor)
 
     def reopen_logs(self) -> None:
         count = logs.reopen()
@@ -240,10 +245,12 @@ class GatewayService(MultiService):
         if self.draining:
             self.log.info("SIGHUP during the shutdown drain: nothing reloaded")
             return
-        ok = self.reload_config()
+        self.notifier.reloading()
+        ok = config_ok = self.reload_config()
         for reloadable in self.tls:
             ok = reloadable.reload() and ok  # logs its own outcome, never raises
         self.metrics.reload_result(ok)  # wsgateway_config_reloads_total{result}
+        self.notifier.reloaded(config_ok=config_ok, certificates_ok=ok)
 
     def reload_config(self) -> bool:
         """
@@ -367,6 +374,7 @@ class GatewayService(MultiService):
     async def _stop(self) -> None:
         # /readyz says draining from here on (the admin port stays up till the end)
         self.draining = True
+        self.notifier.stopping()
         # 1. stop accepting
         await gatherResults([svc.stopService() for svc in self.listeners], consumeErrors=True)
         gw = self.config.gateway

@@ -21,6 +21,15 @@ class Options(usage.Options):
 
     loaded: _config.GatewayConfig
 
+    def opt_version(self) -> None:
+        """Print the wsgateway version (and the Python, Twisted and Autobahn it runs on), then exit."""
+        # Overrides usage.Options' own, which prints Twisted's: after the
+        # subcommand (`twistd wsgateway --version`) the version is ours.
+        from wsgateway.version import describe
+
+        print(describe())
+        raise SystemExit(0)
+
     def postOptions(self) -> None:
         try:
             self.loaded = _config.load(self["config"])

@@ -51,7 +51,8 @@ def seconds(ini_key: str) -> float:
 
 def test_the_unit_runs_twistd_in_the_foreground_reloads_with_sighup_and_drains_on_sigterm():
     service = unit()["Service"]
-    assert service["Type"] == ["simple"]
+    # READY=1 / RELOADING=1 / STOPPING=1 from the main process only (wsgateway/sdnotify.py)
+    assert service["Type"] == ["notify"] and service["NotifyAccess"] == ["main"]
     (start,) = service["ExecStart"]
     assert " -n " in start and start.split()[0].endswith("/twistd") and " wsgateway --config " in start
     assert service["ExecReload"][-1] == "/bin/kill -HUP $MAINPID"

@@ -21,9 +21,15 @@ def _plural(count: int, noun: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     """C{wsgateway-check CONFIG}: 0 and a summary when valid, else 1 and one problem per line on stderr."""
     args = sys.argv[1:] if argv is None else list(argv)
-    usage = "usage: wsgateway-check CONFIG\n\nValidate a wsgateway INI file without starting anything."
+    usage = ("usage: wsgateway-check CONFIG\n\nValidate a wsgateway INI file without starting anything.\n"
+             "wsgateway-check --version prints the wsgateway version.")
     if args and args[0] in ("-h", "--help"):
         print(usage)
+        return 0
+    if args == ["--version"]:
+        from wsgateway.version import describe
+
+        print(describe())
         return 0
     if len(args) != 1 or args[0].startswith("-"):
         print(usage.splitlines()[0], file=sys.stderr)

@@ -46,6 +46,7 @@ from twisted.web.server import Request
 
 from wsgateway.upstream.health import eligible_nodes
 from wsgateway.ops.stats import C2U, NO_ROUTE, U2C, GatewayStats
+from wsgateway.version import build_info
 
 NO_ROUTE_LABEL = "(none)"
 OTHER_CODE = "other"
@@ -190,6 +191,14 @@ def _ordered(configured: list[str], seen: Iterable[str]) -> list[str]:
     return configured + sorted(r for r in seen if r not in known)
 
 
+def register_build_info(registry: CollectorRegistry) -> None:
+    """``wsgateway_build_info{version,python,twisted,autobahn} 1``: what this process runs, for joins in PromQL."""
+    info = build_info()
+    gauge = Gauge("wsgateway_build_info", "Always 1; the labels say which wsgateway, Python, Twisted and Autobahn run.",
+                  list(info), registry=registry)
+    gauge.labels(**info).set(1)
+
+
 class GatewayMetrics:
     """
     The gateway's registry and the metrics updated as events happen. One per
@@ -207,6 +216,7 @@ class GatewayMetrics:
         # process_cpu_seconds_total, process_resident_memory_bytes,
         # process_open_fds...: what every Prometheus target is expected to have.
         ProcessCollector(registry=self.registry)
+        register_build_info(self.registry)
         self.connect_seconds = Histogram(
             "wsgateway_upstream_connect_seconds",
             "Upstream handshakes that succeeded: seconds from the attempt's start to the upstream's 101.",

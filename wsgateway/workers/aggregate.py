@@ -23,6 +23,7 @@ and merges per family and label set:
   ``process_start_time_seconds`` the minimum too (the parent's start);
 - ``wsgateway_config_reloads_total``: the maximum, since every process
   counts the same SIGHUP (the parent, which never restarts, included);
+- ``wsgateway_build_info``: the maximum, each process's series being 1;
 - ``shared`` gauges, which every worker reads from one place: the maximum.
   ``REDIS_QUEUE_GAUGES`` are such with ``[queue] backend = redis`` (each
   worker reports the cluster's whole queue), not with SQLite (one file each).
@@ -53,7 +54,8 @@ from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 MIN_FAMILIES = frozenset({"wsgateway_upstream_node_healthy", "process_start_time_seconds"})
-MAX_FAMILIES = frozenset({"wsgateway_config_reloads"})
+# build_info: every process reports the same series at 1 (a sum would say 1 + N)
+MAX_FAMILIES = frozenset({"wsgateway_config_reloads", "wsgateway_build_info"})
 _CARRIED = ("counter", "histogram", "summary")  # kept from a dead worker
 
 SampleKey = tuple[str, tuple[tuple[str, str], ...]]  # (sample name, labels in order)

@@ -54,23 +54,26 @@ from twisted.application import strports
 from twisted.application.service import MultiService
 from twisted.internet import error
 from twisted.internet.defer import Deferred, DeferredList, gatherResults
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
-from wsgateway import runtime
+from wsgateway import runtime, sdnotify
 from wsgateway.config.loader import ConfigError, GatewayConfig, load
 from wsgateway.endpoints import DEFAULT_BACKLOG, split_endpoint
 from wsgateway.listening import LISTENING
 from wsgateway.ops import logs
 from wsgateway.ops.jsonapi import AdminFactory
+from wsgateway.ops.metrics import register_build_info
 from wsgateway.signals import on_signal, restore_signal
 from wsgateway.workers import aggregate
 from wsgateway.workers.admin import parent_site
 from wsgateway.workers.child import WorkerSetup
 from wsgateway.workers.pool import WorkerPool, WorkerSlot
+from wsgateway.version import version
 
 STOP_MARGIN = 5.0  # beyond drain_grace + shutdown_timeout, before stragglers are killed
 REFRESH = 5.0  # seconds between background scrapes of the workers' counters
+READY_POLL = 0.1  # seconds between asking the workers whether they all serve yet (READY=1 for systemd)
 
 
 def bind(desc: str) -> socket.socket:
@@ -114,6 +117,7 @@ class WorkerParent(MultiService):
         disable_created_metrics()
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
+        register_build_info(self.registry)  # the workers' too: merged as the maximum, one series
         self.reloads = Counter("wsgateway_config_reloads", "Configuration reloads (SIGHUP) by result.", ["result"],
                                registry=self.registry)
         for result in ("ok", "error"):
@@ -128,6 +132,8 @@ class WorkerParent(MultiService):
         self._refresh.clock = reactor
         self._previous_sighup: Any = None
         self._previous_sigusr1: Any = None
+        # only the parent talks to systemd: the pool takes $NOTIFY_SOCKET out of the workers' environment
+        self.notifier = sdnotify.Notifier()
         if config.admin is not None:
             site = parent_site(self, config.admin.token or None, max_body=config.admin.max_body)
             guarded = AdminFactory(site, clock=reactor, max_connections=config.admin.max_connections)
@@ -168,12 +174,13 @@ class WorkerParent(MultiService):
         self._bind()
         self._adopt_orphaned_queues()
         gw = self.config.gateway
+        # first, as a single process's "starting:" line: the version leads the log
+        self.log.info("wsgateway node {node_id} starting: wsgateway {version}, {workers} worker processes sharing "
+                      "{listen}", node_id=gw.node_id, version=version(), workers=gw.workers, listen=" ".join(gw.listen))
         for desc, sock in zip(gw.listen, self.sockets):
             # the parent binds the workers' sockets: it says where, as a single process does
             host, port = sock.getsockname()[:2]
             self.log.info(LISTENING, kind="gateway", endpoint=desc, address=f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
-        self.log.info("wsgateway node {node_id} starting {workers} worker processes sharing {listen}",
-                      node_id=gw.node_id, workers=gw.workers, listen=" ".join(gw.listen))
         self.control_dir = tempfile.mkdtemp(prefix="wsgateway-")  # 0700: only our user reaches the workers
         self.pool.slots = [
             WorkerSlot(i, aggregate.WorkerClient(self.reactor, os.path.join(self.control_dir, f"w{i}.sock"),
@@ -185,6 +192,23 @@ class WorkerParent(MultiService):
         super().startService()
         self.reactor.callWhenRunning(self.pool.start)
         self._refresh.start(REFRESH, now=False)
+        Deferred.fromCoroutine(self._ready_when_serving()).addErrback(
+            lambda f: self.log.failure("waiting for the workers to serve failed", f))
+
+    async def _ready_when_serving(self) -> None:
+        """
+        READY=1 for systemd once every worker answers on its control socket:
+        a worker does only after its GatewayService started, its listeners
+        adopted. Not at bind time: the kernel would queue clients on sockets
+        nobody accepts from yet. A worker that never comes up (a crash loop)
+        leaves systemd's TimeoutStartSec to fail the start.
+        """
+        while not self.draining:
+            answers = await self.ask_all(b"GET", b"/readyz")
+            if answers and all(answer is not None for _, answer in answers):
+                self.notifier.ready()
+                return
+            await deferLater(self.reactor, READY_POLL)
 
     def _adopt_orphaned_queues(self) -> None:
         if self.config.queue.backend == "sqlite":
@@ -201,10 +225,12 @@ class WorkerParent(MultiService):
         if self.draining:
             self.log.info("SIGHUP during the shutdown drain: nothing reloaded")
             return
+        self.notifier.reloading()
         path = self.config_path
         try:
             new = load(path)
         except ConfigError as e:
+            ok = False
             for line in e.errors:
                 self.log.error("{problem}", problem=line)
             self.log.error("SIGHUP: {path} has {count} error(s), each logged above: the workers will reject it and "
@@ -222,14 +248,19 @@ class WorkerParent(MultiService):
             if self.config.log.level != running.log.level:
                 logs.set_level(self.config.log.level)
             self.reloads.labels("ok").inc()
+            ok = True
         sent = self.pool.signal_all("HUP")
         self.log.info("SIGHUP forwarded to {sent} worker(s); each logs its own reload", sent=sent)
+        # READY=1 (with STATUS= when the file is bad) once forwarded: each worker reloads on its own, the
+        # parent does not wait for them (a bad certificate shows only in the worker's log line)
+        self.notifier.reloaded(config_ok=ok)
 
     def stopService(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
         self.draining = True  # /readyz: draining
+        self.notifier.stopping()
         if self._refresh.running:
             self._refresh.stop()
         # Our copies first: once every worker has closed its own too, the

@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 import wsgateway
+from wsgateway import sdnotify
 from wsgateway.backoff import exponential
 from wsgateway.ops import logs
 from wsgateway.workers import aggregate
@@ -148,6 +149,8 @@ class WorkerPool:
             pass
         env = dict(os.environ)
         env[ENV] = setup.to_env()
+        # systemd hears from the parent alone (NotifyAccess=main would drop a worker's READY=1 anyway)
+        env.pop(sdnotify.ENV, None)
         child_fds: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
         for index, sock in enumerate(self.parent.sockets):
             child_fds[FIRST_FD + index] = sock.fileno()

@@ -59,3 +59,18 @@ def test_addresses_read_as_operators_write_them() -> None:
     assert describe(IPv4Address("TCP", "127.0.0.1", 8080)) == "127.0.0.1:8080"
     assert describe(IPv6Address("TCP", "::1", 8080)) == "[::1]:8080"
     assert describe(UNIXAddress(b"/run/wsgateway/ws.sock")) == "/run/wsgateway/ws.sock"
+
+
+def test_when_bound_fires_once_the_socket_is_bound_and_at_once_after() -> None:
+    # what READY=1 for systemd waits for (wsgateway/sdnotify.py ready_when)
+    svc, _ = _service("tcp:0:interface=127.0.0.1")
+    before = svc.when_bound()
+    assert not before.called
+    svc.startService()
+    try:
+        fired: list[Any] = []
+        before.addCallback(fired.append)
+        svc.when_bound().addCallback(fired.append)
+        assert fired == [svc.port, svc.port]
+    finally:
+        svc.stopService()
