@@ -1,6 +1,8 @@
 # -*- test-case-name: tests.unit.handshake.test_listening -*-
 """
-A listening socket as a service, which says where it listens: once the
+A listening socket as a service (L{ListeningService}), and the
+L{SingleProcess} role that builds one per C{[gateway] listen} entry when
+there are no workers. The service says where it listens: once the
 socket is bound, one info line ``KIND listening on ADDRESS (ENDPOINT)``, ``kind``
 (gateway, admin, demo), ``endpoint`` (the configured string) and
 ``address`` (the bound host:port or unix path), so ``tcp:0`` works and
@@ -13,10 +15,17 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IStreamServerEndpoint,
+)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from wsgateway import tls
+from wsgateway.endpoints import with_backlog
 
 # The line each bound listener logs; its fields are kind, endpoint and address
 LISTENING = "{kind} listening on {address} ({endpoint})"
@@ -99,3 +108,21 @@ class ListeningService(Service):
             return succeed(None)
         stopped = port.stopListening()
         return stopped if stopped is not None else succeed(None)
+
+
+class SingleProcess:
+    """The L{ProcessRole} of a gateway without workers: it binds its own listeners."""
+
+    def adapt(self, config: Any) -> Any:  # GatewayConfig
+        return config
+
+    def listener(self, index: int, desc: str, factory: Any, reactor: Any) -> tuple[Any, Any]:
+        if tls.is_ssl(desc):
+            # its endpoint built by wsgateway.tls: the certificate can be swapped on SIGHUP
+            service, reloadable = tls.server_service(desc, factory, reactor)
+            return ListeningService(service.endpoint, factory, kind="gateway", desc=desc), reloadable
+        endpoint = serverFromString(reactor, with_backlog(desc))
+        return ListeningService(endpoint, factory, kind="gateway", desc=desc), None
+
+    def control_service(self, view: Any, registry: Any, reactor: Any) -> None:
+        return None

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 import autobahn
 from autobahn.websocket import USES_NVX
 from twisted.application.service import MultiService
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.defer import Deferred, DeferredList, gatherResults
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
@@ -27,42 +27,23 @@ from wsgateway.config.routes import RouteConfig
 from wsgateway.connections import LiveConnections
 from wsgateway.durable.entries import Entry
 from wsgateway.durable.queue import make_queue
-from wsgateway.endpoints import with_backlog
-from wsgateway.signals import on_signal, restore_signal
 from wsgateway.handshake.admission import ConnectionLimiter
 from wsgateway.handshake.chain import HandshakeChain
 from wsgateway.handshake.server import GatewayServerFactory
-from wsgateway.listening import ListeningService
+from wsgateway.listening import ListeningService, SingleProcess
 from wsgateway.ops import dashboard, logs
 from wsgateway.ops.admin import admin_site
 from wsgateway.ops.jsonapi import AdminFactory
 from wsgateway.ops.metrics import BrokerMetrics, GatewayMetrics, MetricsResource
 from wsgateway.ops.stats import GatewayStats
 from wsgateway.ops.tracing import make_tracer
+from wsgateway.signals import on_signal, restore_signal
 from wsgateway.upstream.leg import UpstreamProtocol
 from wsgateway.upstream.pool import Upstream
 from wsgateway.version import version
 
 if TYPE_CHECKING:
     from wsgateway.interfaces import ProcessRole
-
-class SingleProcess:
-    """The L{ProcessRole} of a gateway without workers: it binds its own listeners."""
-
-    def adapt(self, config: GatewayConfig) -> GatewayConfig:
-        return config
-
-    def listener(self, index: int, desc: str, factory: Any, reactor: Any) -> tuple[Any, Any]:
-        if tls.is_ssl(desc):
-            # its endpoint built by wsgateway.tls: the certificate can be swapped on SIGHUP
-            service, reloadable = tls.server_service(desc, factory, reactor)
-            return ListeningService(service.endpoint, factory, kind="gateway", desc=desc), reloadable
-        endpoint = serverFromString(reactor, with_backlog(desc))
-        return ListeningService(endpoint, factory, kind="gateway", desc=desc), None
-
-    def control_service(self, view: Any, registry: Any, reactor: Any) -> None:
-        return None
-
 
 # The 1001s of a shutdown are spread over this fraction of shutdown_timeout
 # (see drain_schedule); the rest of it is for the last close handshakes.
