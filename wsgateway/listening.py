@@ -11,7 +11,9 @@ its port can be read from the log (docs/logs.md).
 
 from __future__ import annotations
 
-from typing import Any
+import errno
+import os
+from typing import Any, NoReturn
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
@@ -41,6 +43,31 @@ def describe(address: Any) -> str:
     if name is not None:
         return name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
     return str(address)
+
+
+# What to do about a socket that cannot be bound, by errno
+_ADVICE = {
+    errno.EADDRINUSE: "stop what holds the port or change [{section}] listen",
+    errno.EACCES: "ports below 1024 need root (twistd --uid drops it after binding) or change [{section}] listen",
+    errno.EADDRNOTAVAIL: "this host has no such address: change the interface in [{section}] listen",
+}
+
+
+def cannot_listen(log: Logger, kind: str, desc: str, error: BaseException | None) -> NoReturn:
+    """
+    Say in one line that ``desc`` cannot be bound at start, and why, then
+    end the process with status 1: an operator's mistake (a port already
+    taken), not a bug, so no traceback (twistd would log some 40 lines of
+    it). SystemExit passes through twistd's start untouched.
+    """
+    socket_error = getattr(error, "socketError", error)  # CannotListenError wraps the OSError
+    code = getattr(socket_error, "errno", None)
+    reason = os.strerror(code).lower() if isinstance(code, int) else str(socket_error)
+    section = kind if kind in ("gateway", "admin", "demo") else "gateway"
+    advice = _ADVICE.get(code or 0, "check [{section}] listen").format(section=section)
+    log.critical("cannot listen on {endpoint}: {reason}; {advice}", kind=kind, endpoint=desc, reason=reason,
+                 advice=advice)
+    raise SystemExit(1)
 
 
 class ListeningService(Service):
@@ -86,7 +113,7 @@ class ListeningService(Service):
         starting = False
         if failed:
             # refused at once (TCP, unix, ssl bind synchronously): fatal, as strports makes it
-            failed[0].raiseException()
+            cannot_listen(self.log, self.kind, self.desc, failed[0].value)
 
     def _bound(self, port: IListeningPort) -> IListeningPort:
         self.port = port

@@ -277,14 +277,14 @@ class GatewayService(MultiService):
         kept = built.kept_from(previous)
         self.log.info(
             "reloaded {path}: {routes} routes, {upstreams} upstreams ({kept} kept as they were, {fresh} new or "
-            "changed, {removed} removed); log level {new_level}",
+            "changed, {removed} removed); log level {in_effect}",
             path=path,
             routes=len(effective.routes),
             upstreams=len(built.upstreams),
             kept=len(kept),
             fresh=len(built.upstreams) - len(kept),
             removed=len([n for n in previous.upstreams if n not in built.upstreams]),
-            new_level=effective.log.level,
+            in_effect=logs.level_after_reload(running.log.level, effective.log.level),
         )
         if effective.log.level != running.log.level:
             # after the line above, so a reload to "warn" still leaves a trace

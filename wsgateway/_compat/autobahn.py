@@ -23,6 +23,9 @@ connection to peer ... with abort=False``): on a broadcast route, where
 Autobahn reads the client's frames, any unauthenticated peer could fill the
 log at will. ``PeerFaultLog`` puts those two lines at debug, as the relay
 does for proxy routes: the access line's close code already says it.
+It also puts a client's failed TLS handshake (Autobahn's ``SSL error: ...``
+at error) at info: a client that does not trust the certificate is no
+error of the gateway's.
 """
 
 from __future__ import annotations
@@ -111,6 +114,19 @@ class PeerFaultLog:
             self._log.debug(format, **kwargs)
         else:
             self._log.warn(format, **kwargs)
+
+    # Autobahn's connectionLost logs a TLS failure at error with
+    # _maybe_tls_reason's text as the format: a client that does not trust
+    # the certificate (a browser and a development certificate) or that
+    # speaks plain HTTP to an ssl: port, the client's matter, not ours.
+    TLS_FAULT = "SSL error: "
+
+    def error(self, format: str | None = None, **kwargs: Any) -> None:
+        if format is not None and format.startswith(self.TLS_FAULT):
+            # as a field, not a format: the text is OpenSSL's, braces and all
+            self._log.info("client TLS error: {reason}", reason=format[len(self.TLS_FAULT):])
+        else:
+            self._log.error(format, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._log, name)

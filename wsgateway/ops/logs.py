@@ -12,7 +12,11 @@ working.
 from __future__ import annotations
 
 import json
+import os
+import stat
 import sys
+import time
+from datetime import datetime
 from collections.abc import Callable
 from typing import IO, Any
 
@@ -23,7 +27,6 @@ from twisted.logger import (
     LogLevelFilterPredicate,
     Logger,
     formatEvent,
-    formatTime,
     textFileLogObserver,
 )
 from twisted.python.logfile import LogFile
@@ -65,10 +68,14 @@ FIELDS = (
 # (about 2 % of the CPU of a handshake), so such lines check this first.
 SHOWS_DEBUG = False
 SHOWS_INFO = True
+# The level in effect, whoever set it last (the file at start or on a reload
+# that changed it, or PUT /admin/log-level): what a reload's line reports.
+LEVEL = "info"
 
 
 def set_level(level: str) -> None:
-    global SHOWS_DEBUG, SHOWS_INFO
+    global SHOWS_DEBUG, SHOWS_INFO, LEVEL
+    LEVEL = level
     SHOWS_DEBUG = level == "debug"
     SHOWS_INFO = level in ("debug", "info")
     PREDICATE.setLogLevelForNamespace("", LEVELS[level])
@@ -76,8 +83,30 @@ def set_level(level: str) -> None:
     PREDICATE.setLogLevelForNamespace("autobahn", max(LEVELS[level], LogLevel.info, key=_order))
 
 
+def level_after_reload(before: str, after: str) -> str:
+    """
+    The level a reload's line reports, ``before`` and ``after`` being the
+    file's: the file's new level when it changed (the reload applies it),
+    else the one in effect, naming the file's when they differ (a level set
+    through PUT /admin/log-level survives such a reload).
+    """
+    if after != before or LEVEL == after:
+        return after
+    return f"{LEVEL} (set at runtime; the file says {after})"
+
+
 def _order(level: LogLevel) -> int:
     return list(LEVELS.values()).index(level)
+
+
+def rfc3339(when: float | None) -> str:
+    """
+    Local time with its offset as RFC 3339 wants it, ``+00:00`` not
+    ``+0000`` (strftime's %z): Go's time.RFC3339, Loki and Vector reject the
+    form without the colon.
+    """
+    moment = datetime.fromtimestamp(time.time() if when is None else when).astimezone()
+    return moment.isoformat(timespec="microseconds")
 
 
 @implementer(ILogObserver)
@@ -96,7 +125,7 @@ class JSONLinesObserver:
     def __call__(self, event: dict[str, Any]) -> None:
         level = event.get("log_level", LogLevel.info)
         out: dict[str, Any] = {
-            "time": formatTime(event.get("log_time"), timeFormat="%Y-%m-%dT%H:%M:%S.%f%z"),
+            "time": rfc3339(event.get("log_time")),
             # LogLevel's members are NamedConstants, not LogLevel instances
             "level": getattr(level, "name", str(level)),
             "event": formatEvent(event),
@@ -206,6 +235,13 @@ def reopen() -> int:
     return len(_files)
 
 
+def _mode_of(path: str) -> int:
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return 0o644
+
+
 def observer_factory(
     *, level: str, fmt: str, file: str, node_id: str, twistd_logfile: str | None, daemon: bool,
     worker: int | None = None,
@@ -228,7 +264,12 @@ def observer_factory(
             # Rotation is logrotate's (etc/logrotate.d/wsgateway), not
             # LogFile's own every 1 MB, which would rename the file under
             # logrotate's feet; SIGUSR1 reopens it (reopen above).
-            logfile = LogFile.fromFullPath(target, rotateLength=None)
+            # A file created here, at start or by reopen() after logrotate
+            # moved the old one away, is 0644 as twistd's own log file: by
+            # then twistd may have set the daemon's umask 0077, which made a
+            # reopened file 0600. An existing file keeps its mode (LogFile
+            # reads it), so an operator's 0640 survives rotation.
+            logfile = LogFile.fromFullPath(target, rotateLength=None, defaultMode=_mode_of(target))
             _files.append(logfile)
             stream = logfile
         _stream = stream

@@ -50,17 +50,17 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.process_collector import ProcessCollector
-from twisted.application import strports
 from twisted.application.service import MultiService
 from twisted.internet import error
 from twisted.internet.defer import Deferred, DeferredList, gatherResults
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
 from wsgateway import runtime, sdnotify
 from wsgateway.config.loader import ConfigError, GatewayConfig, load
 from wsgateway.endpoints import DEFAULT_BACKLOG, split_endpoint
-from wsgateway.listening import LISTENING
+from wsgateway.listening import LISTENING, ListeningService, cannot_listen
 from wsgateway.ops import logs
 from wsgateway.ops.jsonapi import AdminFactory
 from wsgateway.ops.metrics import register_build_info
@@ -138,12 +138,15 @@ class WorkerParent(MultiService):
             site = parent_site(self, config.admin.token or None, max_body=config.admin.max_body)
             guarded = AdminFactory(site, clock=reactor, max_connections=config.admin.max_connections)
             for desc in config.admin.listen:
-                strports.service(desc, guarded, reactor=reactor).setServiceParent(self)
+                # a ListeningService, as a single process's: one line if its port is taken
+                ListeningService(serverFromString(reactor, desc), guarded, kind="admin",
+                                 desc=desc).setServiceParent(self)
         if config.demo is not None:
             from wsgateway.dev.demo import DemoFactory
 
             for desc in config.demo.listen:
-                strports.service(desc, DemoFactory(reactor=reactor), reactor=reactor).setServiceParent(self)
+                ListeningService(serverFromString(reactor, desc), DemoFactory(reactor=reactor), kind="demo",
+                                 desc=desc).setServiceParent(self)
 
     def setup(self, worker: int) -> WorkerSetup:
         gw = self.config.gateway
@@ -164,11 +167,11 @@ class WorkerParent(MultiService):
         try:
             for desc in self.config.gateway.listen:
                 self.sockets.append(bind(desc))
-        except Exception:
+        except Exception as e:
             for sock in self.sockets:
                 sock.close()
             self.sockets = []
-            raise
+            cannot_listen(self.log, "gateway", desc, e)
 
     def startService(self) -> None:
         self._bind()

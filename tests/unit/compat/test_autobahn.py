@@ -501,3 +501,45 @@ def test_server_consults_an_accept_set_in_on_connect_and_lists_the_extension_in_
         assert p.state == WebSocketProtocol.STATE_OPEN
         assert b"Sec-WebSocket-Extensions: permessage-deflate" in t.value()
         assert len(p.websocket_extensions_in_use) == 1
+
+
+def test_a_failed_tls_handshake_is_logged_through_error_with_the_text_peer_fault_log_lowers() -> None:
+    """wsgateway/_compat/autobahn.py PeerFaultLog: when a client's TLS handshake fails (pyOpenSSL's
+    SSL.Error, e.g. a browser that does not trust the certificate), Autobahn's connectionLost calls
+    ``log.error`` with ``_maybe_tls_reason``'s text as the format, starting with TLS_FAULT."""
+    from OpenSSL import SSL
+    from twisted.python.failure import Failure
+
+    from wsgateway._compat.autobahn import PeerFaultLog
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.lines: list[tuple[str, str, dict[str, object]]] = []
+
+        def error(self, format: str, **kwargs: object) -> None:
+            self.lines.append(("error", format, kwargs))
+
+        def info(self, format: str, **kwargs: object) -> None:
+            self.lines.append(("info", format, kwargs))
+
+        def __getattr__(self, name: str):
+            return lambda *a, **k: None
+
+    # the shape pyOpenSSL raises: a list of (library, function, reason) from OpenSSL's error queue
+    alert = SSL.Error([("SSL routines", "", "tlsv1 alert unknown ca")])
+    with relied_on(LIB, "connectionLost logs an SSL.Error through log.error(_maybe_tls_reason(...)), "
+                        "'SSL error: REASON (in FUNCTION)'", "wsgateway/_compat/autobahn.py (PeerFaultLog)"):
+        raw = Recorder()
+        p, _ = server()
+        p.log = raw
+        p.connectionLost(Failure(alert))
+        errors = [f for level, f, _ in raw.lines if level == "error"]
+        assert errors, "Autobahn no longer logs a failed TLS handshake at error"
+        assert errors == ["SSL error: tlsv1 alert unknown ca (in )"], errors
+        assert errors[0].startswith(PeerFaultLog.TLS_FAULT)
+    lowered = Recorder()
+    log = PeerFaultLog(lowered)
+    log.error(errors[0])
+    log.error("something else {x}", x=1)
+    assert [(level, kw) for level, _, kw in lowered.lines] == [
+        ("info", {"reason": "tlsv1 alert unknown ca (in )"}), ("error", {"x": 1})]

@@ -12,9 +12,8 @@ import pytest
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import Logger, eventAsJSON, formatEvent
+from twisted.logger import Logger, LogLevel, eventAsJSON, formatEvent
 
 from wsgateway.listening import ListeningService, describe
 
@@ -42,15 +41,21 @@ def test_a_bound_port_0_is_logged_with_its_real_port() -> None:
     assert svc.port is None
 
 
-def test_a_port_that_cannot_be_bound_aborts_the_start_and_logs_nothing() -> None:
+def test_a_port_that_cannot_be_bound_aborts_the_start_with_one_line_saying_what_to_do() -> None:
+    # one line and exit status 1, not twistd's 40-line traceback (tests/integration/test_log_lines.py)
     first, _ = _service("tcp:0:interface=127.0.0.1")
     first.startService()
     try:
         taken = first.port.getHost().port
-        second, events = _service(f"tcp:{taken}:interface=127.0.0.1", kind="admin")
-        with pytest.raises(CannotListenError):
+        desc = f"tcp:{taken}:interface=127.0.0.1"
+        second, events = _service(desc, kind="admin")
+        with pytest.raises(SystemExit) as exited:
             second.startService()
-        assert events == [] and second.port is None
+        assert exited.value.code == 1 and second.port is None
+        [event] = events
+        assert event["log_level"] == LogLevel.critical
+        assert formatEvent(event) == (f"cannot listen on {desc}: address already in use; stop what holds the port "
+                                      "or change [admin] listen")
     finally:
         first.stopService()
 
