@@ -293,6 +293,17 @@ class AdminAPI(Resource):
         )
 
 
+class AdminOff(JSONResource):
+    """
+    ``/admin/*`` when no ``[admin] token`` is set: a JSON 404 that says how
+    to turn the API on, as every other ``/admin/*`` error is JSON, rather
+    than Twisted's HTML page (which a script's JSON parser chokes on).
+    """
+
+    def render(self, request: Request) -> bytes:
+        return self.error(request, 404, "the admin API is off: set [admin] token to enable it (docs/admin-api.md)")
+
+
 def admin_site(view: GatewayView, *, token: str | None, extra: Mapping[bytes, Resource] | None = None,
                access_log: bool = True, max_body: int = MAX_BODY) -> Site:
     """
@@ -306,8 +317,7 @@ def admin_site(view: GatewayView, *, token: str | None, extra: Mapping[bytes, Re
     root = Root()
     root.putChild(b"healthz", Healthz())
     root.putChild(b"readyz", Readyz(view))
-    if token:
-        root.putChild(b"admin", AdminAPI(view, token))
+    root.putChild(b"admin", AdminAPI(view, token) if token else AdminOff())
     for name, resource in (extra or {}).items():
         root.putChild(name, resource)
     return AdminSite(root, token=token, max_body=max_body, access_log=access_log)

@@ -27,7 +27,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from wsgateway.ops import dashboard, logs
-from wsgateway.ops.admin import AdminAPI, Healthz
+from wsgateway.ops.admin import AdminAPI, AdminOff, Healthz
 from wsgateway.ops.jsonapi import MAX_BODY, AdminSite, JSONResource, Refused, Root, read_body
 from wsgateway.ops.logs import LEVELS
 from wsgateway.workers import aggregate
@@ -249,6 +249,5 @@ def parent_site(parent: WorkerParentView, token: str | None, *, max_body: int = 
     for name, resource in dashboard.resources(parent, listen).items():  # type: ignore[arg-type]
         if name != b"dashboard.json":
             root.putChild(name, resource)
-    if token:
-        root.putChild(b"admin", ParentAdminAPI(parent, token))
+    root.putChild(b"admin", ParentAdminAPI(parent, token) if token else AdminOff())
     return AdminSite(root, token=token, max_body=max_body)

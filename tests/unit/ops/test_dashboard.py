@@ -172,3 +172,15 @@ def test_demo_target_prefers_the_tls_listener():
     assert demo_target(["tcp:port=9000:interface=\\:\\:1"]) == ("ws", 9000)
     assert demo_target(["tcp6:9001"]) == ("ws", 9001)
     assert demo_target(["unix:/run/ws.sock", "tcp:0"]) is None
+
+
+def test_without_a_token_admin_paths_answer_json_saying_how_to_turn_the_api_on():
+    view = hostile_view()
+    site = admin_site(view, token=None, extra=resources(view))
+    for path in ([b"admin"], [b"admin", b"routes"], [b"admin", b"queue", b"purge"]):
+        request, body = get(site.getResourceFor(DummyRequest(path)))
+        assert request.responseCode == 404
+        assert header(request, b"content-type") == "application/json"
+        assert json.loads(body) == {
+            "error": "the admin API is off: set [admin] token to enable it (docs/admin-api.md)"
+        }
