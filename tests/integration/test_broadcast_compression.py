@@ -7,19 +7,17 @@ route, ``compression = off``, a compression bomb, and the metric.
 
 from __future__ import annotations
 
-import urllib.request
 import zlib
 from functools import partial
 from typing import Any
 
-from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
-from websockets.sync.client import ClientConnection, connect
-
 from support import rawws
 from support.gateway import free_port
-from support.metrics_text import get, parse
+from support.metrics_text import get, scrape
 from support.waiting import wait_for
 from support.wsclient import Listener
+from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
+from websockets.sync.client import ClientConnection, connect
 
 TOKEN = "compression-admin-token"
 MAX_MESSAGE = 1024 * 1024  # [limits] max_message_size = 1M below
@@ -56,10 +54,6 @@ def ini(admin: int) -> str:
         compression = off
         """
 
-
-def scrape(admin: int) -> Any:
-    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as r:
-        return parse(r.read().decode())
 
 
 def compressed_active(admin: int, route: str) -> float | None:

@@ -16,13 +16,12 @@ import zlib
 from typing import Any
 
 import pytest
-from websockets.exceptions import InvalidStatus
-from websockets.sync.client import connect
-
 from support import rawws
 from support.gateway import free_port, proxy_ini
-from support.metrics_text import get, parse
+from support.metrics_text import get, scrape
 from support.waiting import wait_for
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
 
 OFFER = ("Sec-WebSocket-Extensions", "permessage-deflate; client_max_window_bits")
 
@@ -66,7 +65,7 @@ def test_both_legs_negotiate_and_messages_pass_intact_and_in_order(deflating) ->
         got = [ws.recv(timeout=10) for _ in sent]
         ws.send(b"\x00\xff" * 40000)
         assert ws.recv(timeout=10) == b"\x00\xff" * 40000
-        samples = parse(_metrics(admin))
+        samples = scrape(admin)
         assert get(samples, "wsgateway_compressed_connections_active", route="main") == 1
     assert got == sent
     assert up.received == sent + [b"\x00\xff" * 40000]
@@ -303,12 +302,6 @@ def test_a_client_that_keeps_its_context_anyway_is_1007(deflating) -> None:
     sock.close()
 
 
-def _metrics(admin: int) -> str:
-    import urllib.request
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as r:
-        return r.read().decode()
-
 
 def test_the_metric_counts_open_compressed_connections_only(deflating, make_upstream) -> None:
     _, gw, admin = deflating
@@ -316,8 +309,8 @@ def test_the_metric_counts_open_compressed_connections_only(deflating, make_upst
         a.send("1")
         b.send("2")
         assert (a.recv(timeout=5), b.recv(timeout=5)) == ("1", "2")
-        samples = parse(_metrics(admin))
+        samples = scrape(admin)
         assert get(samples, "wsgateway_compressed_connections_active", route="main") == 1
         assert get(samples, "wsgateway_connections_active", route="main") == 2
-    assert wait_for(lambda: get(parse(_metrics(admin)), "wsgateway_compressed_connections_active", route="main") == 0,
+    assert wait_for(lambda: get(scrape(admin), "wsgateway_compressed_connections_active", route="main") == 0,
                     10)

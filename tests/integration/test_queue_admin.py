@@ -15,23 +15,21 @@ receives what the queue kept.
 from __future__ import annotations
 
 import json
-import random
 import socket
 import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
+from support.gateway import free_port, quiet_port
+from support.metrics_text import get, scrape
+from support.rawws import accept_for, header, parse_head, read_head
+from support.waiting import wait_for
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 from websockets.sync.server import Server, ServerConnection, serve
-
-from support.gateway import free_port
-from support.rawws import accept_for, header, parse_head, read_head
-from support.waiting import wait_for
 
 TOKEN = "queue-admin-token-8e1f"
 
@@ -54,33 +52,6 @@ def queue(admin: int, query: str = "") -> dict[str, Any]:
     assert status == 200, body
     return body  # type: ignore[no-any-return]
 
-
-def metric(admin: int, name: str) -> float | None:
-    """The value of an unlabelled sample on /metrics (no token needed), None if absent."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return None
-
-
-def quiet_port() -> int:
-    """
-    A free port below the ephemeral range: the gateway's own outgoing
-    connections cannot take it as their local port while the test keeps it
-    free, so an upstream can be started on it later.
-    """
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    for _ in range(200):
-        port = random.randrange(10000, max(10001, low))
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return port
-    return free_port()
 
 
 def ini(admin: int, node_port: int, *, max_attempts: int = 20, delivery: str = "at_least_once") -> str:
@@ -243,7 +214,7 @@ def test_depth_per_route_metrics_and_purge(start_gateway: Any) -> None:
         assert call(admin, "GET", "/admin/queue?limit=many")[0] == 400
 
         # refreshed on each deliverer pass
-        assert wait_for(lambda: metric(admin, "wsgateway_queue_depth") == 10.0)
+        assert wait_for(lambda: get(scrape(admin), "wsgateway_queue_depth") == 10.0)
 
         for bad in ({}, {"route": "main", "all": True}, {"route": 7}, {"all": "yes"}, {"all": True, "dead": 1}):
             status, body = call(admin, "POST", "/admin/queue/purge", bad)
@@ -255,12 +226,12 @@ def test_depth_per_route_metrics_and_purge(start_gateway: Any) -> None:
         assert (status, body) == (200, {"purged": 7, "dead": False, "route": "main"})
         q = queue(admin)
         assert q["depth"] == 3 and q["routes"].keys() == {"other"}
-        assert wait_for(lambda: metric(admin, "wsgateway_queue_depth") == 3.0)
+        assert wait_for(lambda: get(scrape(admin), "wsgateway_queue_depth") == 3.0)
 
         status, body = call(admin, "POST", "/admin/queue/purge", {"all": True})
         assert (status, body) == (200, {"purged": 3, "dead": False, "route": None})
         assert queue(admin)["depth"] == 0
-        assert wait_for(lambda: metric(admin, "wsgateway_queue_depth") == 0.0)
+        assert wait_for(lambda: get(scrape(admin), "wsgateway_queue_depth") == 0.0)
         # the clients were not disconnected by it
         a.ping().wait(5)
         b.ping().wait(5)
@@ -269,7 +240,7 @@ def test_depth_per_route_metrics_and_purge(start_gateway: Any) -> None:
 def test_dead_letters_then_replay_and_delivery(start_gateway: Any, closing: list[Any]) -> None:
     admin, node = free_port(), quiet_port()
     gw = start_gateway(ini(admin, node, max_attempts=1))
-    assert metric(admin, "wsgateway_queue_delivered_total") == 0.0
+    assert get(scrape(admin), "wsgateway_queue_delivered_total") == 0.0
     messages: list[str | bytes] = ["one", b"\x02two", "three"]
     send(f"{gw.url}/room/1", messages)
     assert wait_for(lambda: queue(admin)["depth"] == 3)
@@ -303,7 +274,7 @@ def test_dead_letters_then_replay_and_delivery(start_gateway: Any, closing: list
     replay_heads = [h for h in dropper.handshakes if header(h, "X-Wsgateway-Replay")]
     assert replay_heads and header(replay_heads[0], "X-Wsgateway-Conn-Id") == [conn_id]
     dropper.close()
-    assert metric(admin, "wsgateway_queue_delivered_total") == 0.0
+    assert get(scrape(admin), "wsgateway_queue_delivered_total") == 0.0
 
     # back in the queue, with fresh attempts (nothing listens again: they stay there)
     for bad in ({"dead": "yes"}, {"route": 3}, {"ids": "all"}):
@@ -326,8 +297,8 @@ def test_dead_letters_then_replay_and_delivery(start_gateway: Any, closing: list
     closing.append(echo)
     assert wait_for(lambda: echo.received == messages, timeout=10), echo.received
     assert wait_for(lambda: queue(admin)["depth"] == 0)
-    assert wait_for(lambda: metric(admin, "wsgateway_queue_delivered_total") == 3.0)
-    assert wait_for(lambda: metric(admin, "wsgateway_queue_depth") == 0.0)
+    assert wait_for(lambda: get(scrape(admin), "wsgateway_queue_delivered_total") == 3.0)
+    assert wait_for(lambda: get(scrape(admin), "wsgateway_queue_depth") == 0.0)
     q = queue(admin)
     assert (q["depth"], q["dead"], q["routes"], q["delivered"]) == (0, 0, {}, 3)
     request = echo.requests[0]
@@ -346,4 +317,4 @@ def test_no_queue_without_an_at_least_once_route(start_gateway: Any) -> None:
         status, answer = call(admin, method, path, body)
         assert status == 404, (path, answer)
         assert "at_least_once" in answer["error"]
-    assert metric(admin, "wsgateway_queue_depth") == 0.0
+    assert get(scrape(admin), "wsgateway_queue_depth") == 0.0

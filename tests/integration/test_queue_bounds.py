@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import socket
 import threading
 import time
 import urllib.error
@@ -22,12 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.gateway import free_port, quiet_port
+from support.metrics_text import get, scrape
+from support.waiting import wait_for
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 from websockets.sync.server import ServerConnection, serve
-
-from support.gateway import free_port
-from support.waiting import wait_for
 
 TOKEN = "queue-bounds-token-5c2a9e7d41f0b3a6e8d2c1f4"
 SHARE = 64 * 1024
@@ -46,28 +44,6 @@ def call(port: int, method: str, path: str, body: Any = None) -> tuple[int, Any]
     except urllib.error.HTTPError as e:
         return e.code, e.read()
 
-
-def metric(admin: int, name: str) -> float | None:
-    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return None
-
-
-def quiet_port() -> int:
-    """A free port below the ephemeral range (see tests/integration/test_queue_admin.py)."""
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    for _ in range(200):
-        port = random.randrange(10000, max(10001, low))
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return port
-    return free_port()
 
 
 def ini(admin: int, node_port: int) -> str:
@@ -140,9 +116,9 @@ def test_a_client_past_its_share_gets_1013_and_the_file_shrinks_after_a_purge(
     assert status == 200 and 0 < body["depth"] <= SHARE // MESSAGE  # what was accepted stays queued
     assert file_size(folder) < SHARE + SQLITE_OVERHEAD, file_size(folder)
     assert file_size(folder, "-wal") < WAL_BOUND, file_size(folder, "-wal")
-    assert wait_for(lambda: (metric(admin, "wsgateway_queue_bytes") or 0) > body["depth"] * MESSAGE, timeout=15)
+    assert wait_for(lambda: (get(scrape(admin), "wsgateway_queue_bytes") or 0) > body["depth"] * MESSAGE, timeout=15)
     # a full share is no failing store
-    assert metric(admin, 'wsgateway_queue_failures_total{operation="append"}') == 0.0
+    assert get(scrape(admin), "wsgateway_queue_failures_total", operation="append") == 0.0
 
     # another client has its own share
     _, close = fill_until_refused(f"{gw.url}/room/2")
@@ -154,7 +130,7 @@ def test_a_client_past_its_share_gets_1013_and_the_file_shrinks_after_a_purge(
     status, body = call(admin, "POST", "/admin/queue/purge", {"all": True})
     assert status == 200 and body["purged"] > 0
     assert wait_for(lambda: on_disk(folder) < 64 * 1024, timeout=10), (grown, on_disk(folder))
-    assert wait_for(lambda: metric(admin, "wsgateway_queue_bytes") == 0.0, timeout=15)
+    assert wait_for(lambda: get(scrape(admin), "wsgateway_queue_bytes") == 0.0, timeout=15)
 
 
 def test_the_file_shrinks_once_the_queue_is_delivered(gateway: tuple[Any, int, int, Path]) -> None:

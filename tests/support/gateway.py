@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import configparser
 import os
+import random
+import re
 import signal
 import socket
-import re
 import subprocess
 import sys
 import threading
@@ -273,3 +274,21 @@ def default_config(tmp_path: Path) -> tuple[Path, int, int]:
     path.parent.mkdir()
     path.write_text(text)
     return path, gw, tls
+
+
+def quiet_port() -> int:
+    """
+    A free port below the ephemeral range: the gateway's own outgoing
+    connections cannot take it as their local port while the test keeps it
+    free, so an upstream can be started on it later.
+    """
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(200):
+        port = random.randrange(10000, max(10001, low))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    return free_port()
