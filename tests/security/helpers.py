@@ -54,6 +54,22 @@ ALLOWED_ORIGIN = "https://app.example.com"
 # -- what the suite sent that must never be logged --------------------------
 
 
+# Host values that are not a valid host[:port] (400 on every route): the
+# "host-header poisoning" set nginx refuses, and a few more.
+MALFORMED_HOSTS = [
+    "evil.example, a.internal.example",
+    "evil.example/a.internal.example",
+    "evil.example a.internal.example",
+    "evil.example?a.internal.example",
+    "evil.example;a.internal.example",
+    "evil.example\ta.internal.example",
+    "a.internal.example:99999",
+    "a.internal.example:0",
+    "evil.example#a.internal.example",
+    "evil@a.internal.example",
+]
+
+
 class Secrets:
     """Every token, key and credential a test sent, and every log to grep for them."""
 

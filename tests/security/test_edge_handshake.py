@@ -31,7 +31,7 @@ from support.gateway import Gateway, spawn_gateway
 from support.rawws import raw_connect, upgrade_request
 from support.waiting import wait_for
 
-from .helpers import Main, RawRecorder, Secrets, echo_ok, handshake, refused, say_goodbye, uid
+from .helpers import MALFORMED_HOSTS, Main, RawRecorder, Secrets, echo_ok, handshake, refused, say_goodbye, uid
 
 PER_IP = 20
 MAX_PENDING = 40
@@ -95,19 +95,6 @@ def _status(port: int, path: str, host: str) -> str:
 
 
 # -- Host (item 4) ---------------------------------------------------------------------
-
-MALFORMED_HOSTS = [
-    "evil.example, a.internal.example",
-    "evil.example/a.internal.example",
-    "evil.example a.internal.example",
-    "evil.example?a.internal.example",
-    "evil.example;a.internal.example",
-    "evil.example\ta.internal.example",
-    "a.internal.example:99999",
-    "a.internal.example:0",
-    "evil.example#a.internal.example",
-    "evil@a.internal.example",
-]
 
 
 @pytest.mark.parametrize("host", MALFORMED_HOSTS)

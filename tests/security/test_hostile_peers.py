@@ -84,7 +84,7 @@ from support.rawws import (
 )
 from support.waiting import wait_for
 
-from .helpers import Backend, RawRecorder, Secrets, fd_count, handshake, refused, uid
+from .helpers import MALFORMED_HOSTS, Backend, RawRecorder, Secrets, fd_count, handshake, refused, uid
 
 OK = "HTTP/1.1 101 Switching Protocols"
 
@@ -133,18 +133,6 @@ MAX_MESSAGE = 64 * 1024
 # cache on top, so allocator noise does not fail it.
 RSS_GROWTH_LIMIT_KIB = 12 * 1024
 
-MALFORMED_HOSTS = [
-    "evil.example, a.internal.example",
-    "evil.example/a.internal.example",
-    "evil.example a.internal.example",
-    "evil.example?a.internal.example",
-    "evil.example;a.internal.example",
-    "evil.example\ta.internal.example",
-    "a.internal.example:99999",
-    "a.internal.example:0",
-    "evil.example#a.internal.example",
-    "evil@a.internal.example",
-]
 
 
 @dataclass
