@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 from autobahn.websocket.compress import PerMessageDeflate, PerMessageDeflateOffer, PerMessageDeflateOfferAccept
 
 from wsgateway.relay.codec import OP_BINARY, OP_TEXT, encode_frame
+from wsgateway.relay.inflate import TAIL
 
 __all__ = [
     "LEVEL", "MEM_LEVEL", "Negotiated", "PreparedMessage", "SharedDeflateAccept", "accept_offers", "acceptor",
@@ -42,8 +43,6 @@ __all__ = [
 # compressed bytes depend on, so they are fixed here, not per connection.
 LEVEL = zlib.Z_DEFAULT_COMPRESSION
 MEM_LEVEL = 8
-# What Z_SYNC_FLUSH ends with; RFC 7692 7.2.1 leaves it off the wire.
-_TAIL = b"\x00\x00\xff\xff"
 
 Acceptor = Callable[[Sequence[Any]], PerMessageDeflateOfferAccept | None]
 
@@ -121,7 +120,7 @@ def deflate(payload: bytes, window: int) -> bytes:
     """One message deflated on its own (no context before it), as RFC 7692 7.2.1 puts it on the wire."""
     c = zlib.compressobj(LEVEL, zlib.DEFLATED, -window, MEM_LEVEL)
     data = c.compress(payload) + c.flush(zlib.Z_SYNC_FLUSH)
-    return data[:-4] if data.endswith(_TAIL) else data
+    return data[: -len(TAIL)] if data.endswith(TAIL) else data
 
 
 class PreparedMessage:

@@ -30,7 +30,7 @@ E_BAD_DEFLATE = (INVALID_PAYLOAD, "invalid compressed data")
 # enough that a 16 KiB message is one step.
 _STEP = 64 * 1024
 # RFC 7692 7.2.2: the sender removed this from the end of each message.
-_TAIL = b"\x00\x00\xff\xff"
+TAIL = b"\x00\x00\xff\xff"
 # Deflate's largest ratio (a 258-byte match in about two bits, RFC 1951): a
 # message of n wire bytes inflates to at most this many times n (plus the
 # tail), so one that cannot reach the limit need not be inflated at all.
@@ -62,7 +62,7 @@ class MessageInflater:
 
     def end(self) -> tuple[int, str] | None:
         """The message's last byte has been fed."""
-        return self.feed(_TAIL)
+        return self.feed(TAIL)
 
 
 class CompressedSizes:
@@ -90,7 +90,7 @@ class CompressedSizes:
     def frame(self, data: bytes, h: int, ln: int, first: bool, fin: bool) -> tuple[int, str] | None:
         """A frame of a compressed message whose masked payload of ``ln`` bytes starts at ``data[h]``."""
         if first:
-            if fin and (ln + len(_TAIL)) * MAX_RATIO <= self._limit:
+            if fin and (ln + len(TAIL)) * MAX_RATIO <= self._limit:
                 # Under the limit whatever it inflates to: not inflated (most
                 # chat and event messages; its deflate data is the upstream's to judge).
                 return None
