@@ -299,7 +299,10 @@ def test_a_malformed_frame_on_a_broadcast_route_gets_a_close_frame_not_an_abort(
         got_code, reason = got.close
         assert got_code == code
         assert reason
-        sock.sendall(rawws.frame(rawws.OP_CLOSE, code.to_bytes(2, "big")))
+        if bad[0] & 0x0F != rawws.OP_CLOSE:
+            # the close we sent first already began the closing handshake: the gateway's close ends
+            # it, and the gateway may drop TCP at once, so a second close would meet a reset
+            sock.sendall(rawws.frame(rawws.OP_CLOSE, code.to_bytes(2, "big")))
         reader.wait_eof(5)
     # not the TCP abort's warning ("dropping connection to peer ... with abort=True"), and
     # no warning at all: a peer's protocol error is the access line's close code, as on proxy routes
