@@ -17,10 +17,11 @@ from twisted.internet.task import Clock
 from twisted.web.test.requesthelper import DummyRequest
 
 from wsgateway.channels.broker import InProcessBroker
-from wsgateway.ops.admin import admin_site
 from wsgateway.config.routes import RouteConfig
 from wsgateway.config.upstreams import NodeConfig, UpstreamConfig
-from wsgateway.ops.dashboard import DashboardJSON, dashboard_page, demo_page, demo_target, resources
+from wsgateway.ops.admin import admin_site
+from wsgateway.ops.dashboard import DashboardJSON, dashboard_page, resources
+from wsgateway.ops.demopage import demo_page, demo_target
 from wsgateway.ops.stats import Connection, GatewayStats
 from wsgateway.upstream.pool import Upstream
 
