@@ -1,6 +1,7 @@
 # -*- test-case-name: tests.integration.test_daemon -*-
 """
-twistd entry point: ``twistd -n wsgateway --config etc/wsgateway.ini``.
+twistd entry point: ``twistd -n wsgateway --config etc/development.ini``
+(``make run``); in production the default, /etc/wsgateway/wsgateway.ini.
 
 The only module that touches the global reactor.
 """

@@ -66,8 +66,9 @@ def test_sdist_ships_the_license_docs_lock_and_sample_files(tmp_path):
     (sdist,) = (src / "dist").glob("wsgateway-*.tar.gz")
     with tarfile.open(sdist) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
-    for expected in ("LICENSE", "README.md", "etc/wsgateway.ini", "etc/systemd/wsgateway.service",
-                     "etc/logrotate.d/wsgateway", "docs/configuration.md", "requirements/lock.txt",
+    for expected in ("LICENSE", "README.md", "etc/wsgateway.ini", "etc/development.ini", "etc/systemd/wsgateway.service",
+                     "etc/logrotate.d/wsgateway", "etc/certbot/deploy-hook", "docs/configuration.md",
+                     "docs/deploy.md", "requirements/lock.txt",
                      "twisted/plugins/wsgateway_plugin.py"):
         assert expected in names, f"{expected} is missing from the sdist (MANIFEST.in)"
     assert not any(n.endswith("dropin.cache") or "__pycache__" in n for n in names)
@@ -247,7 +248,8 @@ def test_json_logs_one_object_per_line_with_an_access_line(make_upstream, start_
     assert access["route"] == "main" and access["upstream"] == "backend" and access["node"] == up.node
     assert access["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
     assert access["code"] == 4000 and access["closed_by"] == "client"
-    assert access["msgs_in"] == 1 and access["msgs_out"] == 1 and access["duration"] >= 0
+    assert access["messages_in"] == 1 and access["messages_out"] == 1 and access["duration"] >= 0
+    assert access["mirror_dropped"] == 0 and "msgs_in" not in access  # the text's names (issue 20)
     assert access["conn_id"] and access["peer"].startswith("tcp4:127.0.0.1:")
     assert "SECRET-TOKEN" not in gw.log()
     # and the upstream never saw the token either

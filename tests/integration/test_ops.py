@@ -22,6 +22,7 @@ from support.waiting import wait_for
 
 UNIT = ROOT / "etc" / "systemd" / "wsgateway.service"
 LOGROTATE = ROOT / "etc" / "logrotate.d" / "wsgateway"
+# the production sample: what the unit runs as /etc/wsgateway/wsgateway.ini (docs/deploy.md)
 INI = ROOT / "etc" / "wsgateway.ini"
 
 
@@ -51,6 +52,9 @@ def seconds(ini_key: str) -> float:
 
 def test_the_unit_runs_twistd_in_the_foreground_reloads_with_sighup_and_drains_on_sigterm():
     service = unit()["Service"]
+    # the file the production sample is installed as, and checked before every start and reload
+    assert all(cmd.endswith(" /etc/wsgateway/wsgateway.ini") for cmd in
+               service["ExecStartPre"] + service["ExecStart"] + service["ExecReload"][:1])
     # READY=1 / RELOADING=1 / STOPPING=1 from the main process only (wsgateway/sdnotify.py)
     assert service["Type"] == ["notify"] and service["NotifyAccess"] == ["main"]
     (start,) = service["ExecStart"]
@@ -82,6 +86,8 @@ def test_the_unit_is_hardened_without_breaking_tls():
     # writable under ProtectSystem=strict: the queue's and the log file's folders
     assert service["StateDirectory"] == ["wsgateway"] and service["LogsDirectory"] == ["wsgateway"]
     assert service["User"] == ["wsgateway"]
+    # env:NAME secrets (docs/deploy.md); "-": a missing file is not an error
+    assert service["EnvironmentFile"] == ["-/etc/wsgateway/env"]
     # off on purpose: pyOpenSSL's verify and ALPN callbacks need write+execute
     # memory (a MemoryError under the kernel's PR_SET_MDWE); the unit says so
     assert "MemoryDenyWriteExecute" not in service

@@ -258,11 +258,12 @@ def proxy_ini(node: str, *, extra_route: str = "", limits: str = "", upstream: s
 
 def default_config(tmp_path: Path) -> tuple[Path, int, int]:
     """
-    etc/wsgateway.ini as shipped, on free ports, in the checkout's layout:
-    TMP/etc/wsgateway.ini beside TMP/var/tls/ with the self-signed
-    certificate `make run` creates -> (INI path, ws port, wss port).
+    etc/development.ini as shipped (what `make run` starts), on free ports,
+    in the checkout's layout: TMP/etc/development.ini beside TMP/var/tls/
+    with the self-signed certificate `make run` creates -> (INI path, ws
+    port, wss port).
     """
-    text = (ROOT / "etc" / "wsgateway.ini").read_text()
+    text = (ROOT / "etc" / "development.ini").read_text()
     gw, demo, admin, tls = free_port(), free_port(), free_port(), free_port()
     text = text.replace("tcp:8080:", f"tcp:{gw}:").replace("tcp:8081:", f"tcp:{demo}:")
     text = text.replace("127.0.0.1:8081", f"127.0.0.1:{demo}").replace("tcp:9090:", f"tcp:{admin}:")
@@ -270,7 +271,7 @@ def default_config(tmp_path: Path) -> tuple[Path, int, int]:
     text = text.replace("ssl:8443:", f"ssl:{tls}:")
     subprocess.run([sys.executable, "-m", "wsgateway.dev.selfsigned", str(tmp_path / "var" / "tls")], check=True,
                    capture_output=True, env=source_env())
-    path = tmp_path / "etc" / "wsgateway.ini"
+    path = tmp_path / "etc" / "development.ini"
     path.parent.mkdir()
     path.write_text(text)
     return path, gw, tls

@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.integration.test_daemon -*-
 """
-The built-in demo backend that ``etc/wsgateway.ini`` routes to, so a new
+The built-in demo backend that ``etc/development.ini`` routes to, so a new
 user sees forwarding do something with no service of their own:
 
 - ``/echo`` sends every message back as it came (text stays text);

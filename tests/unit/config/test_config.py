@@ -30,7 +30,9 @@ from wsgateway.dev.selfsigned import ensure
 
 ROOT = Path(__file__).resolve().parents[3]
 BAD = ROOT / "tests" / "data" / "bad"
-EXAMPLE = ROOT / "etc" / "wsgateway.ini"
+# what `make run` starts, and what docs/deploy.md installs as /etc/wsgateway/wsgateway.ini
+DEVELOPMENT = ROOT / "etc" / "development.ini"
+SAMPLE = ROOT / "etc" / "wsgateway.ini"
 SECRET = "s3cret-value-that-must-never-show-up-anywhere-0123456789"
 
 BASE = """
@@ -77,24 +79,24 @@ def run_check(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT) -
                           capture_output=True, text=True, timeout=60)
 
 
-# ------------------------------------------------------------ etc/wsgateway.ini
+# ------------------------------------------- etc/development.ini, etc/wsgateway.ini
 
 
 @pytest.fixture
 def checkout(tmp_path: Path) -> Path:
     """
-    The example config in the checkout's layout, etc/wsgateway.ini beside
-    var/tls/ holding the development certificate its TLS listener uses
-    (what `make run` creates on first start; never committed).
+    The development config in the checkout's layout, etc/development.ini
+    beside var/tls/ holding the development certificate its TLS listener
+    uses (what `make run` creates on first start; never committed).
     """
     (tmp_path / "etc").mkdir()
-    (tmp_path / "etc" / "wsgateway.ini").write_text(EXAMPLE.read_text())
+    (tmp_path / "etc" / "development.ini").write_text(DEVELOPMENT.read_text())
     assert ensure(tmp_path / "var" / "tls")
     return tmp_path
 
 
-def test_example_config_loads(checkout: Path) -> None:
-    example = checkout / "etc" / "wsgateway.ini"
+def test_development_config_loads(checkout: Path) -> None:
+    example = checkout / "etc" / "development.ini"
     config = load(str(example), {})
     assert config.path == str(example)
     tls = checkout / "var" / "tls"
@@ -109,13 +111,14 @@ def test_example_config_loads(checkout: Path) -> None:
     assert [(r.name, r.path, r.upstream, r.upstream_path, r.auth) for r in config.routes] == [
         ("echo", "/echo", "demo", "/echo", "none"),
         ("chat", "/chat/{room}", "demo", "/chat/{room}", "none"),
+        ("feed", "/feed/{name}", None, None, "none"),  # the demo page's channel history panel
     ]
     (node,) = config.upstreams["demo"].nodes
     assert (node.scheme, node.host, node.port, node.path) == ("ws", "127.0.0.1", 8081, "")
 
 
-def test_example_config_lists_every_key_of_every_section() -> None:
-    text = EXAMPLE.read_text()
+def test_production_sample_lists_every_key_of_every_section() -> None:
+    text = SAMPLE.read_text()
     lines = [line.lstrip(";").strip() for line in text.splitlines()]
     for header in ("[gateway]", "[admin]", "[limits]", "[auth]", "[redis]", "[queue]", "[log]", "[demo]"):
         assert header in lines, header
@@ -124,18 +127,40 @@ def test_example_config_lists_every_key_of_every_section() -> None:
         assert set(known) <= keys, (kind, set(known) - keys)
 
 
-def test_example_config_check_script(checkout: Path) -> None:
-    result = run_check("etc/wsgateway.ini", cwd=checkout)
+def test_production_sample_is_production_shaped(tmp_path: Path) -> None:
+    # copied elsewhere, its paths still name /etc/wsgateway (the issue's
+    # "../var/tls from /etc/wsgateway" failure): only the certificate moves here
+    text = SAMPLE.read_text()
+    assert "../" not in text and "var/tls" not in text
+    tls = tmp_path / "tls"
+    assert ensure(tls)
+    copy = tmp_path / "elsewhere" / "wsgateway.ini"
+    copy.parent.mkdir()
+    copy.write_text(text.replace("/etc/wsgateway/tls/privkey.pem", f"{tls}/key.pem")
+                    .replace("/etc/wsgateway/tls/fullchain.pem", f"{tls}/cert.pem"))
+    config = load(str(copy), {})
+    assert config.gateway.listen == (f"ssl:8443:privateKey={tls}/key.pem:certKey={tls}/cert.pem",)
+    assert config.gateway.allowed_origins == ("https://app.example.com",)  # the placeholder: fails closed
+    assert config.admin == AdminConfig(listen=("tcp:9090:interface=127.0.0.1",), token=None)
+    assert (config.demo, config.auth, config.redis) == (None, None, None)
+    assert config.log == LogConfig(level="info", format="json", file="-")
+    assert [(r.name, r.path, r.upstream) for r in config.routes] == [("app", "/**", "app")]
+    # the commented [queue] path is the unit's StateDirectory, not a folder under /etc
+    assert ";path = /var/lib/wsgateway/queue.sqlite" in text.splitlines()
+
+
+def test_development_config_check_script(checkout: Path) -> None:
+    result = run_check("etc/development.ini", cwd=checkout)
     assert (result.returncode, result.stderr) == (0, "")
-    assert result.stdout == "etc/wsgateway.ini: OK, 2 routes, 1 upstream\n"
+    assert result.stdout == "etc/development.ini: OK, 3 routes, 1 upstream\n"
 
 
-def test_example_config_without_the_development_certificate(checkout: Path) -> None:
+def test_development_config_without_the_development_certificate(checkout: Path) -> None:
     (checkout / "var" / "tls" / "cert.pem").unlink()
-    result = run_check("etc/wsgateway.ini", cwd=checkout)
+    result = run_check("etc/development.ini", cwd=checkout)
     assert result.returncode == 1
     cert = checkout / "var" / "tls" / "cert.pem"
-    assert result.stderr.startswith("etc/wsgateway.ini: [gateway] listen: invalid endpoint 'ssl:8443:")
+    assert result.stderr.startswith("etc/development.ini: [gateway] listen: invalid endpoint 'ssl:8443:")
     assert f"certKey {cert}: cannot read: No such file or directory" in result.stderr
 
 
@@ -196,7 +221,7 @@ def test_config_is_frozen_hashable_and_comparable(tmp_path: Path) -> None:
 
 def test_importing_config_does_not_install_a_reactor(checkout: Path) -> None:
     # loading the example also checks its ssl: listener through wsgateway.tls
-    code = ("import sys, wsgateway.config.loader as c; c.load('etc/wsgateway.ini', {}); "
+    code = ("import sys, wsgateway.config.loader as c; c.load('etc/development.ini', {}); "
             "assert 'wsgateway.tls' in sys.modules; "
             "assert 'twisted.internet.reactor' not in sys.modules")
     env = dict(os.environ, PYTHONPATH=str(ROOT))

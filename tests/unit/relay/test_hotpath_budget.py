@@ -50,8 +50,9 @@ MESSAGES = 2000  # relayed messages in the measured part of each workload
 WARMUP = 100  # relayed first, unmeasured: first-use caches, int/float objects
 STEP = 0.001  # clock advance per read (1000 reads/s; the rate limiter's refill path)
 
-MAX_MESSAGE_SIZE = 1 << 20  # etc/wsgateway.ini: max_message_size = 1M
-WRITE_BUFFER = 1 << 20  # etc/wsgateway.ini: write_buffer = 1M
+# the defaults (etc/wsgateway.ini, the production sample; etc/development.ini keeps them)
+MAX_MESSAGE_SIZE = 1 << 20  # max_message_size = 1M
+WRITE_BUFFER = 1 << 20  # write_buffer = 1M
 
 # -- test doubles ------------------------------------------------------------
 
