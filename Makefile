@@ -6,8 +6,10 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-CONFIG ?= etc/wsgateway.ini
-# Where the self-signed development certificate of etc/wsgateway.ini's TLS
+# The development config (demo backend, self-signed certificate, text logs);
+# etc/wsgateway.ini is the production sample (docs/deploy.md).
+CONFIG ?= etc/development.ini
+# Where the self-signed development certificate of etc/development.ini's TLS
 # listener lives (var/ is git-ignored: no private key is ever committed).
 TLS_DIR ?= var/tls
 SOURCES := setup.cfg pyproject.toml $(shell find wsgateway twisted -name '*.py' 2>/dev/null)
@@ -25,10 +27,14 @@ PYTEST_ARGS ?=
 PYTEST_WORKERS ?= -n 2 --dist loadgroup
 # Debian packages the test suite needs (command -> package): chromium for
 # tests/browser/ (Playwright drives it; it downloads no browser of its own),
-# ss to read a listening socket's backlog
-SYSDEPS ?= chromium=chromium redis-server=redis-server systemd-analyze=systemd ss=iproute2
+# ss to read a listening socket's backlog, promtool to lint /metrics
+# (tests/integration/test_promtool.py; Debian ships it only in `prometheus`:
+# 19 MB, 96 MB installed, about 10 s). The tests start their own servers, so
+# the install starts none of the packages' services (policy-rc.d, for the
+# install only): no Prometheus on :9090, no redis-server on :6379.
+SYSDEPS ?= chromium=chromium redis-server=redis-server systemd-analyze=systemd ss=iproute2 promtool=prometheus
 
-.PHONY: bench-compare bench-variants bench-workers run test typecheck test-latest lock check devcert bench bench-auth bench-ops bench-fanout bench-compress sysdeps clean
+.PHONY: bench-compare bench-variants bench-workers run test typecheck test-latest lock check devcert bench bench-auth bench-ops bench-fanout bench-compress bench-history bench-shards soak sysdeps clean
 
 run: $(BIN)/.installed devcert
 	$(BIN)/twistd -n --pidfile= wsgateway --config $(CONFIG)
@@ -94,6 +100,8 @@ sysdeps:
 	  command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then echo "installing Debian packages:$$missing"; \
+	    if [ ! -e /usr/sbin/policy-rc.d ]; then printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; \
+	      chmod 755 /usr/sbin/policy-rc.d; trap 'rm -f /usr/sbin/policy-rc.d' EXIT; fi; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	  else echo "missing Debian packages:$$missing -- run: sudo apt-get install$$missing"; exit 1; fi; fi
 
@@ -156,6 +164,23 @@ bench-workers: $(BIN)/.installed
 bench-fanout: $(BIN)/.installed-test sysdeps
 	$(BIN)/python bench/fanout.py --subscribers $${SUBSCRIBERS:-1000} --seconds $${DURATION:-5} \
 	  $(if $(filter 1,$(COMPRESS)),--compress --reps $${REPS:-3} --rate $${RATE:-20},--rate $${RATE:-50})
+
+# Channel history (bench/history.py): fan-out with history on vs off, one process then two sharing
+# Redis (REPS interleaved), and 1 000 clients recovering 100 messages at once (RSS against its bound).
+bench-history: $(BIN)/.installed-test sysdeps
+	$(BIN)/python bench/history.py --subscribers $${SUBSCRIBERS:-1000} --seconds $${DURATION:-5} \
+	  --rate $${RATE:-20} --reps $${REPS:-3}
+
+# Redis sharding (bench/shards.py): 2 gateway processes, 1 Redis vs 2 shards, channels spread (REPS interleaved).
+bench-shards: $(BIN)/.installed-test sysdeps
+	$(BIN)/python bench/shards.py --subscribers $${SUBSCRIBERS:-1000} --channels $${CHANNELS:-20} \
+	  --seconds $${DURATION:-5} --rate $${RATE:-10} --reps $${REPS:-3}
+
+# Reliability scenarios (bench/soak/run.py, at most 15 minutes): figures appended to bench/RELIABILITY.md.
+# SCENARIOS="sigterm flapping" runs some; QUICK=1 shortens every phase (a try-out, nothing appended).
+soak: $(BIN)/.installed-test sysdeps
+	PYTHON=$(CURDIR)/$(BIN)/python bash bench/run.sh --setup
+	ulimit -n 20000 && $(BIN)/python bench/soak/run.py $(SCENARIOS) $(if $(filter 1,$(QUICK)),--quick)
 
 # The three permessage-deflate figures (bench/README.md, "Compression"): scenarios j, dj and dz of
 # bench/run.sh on twisted-relay, nginx1 and the gateway (bench/gateway-compress.ini), then the

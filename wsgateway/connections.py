@@ -54,6 +54,8 @@ class LiveConnections:
         self.pending = PendingHandshakes()
         # connections that found their address's share taken, waiting for their request to refuse it
         self.over_share = 0
+        # the refused handshakes' lines, rate-limited per reason
+        self.refusal_lines = accesslog.RefusalLines()
 
     def open_connections(self) -> list[Any]:
         """Every open connection: relays and broadcast sessions (both have drain, client, upstream)."""
@@ -98,7 +100,8 @@ class LiveConnections:
                 self.broker.leave(channel, info.conn_id)
             pushes.cancel()
             info.pushes = None
-        self.stats.closed(relay, relay.close_code)
+        now = self.clock.seconds()  # the end: the duration histogram's and the access line's
+        self.stats.closed(relay, relay.close_code, now)
         route = info.route
         if info.span is not None:
             self.end_span(info, relay, {
@@ -112,7 +115,7 @@ class LiveConnections:
             info.ip = None
         if info.node is not None and info.upstream is not None:
             info.upstream.release(info.node, vanished=relay.upstream_vanished)
-        accesslog.relay_closed(info, relay, self.clock.seconds())
+        accesslog.relay_closed(info, relay, now)
 
     # -- broadcast connections --------------------------------------------
 
@@ -122,9 +125,10 @@ class LiveConnections:
 
     def session_done(self, proto: Any, session: Any) -> None:
         self.sessions.discard(session)
-        self.stats.closed(session, proto.close_code)
+        now = self.clock.seconds()
+        self.stats.closed(session, proto.close_code, now)
         self.end_span(proto, session, {"wsgateway.channel": proto.channel, "websocket.close_code": proto.close_code})
-        accesslog.channel_closed(proto, session, self.clock.seconds())
+        accesslog.channel_closed(proto, session, now)
 
     # -- connections not upgraded yet --------------------------------------
 
@@ -152,20 +156,25 @@ class LiveConnections:
 
     # -- handshakes that end without a connection --------------------------
 
-    def handshake_refused(self, proto: Any, status: int) -> None:
+    def handshake_accepted(self, proto: Any) -> None:
+        """``proto``'s 101 is out: its handshake's time (from its request head) is observed."""
         route = proto.route
-        self.stats.handshake(route.name if route else None, status)
+        if route is not None and proto.head_at is not None:
+            self.stats.handshake_time(route.name, self.clock.seconds() - proto.head_at)
+
+    def handshake_refused(self, proto: Any, status: int, reason: str, why: str = "") -> None:
+        """
+        ``proto``'s handshake is refused with ``status``: ``reason`` is a
+        ``codes.R_*`` token, ``why`` a fixed phrase or a log-safe text ("" for none).
+        """
+        route = proto.route
+        now = self.clock.seconds()
+        head_at = getattr(proto, "head_at", None)
+        self.stats.handshake(route.name if route else None, status, reason,
+                             now - head_at if head_at is not None else None)
         if proto.span is not None:
             self.end_span(proto, extra={"http.response.status_code": status}, error=f"refused with {status}")
-        if status >= 500:
-            self.log.warn(
-                "refused {peer} with {status} on route {route}",
-                peer=proto.peer,
-                status=status,
-                route=route.name if route else "-",
-                conn_id=proto.conn_id,
-                trace_id=proto.trace_id or None,
-            )
+        self.refusal_lines.refused(proto, status, reason, why, now)
 
     def end_span(
         self, holder: Any, counted: Any = None, extra: Mapping[str, Any] | None = None, error: str | None = None

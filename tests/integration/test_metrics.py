@@ -80,7 +80,7 @@ def test_a_connection_moves_the_route_metrics(make_upstream: Any, start_gateway:
     with connect(gw.url + "/room", ping_interval=None, compression=None, open_timeout=5) as ws:
         m = scrape(admin)
         assert get(m, "wsgateway_connections_active", route="main") == 1
-        assert get(m, "wsgateway_handshakes_total", route="main", status="101") == 1
+        assert get(m, "wsgateway_handshakes_total", route="main", status="101", reason="") == 1
         assert get(m, "wsgateway_upstream_connect_seconds_count", upstream="backend") == 1
         assert 0 < get(m, "wsgateway_upstream_connect_seconds_sum", upstream="backend") < 2
         ws.send("hello")
@@ -96,7 +96,7 @@ def test_a_connection_moves_the_route_metrics(make_upstream: Any, start_gateway:
     m = scrape(admin)
     assert get(m, "wsgateway_closes_total", route="main", code="4001") == 1
     assert get(m, "wsgateway_messages_total", route="main", direction=C2U) == 1  # closing is no message
-    assert get(m, "wsgateway_handshakes_total", route="main", status="101") == 1
+    assert get(m, "wsgateway_handshakes_total", route="main", status="101", reason="") == 1
     assert get(m, "wsgateway_upstream_retries_total", upstream="backend") == 0
 
 
@@ -121,13 +121,44 @@ def test_refused_handshakes_by_route_and_without_one(make_upstream: Any, start_g
     assert status_of(gw.url + "/secure/x?access_token=not.a.jwt") == 401
     token = jwt.encode({"sub": "alice", "exp": int(time.time()) + 300}, SECRET, algorithm="HS256")
     assert status_of(gw.url + f"/secure/x?access_token={token}") == 101
+    assert raw_status(gw.port, b"GET /secure/x HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n") == 426  # plain HTTP
     m = scrape(admin)
     handshakes = {tuple(sorted(dict(k[1]).items())): v for k, v in m.items() if k[0] == "wsgateway_handshakes_total"}
     assert handshakes == {
-        (("route", NO_ROUTE_LABEL), ("status", "404")): 1,
-        (("route", "secure"), ("status", "401")): 2,
-        (("route", "secure"), ("status", "101")): 1,
+        (("reason", "no_route"), ("route", NO_ROUTE_LABEL), ("status", "404")): 1,
+        (("reason", "upgrade_required"), ("route", NO_ROUTE_LABEL), ("status", "426")): 1,
+        (("reason", "auth"), ("route", "secure"), ("status", "401")): 2,
+        (("reason", ""), ("route", "secure"), ("status", "101")): 1,
     }
+    # from the request head to the answer: 404 and 426 (Autobahn's own) without a route, 401 401 101 on secure
+    assert get(m, "wsgateway_handshake_duration_seconds_count", route="secure") == 3
+    assert get(m, "wsgateway_handshake_duration_seconds_bucket", route="secure", le="+Inf") == 3
+    assert get(m, "wsgateway_handshake_duration_seconds_count", route=NO_ROUTE_LABEL) == 1  # Autobahn's 426 has none
+    assert get(m, "wsgateway_connection_duration_seconds_count", route="secure") == 1
+    # one access line per refusal, at info, with its reason; never the token
+    assert wait_for(lambda: len([line for line in gw.log().splitlines() if " refused " in line]) == 4), gw.log()
+    log = gw.log()
+    lines = [line for line in log.splitlines() if " refused " in line]
+    assert all("#info]" in line for line in lines), lines
+    assert sum("with 404 route=- reason=no_route " in line for line in lines) == 1, lines
+    # Autobahn's own refusals: the token only, its text (which may hold request text) at debug
+    assert sum("with 426 route=- reason=upgrade_required " in line and line.endswith(" suppressed=0")
+               for line in lines) == 1, lines
+    assert sum("with 401 route=secure reason=auth " in line and "suppressed=0: " in line for line in lines) == 2
+    assert "not.a.jwt" not in log and token not in log
+
+
+def raw_status(port: int, request: bytes) -> int:
+    """The status a raw request is answered with."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(request)
+        head = b""
+        while b"\r\n" not in head and len(head) < 4096:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            head += chunk
+    return int(head.split(b" ", 2)[1])
 
 
 def test_an_upstream_retry_and_the_connect_histogram(make_upstream: Any, start_gateway: Any) -> None:
@@ -148,7 +179,7 @@ def test_an_upstream_retry_and_the_connect_histogram(make_upstream: Any, start_g
     assert get(m, "wsgateway_upstream_retries_total", upstream="backend") == 1
     assert get(m, "wsgateway_upstream_connect_seconds_count", upstream="backend") == 1  # successes only
     assert get(m, "wsgateway_upstream_connect_seconds_bucket", upstream="backend", le="+Inf") == 1
-    assert get(m, "wsgateway_handshakes_total", route="main", status="101") == 1
+    assert get(m, "wsgateway_handshakes_total", route="main", status="101", reason="") == 1
 
 
 def admin_post(admin: int, path: str, body: dict[str, Any]) -> int:
@@ -187,3 +218,54 @@ def test_node_health_follows_draining_and_active_checks(start_gateway: Any) -> N
         assert wait_for(lambda: healthy() == 1)
     finally:
         listener.close()
+
+
+def test_a_client_that_leaves_while_the_upstream_is_slow_is_client_gone_at_info(start_gateway: Any) -> None:
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts, never answers the upgrade
+    node = f"ws://127.0.0.1:{silent.getsockname()[1]}"
+    admin = free_port()
+    try:
+        gw = start_gateway(ini(admin, f"nodes = {node}\n        connect_timeout = 10"))
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as s:
+            s.sendall(b"GET /room HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                      b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+            assert wait_for(lambda: get(scrape(admin), "wsgateway_upstream_connections_active", upstream="backend",
+                                        node=node) == 1)
+        # gone before any answer: the connect is cancelled and its leg released
+        assert wait_for(lambda: get(scrape(admin), "wsgateway_handshakes_total", route="main", status="503",
+                                    reason="client_gone") == 1)
+        m = scrape(admin)
+        assert get(m, "wsgateway_upstream_connections_active", upstream="backend", node=node) == 0
+        assert get(m, "wsgateway_handshake_duration_seconds_count", route="main") == 1
+        assert wait_for(lambda: "reason=client_gone" in gw.log())
+        (line,) = [line for line in gw.log().splitlines() if "reason=client_gone" in line]
+        assert "#info]" in line and "with 503 route=main " in line  # the client's doing, not an operator's
+    finally:
+        silent.close()
+
+
+def test_an_unreachable_upstream_is_a_502_refusal_at_warn(start_gateway: Any) -> None:
+    admin = free_port()
+    dead = f"ws://127.0.0.1:{free_port()}"  # nothing listens there: refused at once
+    gw = start_gateway(ini(admin, f"nodes = {dead}\n        retries = 0"))
+    assert status_of(gw.url + "/room") == 502
+    m = scrape(admin)
+    assert get(m, "wsgateway_handshakes_total", route="main", status="502", reason="upstream_failed") == 1
+    assert get(m, "wsgateway_upstream_connections_active", upstream="backend", node=dead) == 0
+    assert wait_for(lambda: "reason=upstream_failed" in gw.log())
+    (line,) = [line for line in gw.log().splitlines() if "reason=upstream_failed" in line]
+    assert "#warn]" in line and "refused tcp4:127.0.0.1:" in line and " with 502 route=main " in line
+
+
+def test_a_broadcast_route_without_its_broker_is_broker_unavailable(make_upstream: Any, start_gateway: Any) -> None:
+    from support.channelnodes import node_ini
+
+    up = make_upstream()
+    admin = free_port()
+    gw = start_gateway(node_ini("gw-m", admin, up.node, f"redis://127.0.0.1:{free_port()}/0"))  # no Redis there
+    assert status_of(gw.url + "/room/r1") == 503
+    m = scrape(admin)
+    assert get(m, "wsgateway_handshakes_total", route="room", status="503", reason="broker_unavailable") == 1
+    assert wait_for(lambda: "reason=broker_unavailable" in gw.log())
+    (line,) = [line for line in gw.log().splitlines() if "reason=broker_unavailable" in line]
+    assert "#warn]" in line and " with 503 route=room " in line

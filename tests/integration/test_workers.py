@@ -147,6 +147,7 @@ def test_two_workers_share_the_port_and_the_admin_port_sums_them(make_upstream, 
         # while all 20 are open: each worker's share, summed
         page = get(admin, "/metrics")[1]
         assert metric(page, "wsgateway_connections_active", route="main") == 20
+        assert metric(page, "wsgateway_upstream_connections_active", upstream="backend", node=up.node) == 20
         status, conns = get(admin, "/admin/connections", token=True)
         assert status == 200 and len(conns) == 20
         by_worker = Counter(c["worker"] for c in conns)
@@ -165,7 +166,7 @@ def test_two_workers_share_the_port_and_the_admin_port_sums_them(make_upstream, 
     assert sorted(served.values()) == sorted(by_worker.values())
 
     page = get(admin, "/metrics")[1]
-    assert metric(page, "wsgateway_handshakes_total", route="main", status="101") == 20
+    assert metric(page, "wsgateway_handshakes_total", route="main", status="101", reason="") == 20
     assert metric(page, "wsgateway_messages_total", route="main", direction="client_to_upstream") == 20
     assert metric(page, "wsgateway_connections_active", route="main") == 0
     assert metric(page, "wsgateway_upstream_connect_seconds_count", upstream="backend") == 20
@@ -177,6 +178,13 @@ def test_two_workers_share_the_port_and_the_admin_port_sums_them(make_upstream, 
     assert metric(page, "wsgateway_workers_running") == 2
     assert metric(page, "wsgateway_worker_restarts_total") == 0
     assert page.count("# TYPE wsgateway_handshakes_total counter") == 1
+    assert metric(page, "wsgateway_upstream_connections_active", upstream="backend", node=up.node) == 0
+    assert metric(page, "wsgateway_connection_duration_seconds_count", route="main") == 20
+    assert metric(page, "wsgateway_handshake_duration_seconds_bucket", route="main", le="+Inf") == 20
+    # descriptors per process, not summed: an alert sees the one near its limit
+    for name in ("process_open_fds", "process_max_fds"):
+        assert all(metric(page, name, worker=w) > 0 for w in ("1", "2", "parent")), name
+        assert not [line for line in page.splitlines() if line.startswith(name + " ")]  # no unlabelled sum
 
     # the log level set through the parent reaches the workers
     assert put(admin, "/admin/log-level", {"level": "debug"}) == (200, {"level": "debug"})
@@ -196,7 +204,7 @@ def test_a_killed_worker_is_replaced_and_the_gateway_keeps_serving(make_upstream
     ready(admin)
     for i in range(6):
         echo_once(f"{gw.url}/before{i}", "x")
-    before = metric(get(admin, "/metrics")[1], "wsgateway_handshakes_total", route="main", status="101")
+    before = metric(get(admin, "/metrics")[1], "wsgateway_handshakes_total", route="main", status="101", reason="")
     assert before == 6
     pids = worker_pids(admin)
     os.kill(pids[1], signal.SIGKILL)
@@ -217,7 +225,7 @@ def test_a_killed_worker_is_replaced_and_the_gateway_keeps_serving(make_upstream
     assert wait_for(lambda: (echo_once(f"{gw.url}/after", "z"), {e["node_id"] for e in access_lines(gw)[16:]})[1]
                     == {"gw-1/w1", "gw-1/w2"}, 20)
     # counters never go down with a worker: what the dead one counted is kept
-    after = metric(get(admin, "/metrics")[1], "wsgateway_handshakes_total", route="main", status="101")
+    after = metric(get(admin, "/metrics")[1], "wsgateway_handshakes_total", route="main", status="101", reason="")
     assert after >= before + 10
     assert metric(get(admin, "/metrics")[1], "wsgateway_worker_restarts_total") == 1
 

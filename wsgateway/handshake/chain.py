@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 
 from wsgateway import codes
 from wsgateway.auth.credentials import check_roles, claim_headers
-from wsgateway.auth.identity import AuthFailed, Identity
+from wsgateway.auth.identity import Identity
 from wsgateway.auth.verifier import Authenticator
 from wsgateway.channels.sessions import open_channel
 from wsgateway.config.auth import AuthConfig
@@ -36,6 +36,7 @@ from wsgateway.handshake.admission import client_ip
 from wsgateway.handshake.headers import check_header, check_request_head, check_resource, check_subprotocol, \
     peer_is_trusted, upstream_headers
 from wsgateway.handshake.origins import OriginPolicy
+from wsgateway.handshake.refusals import Refused
 from wsgateway.interfaces import DurableQueue
 from wsgateway.relay.start import RelayStarter
 from wsgateway.relay.transport import transport_of
@@ -158,26 +159,27 @@ class HandshakeChain:
         proto.trace_id = trace[1]
         target = proto.http_request_uri
         if has_dot_segments(target):
-            raise ConnectionDeny(codes.BAD_REQUEST, "Bad Request")
+            raise Refused(codes.BAD_REQUEST, codes.R_BAD_PATH)
         host = headers.get("host")
         # Autobahn requires one Host but takes any text in it; a value that
         # is not host[:port] would reach host rules and X-Forwarded-Host.
         if host is None or split_host(host) is None:
-            raise ConnectionDeny(codes.BAD_REQUEST, "Bad Request")
+            raise Refused(codes.BAD_REQUEST, codes.R_BAD_HOST)
         match = self.router.match(target, host, headers)
         if match is None:
-            raise ConnectionDeny(codes.NOT_FOUND, "Not Found")
+            raise Refused(codes.NOT_FOUND, codes.R_NO_ROUTE)
         plan = self.plans[match.route.name]
         proto.route = plan.route
         # Autobahn gives "" when the request has no Origin header
         if not plan.origins.allows(request.origin or None):
-            raise AuthFailed(codes.FORBIDDEN, "origin not allowed")
+            raise Refused(codes.FORBIDDEN, codes.R_ORIGIN, "origin not allowed")
         trusted = self.trusted
         peer_ip = _peer_ip(proto.transport)
         ip = client_ip(peer_ip, headers.get("x-forwarded-for"), trusted) if trusted else peer_ip
         refused = self.live.limiter.admit(ip)
         if refused is not None:
-            raise ConnectionDeny(refused, codes.reason_phrase(refused))
+            full = refused == codes.UNAVAILABLE  # else 429: this address's share
+            raise Refused(refused, codes.R_TOO_MANY_CONNECTIONS if full else codes.R_PER_IP_LIMIT)
         proto.admitted_ip = ip
         protocols: tuple[str, ...] = tuple(request.protocols)
         auth = self.auth
@@ -205,8 +207,13 @@ class HandshakeChain:
         headers = request.headers
         claims = identity.claims if identity is not None else None
         if plan.channel:
-            return open_channel(proto, route, match, headers, claims, protocols, self.limits, self.token_param,
-                                self.live.broker)
+            try:
+                return open_channel(proto, route, match, headers, claims, protocols, self.limits, self.token_param,
+                                    self.live.broker)
+            except ConnectionDeny as e:
+                if e.code == codes.UNAVAILABLE:  # no broker, or not ready: Redis down
+                    raise Refused(e.code, codes.R_BROKER_UNAVAILABLE) from None
+                raise
         upstream = plan.upstream
         if upstream is None:
             # config validation names an upstream for every proxy route: never a client's doing

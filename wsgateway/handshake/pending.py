@@ -125,7 +125,7 @@ class PendingHandshake:
         listener = self._listener
         live = listener.live
         if not live.over_share_started(listener.max_pending):
-            live.handshake_refused(self._proto, codes.TOO_MANY_REQUESTS)
+            live.handshake_refused(self._proto, codes.TOO_MANY_REQUESTS, codes.R_PER_IP_LIMIT, "dropped unanswered")
             transport_of(self._proto).abortConnection()
             return
         self._over_share = True

@@ -30,7 +30,7 @@ from wsgateway.config.routes import RouteConfig
 from wsgateway.connections import LiveConnections
 from wsgateway.handshake.chain import HandshakeChain
 from wsgateway.handshake.pending import PendingHandshake
-from wsgateway.handshake.refusals import autobahn_answer, refusal_for, safe_reason
+from wsgateway.handshake.refusals import autobahn_answer, refusal_for
 from wsgateway.ids import random_hex
 from wsgateway.relay.relay import Relay
 from wsgateway.relay.start import MirrorLeg
@@ -57,7 +57,10 @@ class GatewayServerProtocol(WebSocketServerProtocol):
     _head_done = False
     _early = b""
     gone = False  # the client's connection is lost
-    _deny: tuple[int, list[tuple[str, str]]] | None = None
+    # what failHandshake answers and logs: status, headers, reason token (codes.R_*), a fixed phrase or ""
+    _deny: tuple[int, list[tuple[str, str]], str, str] | None = None
+    # when the request head was read (the clock's seconds): the start of wsgateway_handshake_duration_seconds
+    head_at: float | None = None
     _handshake: Deferred[Any] | None = None
     conn_id = ""
     route: RouteConfig | None = None
@@ -71,6 +74,8 @@ class GatewayServerProtocol(WebSocketServerProtocol):
     identity: Identity | None = None
     channel: str | None = None  # broadcast routes: the channel, once the handshake chose it
     channel_config: Any = None
+    json_envelope = False  # the client chose the wsgateway.json subprotocol
+    recover_from: tuple[int, str | None] | None = None  # ?since=&epoch=
     push_channels: tuple[str, ...] = ()
     session: ChannelSession | None = None
     close_code: int | None = None
@@ -112,13 +117,14 @@ class GatewayServerProtocol(WebSocketServerProtocol):
             head = self.data + data
             if head.find(b"\r\n\r\n", 0, codes.MAX_REQUEST_HEAD + 4) < 0:
                 # Autobahn would buffer an endless header until the handshake timeout.
-                self._deny = (codes.HEADERS_TOO_LARGE, [])
+                self._deny = (codes.HEADERS_TOO_LARGE, [], codes.R_HEADERS_TOO_LARGE, "")
                 self.failHandshake("request head too large", codes.HEADERS_TOO_LARGE)
                 return
         self._dataReceived(data)
 
     def onConnect(self, request: ConnectionRequest) -> Any:
         self._head_done = True
+        self.head_at = self.factory.clock.seconds()
         # The client has sent its whole request in time; from here the wait
         # is for the upstream, bounded by connect_timeout and retries.
         assert self._pending is not None  # held from connectionMade on
@@ -151,23 +157,20 @@ class GatewayServerProtocol(WebSocketServerProtocol):
         r = refusal_for(e)
         if r.unexpected:
             self._log.failure("handshake of {conn_id} failed", f, conn_id=self.conn_id, trace_id=self.trace_id)
-        elif r.log == "auth":
-            self._log.info("refused {peer} with {status} on route {route}: {why}", peer=self.peer, status=r.status,
-                           route=self.route.name if self.route else "-", why=r.why, conn_id=self.conn_id,
-                           trace_id=self.trace_id)
-        elif r.log == "injection":
-            self._log.info("refused {peer} with 400: control characters in the request", peer=self.peer,
-                           conn_id=self.conn_id, trace_id=self.trace_id)
-        self._deny = (r.status, r.headers)
+        # the refusal's line is written once, by failHandshake (LiveConnections.handshake_refused)
+        self._deny = (r.status, r.headers, r.reason, r.why)
         return r.deny
 
     def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
         if self._deny is not None:
-            (code, headers), said = self._deny, safe_reason(reason)
+            code, headers, token, why = self._deny
         else:
-            code, headers, said = autobahn_answer(reason, code)
-        self._log.debug("refused {peer}: {code} ({reason})", peer=self.peer, code=code, reason=said)
-        self.factory.live.handshake_refused(self, code)
+            code, headers, token, said = autobahn_answer(reason, code)
+            # Autobahn's text can still carry request text it does not quote
+            # (an exception's, a version): at debug, out of the info line
+            self._log.debug("refused {peer}: {code} ({reason})", peer=self.peer, code=code, reason=said)
+            why = ""
+        self.factory.live.handshake_refused(self, code, token, why)
         # A refusal is an answer, not a failure: Autobahn would log each one
         # at warn level, quoting its reason, which can carry request text.
         self.wasClean = True
@@ -176,6 +179,7 @@ class GatewayServerProtocol(WebSocketServerProtocol):
 
     def onOpen(self) -> None:
         self.factory.live.handshake_ended(self)
+        self.factory.live.handshake_accepted(self)
         if self.channel is not None:
             if not self.gone:
                 self.session = start_channel(self, self.factory.live)

@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from wsgateway import codes
 from wsgateway.config.routes import RouteConfig
 from wsgateway.durable.entries import QueueUnavailable
 from wsgateway.ops.jsonapi import CHALLENGE, MAX_BODY, AdminSite, JSONResource, Refused, Root, bearer_ok, json_body
@@ -28,8 +29,11 @@ from wsgateway.ops.stats import C2U, U2C, GatewayStats
 from wsgateway.upstream.health import eligible_nodes
 from wsgateway.upstream.pool import Upstream
 
-__all__ = ["AdminAPI", "GatewayView", "Healthz", "JSONResource", "Readyz", "admin_site", "readiness", "routes_view",
-           "upstreams_view"]
+__all__ = ["CLOSED_BY_OPERATOR", "AdminAPI", "GatewayView", "Healthz", "JSONResource", "Readyz", "admin_site",
+           "readiness", "routes_view", "upstreams_view"]
+
+# the reason of the 1001 that POST /admin/connections/ID/close sends
+CLOSED_BY_OPERATOR = "closed by the gateway's operator"
 
 
 class GatewayView(Protocol):
@@ -101,9 +105,12 @@ class Readyz(JSONResource):
 
     def render_GET(self, request: Request) -> bytes:
         status, upstreams = readiness(self.view)
-        return self.answer(request, 200 if status in ("ready", "degraded") else 503,
-                           {"status": status, "broker": "up" if self.view.broker.ready else "down",
-                            "upstreams": upstreams})
+        body: dict[str, Any] = {"status": status, "broker": "up" if self.view.broker.ready else "down"}
+        shards = self.view.broker.shard_states()
+        if shards:  # each Redis shard (the one Redis, without shards): "up" or "down"
+            body["redis"] = {name: "up" if up else "down" for name, up in shards.items()}
+        body["upstreams"] = upstreams
+        return self.answer(request, 200 if status in ("ready", "degraded") else 503, body)
 
 
 def readiness(view: GatewayView) -> tuple[str, dict[str, Any]]:
@@ -142,10 +149,12 @@ class AdminAPI(Resource):
         self.route(b"GET", (b"routes",), lambda req, _: routes_view(self.view))
         self.route(b"GET", (b"upstreams",), lambda req, _: upstreams_view(self.view))
         self.route(b"GET", (b"connections",), self._connections)
+        self.route(b"POST", (b"connections", b"*", b"close"), self._close_connection)
         self.route(b"PUT", (b"log-level",), self._log_level)
         self.route(b"POST", (b"upstreams", b"*", b"drain"), self._drain)
         self.route(b"POST", (b"upstreams", b"*", b"undrain"), self._undrain)
         self.route(b"POST", (b"publish",), self._publish)
+        self.route(b"GET", (b"history",), self._history)
         self.route(b"GET", (b"channels",), lambda req, _: self.view.broker.channels())
         self.route(b"GET", (b"channels", b"*"), self._channel)
         queue = QueueAdmin(view, self.log)
@@ -235,6 +244,17 @@ class AdminAPI(Resource):
             for c in self.view.stats.connections(route.decode() if route else None)
         ]
 
+    def _close_connection(self, request: Request, args: tuple[bytes, ...]) -> Any:
+        """Close one open connection as a shutdown does: 1001 to the client, then its upstream's close."""
+        conn_id = args[0].decode("utf-8", "replace")
+        conn = next((c for c in self.view.stats.connections() if c.conn_id == conn_id), None)
+        if conn is None:
+            raise Refused(404, "no such connection")
+        self.log.info("{conn_id} closed through the admin API", conn_id=conn_id, route=conn.route,
+                      trace_id=conn.trace_id or None)
+        conn.relay.drain(codes.GOING_AWAY, CLOSED_BY_OPERATOR)
+        return {"conn_id": conn_id, "closing": True, "code": codes.GOING_AWAY}
+
     def _log_level(self, request: Request, _: tuple[bytes, ...]) -> Any:
         body = json_body(request)
         level = body.get("level")
@@ -280,10 +300,27 @@ class AdminAPI(Resource):
                 raise Refused(400, "a binary message must be base64") from None
         else:
             payload = message.encode("utf-8", "surrogatepass")
-        if not self.view.broker.ready:
+        if not self.view.broker.ready_for(channel):
             raise Refused(503, "broker unavailable")
         d = self.view.broker.publish(channel, payload, binary, origin=None)
-        return d.addCallback(lambda _: {"channel": channel, "published": True, "bytes": len(payload)})
+        return d.addCallback(lambda position: published(channel, len(payload), position))
+
+    def _history(self, request: Request, _: tuple[bytes, ...]) -> Any:
+        """docs/admin-api.md#channels: ``?channel=NAME&since=OFFSET``, what the channel's history keeps after OFFSET."""
+        channel = request.args.get(b"channel", [b""])[0].decode("utf-8", "replace")
+        since = request.args.get(b"since", [b"0"])[0]
+        if not channel:
+            raise Refused(400, "expected ?channel=NAME[&since=OFFSET]")
+        if not since.isdigit() or len(since) > 16:
+            raise Refused(400, "since must be an offset: a whole number, 0 for everything kept")
+
+        def answer(window: Any) -> Any:
+            if window is None:
+                raise Refused(404, f"channel {channel!r} keeps no history: no broadcast route with history_size "
+                                   "produces its name")
+            return history_view(channel, window)
+
+        return self.view.broker.history(channel, int(since)).addCallback(answer)
 
     def _channel(self, request: Request, args: tuple[bytes, ...]) -> Any:
         """Who is on a channel, across the cluster (presence)."""
@@ -291,6 +328,27 @@ class AdminAPI(Resource):
         return self.view.broker.presence(name).addCallback(
             lambda entries: {"channel": name, "connections": list(entries)}
         )
+
+
+def published(channel: str, size: int, position: Any) -> dict[str, Any]:
+    """The answer to a publish: with the message's offset and epoch on a channel with history."""
+    out: dict[str, Any] = {"channel": channel, "published": True, "bytes": size}
+    if position is not None:
+        out["offset"], out["epoch"] = position.offset, position.epoch
+    return out
+
+
+def history_view(channel: str, window: Any) -> dict[str, Any]:
+    """``GET /admin/history``: binary payloads in base64 (``data_b64``), text as it is."""
+    messages = []
+    for kept in window.messages:
+        item: dict[str, Any] = {"offset": kept.offset}
+        if kept.binary:
+            item["data_b64"] = base64.b64encode(kept.payload).decode("ascii")
+        else:
+            item["data"] = kept.payload.decode("utf-8", "replace")
+        messages.append(item)
+    return {"channel": channel, "epoch": window.epoch, "offset": window.top, "messages": messages}
 
 
 class AdminOff(JSONResource):

@@ -2,191 +2,262 @@
 """
 The admin port's pages for people (docs/admin-api.md):
 
-- ``GET /``: the dashboard, one self-contained HTML page (inline CSS and JS,
-  nothing fetched from elsewhere) that polls ``GET /dashboard.json`` every
-  second and redraws its tables in place: routes with live connection and
-  message counts, every upstream node's state, the gateway's status;
+- ``GET /``: the dashboard (L{wsgateway.ops.dashboard_page}), one
+  self-contained HTML page that polls ``GET /dashboard.json`` every second,
+  derives rates from its cumulative counters and keeps 15 minutes of them
+  for its charts;
 - ``GET /dashboard.json``: that data, token-free like ``/readyz`` (the same
-  readiness, route and upstream builders of ``wsgateway.ops.admin``);
+  readiness and route builders of ``wsgateway.ops.admin``), plus what only
+  the page needs: this node's id, version, uptime and log level, the
+  refused handshakes by status, upstream connect latency (the
+  ``wsgateway_upstream_connect_seconds`` sum and count), each node's
+  traffic and the state the page colours it by (L{node_health});
 - ``GET /demo``: L{wsgateway.ops.demopage}.
 
-The pages carry no data in their HTML: the scripts build the DOM with
-``textContent``, so a route name or a failure reason is always text
-(their CSP: L{wsgateway.ops.pages}).
+With workers (``wsgateway.workers.admin``), each worker answers its own
+``/dashboard.json`` and the parent merges them with L{merge_worker_views}.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
 
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
+from wsgateway.config.loader import GatewayConfig
+from wsgateway.ops import logs
 from wsgateway.ops.admin import GatewayView, readiness, routes_view
+from wsgateway.ops.dashboard_page import dashboard_page
 from wsgateway.ops.demopage import demo_page, demo_target
 from wsgateway.ops.jsonapi import JSONResource
-from wsgateway.ops.pages import StaticPage
+from wsgateway.ops.metrics import GatewayMetrics
+from wsgateway.ops.stats import C2U, U2C
+from wsgateway.version import version
 
-# -- the dashboard ------------------------------------------------------------
+__all__ = ["HEALTH_RANK", "DashboardJSON", "DashboardView", "NodeTraffic", "dashboard_page", "dashboard_view",
+           "merge_worker_views", "node_health", "pages", "resources"]
 
-DASHBOARD_STYLE = """
-body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; background: #fafafa; }
-h1 { font-size: 1.3em; margin: 0 0 .5em; }
-h2 { font-size: 1.1em; margin: 1.5em 0 .4em; }
-table { border-collapse: collapse; background: #fff; }
-th, td { border: 1px solid #ddd; padding: .25em .6em; text-align: left; vertical-align: top; }
-th { background: #eee; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
-td.empty { color: #777; font-style: italic; }
-.badge { display: inline-block; padding: .1em .6em; border-radius: .8em; font-weight: bold; }
-.ready, .healthy { background: #d4f5d4; color: #135f13; }
-.degraded, .draining, .ejected { background: #fff1c2; color: #6b4d00; }
-.unready, .unhealthy, .unknown { background: #fbd3d3; color: #8a1010; }
-#updated { color: #555; margin-left: 1em; font-size: .65em; font-weight: normal; }
-#updated.stale { color: #8a1010; font-weight: bold; }
-"""
+# The page's four node colours, from best to worst: a node is shown as the
+# worst any worker sees (draining wins: it is the operator's own decision).
+HEALTHY, UNCHECKED, UNHEALTHY, DRAINING = "healthy", "unchecked", "unhealthy", "draining"
+HEALTH_RANK = {HEALTHY: 0, UNCHECKED: 1, UNHEALTHY: 2, DRAINING: 3}
 
-DASHBOARD_SCRIPT = r"""
-"use strict";
-const STATES = ["healthy", "unhealthy", "ejected", "draining"];
-const STATUSES = ["ready", "degraded", "draining", "unready"];
-let lastOk = null;
 
-function cell(text, cls) {
-  const td = document.createElement("td");
-  td.textContent = text === null || text === undefined ? "" : String(text);
-  if (cls) td.className = cls;
-  return td;
-}
+class DashboardView(GatewayView, Protocol):
+    """What the dashboard reads beyond the admin API's view (GatewayService has it)."""
 
-function emptyRow(columns, text) {
-  const tr = document.createElement("tr");
-  const td = cell(text, "empty");
-  td.colSpan = columns;
-  tr.append(td);
-  return tr;
-}
+    config: GatewayConfig
+    metrics: GatewayMetrics
 
-function stateBadge(state, known) {
-  const span = document.createElement("span");
-  span.textContent = String(state);
-  span.className = "badge " + (known.includes(state) ? state : "unknown");
-  return span;
-}
 
-function renderRoutes(routes) {
-  const rows = routes.map((r) => {
-    const tr = document.createElement("tr");
-    tr.dataset.route = r.name;
-    tr.append(
-      cell(r.name, "name"),
-      cell(r.host ? r.path + "  (host " + r.host + ")" : r.path, "path"),
-      cell(r.mode, "mode"),
-      cell(r.upstream === null ? "-" : r.upstream, "upstream"),
-      cell(r.connections, "num connections"),
-      cell(r.messages.client_to_upstream, "num c2u"),
-      cell(r.messages.upstream_to_client, "num u2c"),
-    );
-    return tr;
-  });
-  document.getElementById("routes").replaceChildren(...(rows.length ? rows : [emptyRow(7, "no routes")]));
-}
+def node_health(node: Any, checks: bool, now: float) -> str:
+    """
+    How the page shows an upstream node (an ``upstream.pool.Node``):
 
-function renderUpstreams(upstreams) {
-  const rows = [];
-  for (const [name, up] of Object.entries(upstreams)) {
-    for (const node of up.nodes) {
-      const tr = document.createElement("tr");
-      tr.dataset.upstream = name;
-      tr.dataset.node = node.url;
-      const state = cell("", "state");
-      state.append(stateBadge(node.state, STATES));
-      tr.append(
-        cell(name, "upstream"),
-        cell(up.balance, "balance"),
-        cell(node.url, "node"),
-        state,
-        cell(node.active, "num active"),
-        cell(node.last_failure === null ? "" : node.last_failure, "failure"),
-      );
-      rows.push(tr);
+    - ``draining``: drained through the admin API;
+    - ``unhealthy``: failing its active checks, ejected, or failing now:
+      its last connect attempts failed (passive failures since its last
+      success), which is all a gateway knows of a node without checks;
+    - ``unchecked``: its upstream has ``health_check = none`` and it has
+      not failed: nobody vouches for it;
+    - ``healthy``: it passes its active checks and has not failed since.
+
+    A node that refused every connection of an upstream without health
+    checks keeps ``state`` = ``healthy`` in /readyz (nothing else is known
+    of it), but is ``unhealthy`` here.
+    """
+    health = node.health
+    if node.draining:
+        return DRAINING
+    if not health.available(now) or health.passive_failures or health.panic:
+        return UNHEALTHY
+    return HEALTHY if checks else UNCHECKED
+
+
+class NodeTraffic:
+    """
+    Messages and bytes per upstream node, for the page's per-node rates.
+    The stats count per route only; each read here adds what every open
+    connection did to its node, and keeps the last counts read of a
+    connection once it has closed. What a connection did between the last
+    read and its close is not counted (a second at most, while a page polls).
+    """
+
+    def __init__(self) -> None:
+        self._closed: dict[str, Counter[str]] = {}
+        self._open: dict[str, tuple[str, tuple[int, int, int, int]]] = {}  # conn_id -> (node, counts)
+
+    def read(self, connections: Iterable[Any]) -> dict[str, dict[str, dict[str, int]]]:
+        """``connections``: ``stats.Connection``s now open -> {node url: {"messages": .., "bytes": ..}}."""
+        now_open: dict[str, tuple[str, tuple[int, int, int, int]]] = {}
+        for conn in connections:
+            if conn.node:
+                r = conn.relay
+                now_open[conn.conn_id] = (conn.node, (r.messages_c2u, r.messages_u2c, r.bytes_c2u, r.bytes_u2c))
+        for conn_id, (node, counts) in self._open.items():
+            if conn_id not in now_open:
+                _add(self._closed.setdefault(node, Counter()), counts)
+        self._open = now_open
+        totals = {node: Counter(c) for node, c in self._closed.items()}
+        for node, counts in now_open.values():
+            _add(totals.setdefault(node, Counter()), counts)
+        return {node: {"messages": {C2U: c["mc"], U2C: c["mu"]}, "bytes": {C2U: c["bc"], U2C: c["bu"]}}
+                for node, c in totals.items()}
+
+
+def _add(into: Counter[str], counts: tuple[int, int, int, int]) -> None:
+    for key, n in zip(("mc", "mu", "bc", "bu"), counts):
+        into[key] += n
+
+
+def _connect_latency(metrics: GatewayMetrics) -> dict[str, dict[str, float]]:
+    """Per upstream: successful connects and their seconds in all (the histogram's _count and _sum)."""
+    out: dict[str, dict[str, float]] = {}
+    for family in metrics.connect_seconds.collect():
+        for sample in family.samples:
+            kind = "count" if sample.name.endswith("_count") else "seconds" if sample.name.endswith("_sum") else None
+            if kind is not None:
+                found = out.setdefault(sample.labels["upstream"], {"count": 0, "seconds": 0.0})
+                found[kind] = int(sample.value) if kind == "count" else sample.value
+    return out
+
+
+def dashboard_view(view: DashboardView, started: float, traffic: NodeTraffic | None = None) -> dict[str, Any]:
+    """The body of ``/dashboard.json``; ``started``: when this process started (uptime)."""
+    now = view.now()
+    status, upstreams = readiness(view)
+    totals = view.stats.routes
+    routes = routes_view(view)
+    for route in routes:
+        found = totals.get(route["name"])
+        route["handshakes"] = {str(s): n for s, n in sorted(found.handshakes.items())} if found else {}
+    refused: Counter[str] = Counter()
+    reasons: Counter[str] = Counter()
+    for found in totals.values():
+        for s, n in found.handshakes.items():
+            if s != 101:
+                refused[str(s)] += n
+        # by (status, reason), in the stats of a gateway that names its refusals' reasons
+        for (_, reason), n in getattr(found, "refusals", {}).items():
+            reasons[reason] += n
+    by_node = (traffic or NodeTraffic()).read(view.stats.connections())
+    latency = _connect_latency(view.metrics)
+    for name, up in upstreams.items():
+        pool = view.upstreams[name]
+        checks = pool.config.health_check != "none"
+        up["health_check"] = pool.config.health_check
+        up["connect"] = latency.get(name, {"count": 0, "seconds": 0.0})
+        for shown, node in zip(up["nodes"], pool.nodes):
+            shown["health"] = node_health(node, checks, now)
+            shown["failures"] = node.health.passive_failures
+            shown.update(by_node.get(node.url, _no_traffic()))
+    return {
+        "status": status,
+        "node": _node(view.config, started, now),
+        "time": round(now, 3),
+        "routes": routes,
+        "refusals": _refusals(refused, reasons),
+        "upstreams": upstreams,
+        # each Redis shard (the one Redis without shards): "up" or "down"; {} without [redis]
+        "redis": {name: "up" if up else "down" for name, up in view.broker.shard_states().items()},
     }
-  }
-  document.getElementById("upstreams").replaceChildren(...(rows.length ? rows : [emptyRow(6, "no upstreams")]));
-}
 
-function render(data) {
-  const status = document.getElementById("status");
-  status.replaceChildren(stateBadge(data.status, STATUSES));
-  status.dataset.status = data.status;
-  renderRoutes(data.routes);
-  renderUpstreams(data.upstreams);
-}
 
-async function poll() {
-  const updated = document.getElementById("updated");
-  try {
-    const response = await fetch("dashboard.json", { cache: "no-store", signal: AbortSignal.timeout(3000) });
-    if (!response.ok) throw new Error("HTTP " + response.status);
-    render(await response.json());
-    lastOk = new Date();
-    updated.textContent = "updated " + lastOk.toLocaleTimeString();
-    updated.className = "";
-  } catch (e) {
-    const since = lastOk ? " since " + lastOk.toLocaleTimeString() : "";
-    updated.textContent = "no answer from the admin port" + since + " (" + e.message + ")";
-    updated.className = "stale";
-  }
-  setTimeout(poll, 1000);
-}
+def _node(config: GatewayConfig, started: float, now: float) -> dict[str, Any]:
+    """This gateway: its node id, version, workers, start (Unix time), uptime (seconds), log level in effect."""
+    return {"id": config.gateway.node_id, "version": version(), "workers": config.gateway.workers,
+            "started": round(started, 3), "uptime": round(max(0.0, now - started), 3), "log_level": logs.LEVEL}
 
-poll();
-"""
 
-DASHBOARD_BODY = """<h1>wsgateway <span id="status"></span><span id="updated">loading&hellip;</span></h1>
-<h2>Routes</h2>
-<table>
-<thead><tr><th>route</th><th>path</th><th>mode</th><th>upstream</th><th>connections</th>
-<th>messages client&rarr;upstream</th><th>messages upstream&rarr;client</th></tr></thead>
-<tbody id="routes"></tbody>
-</table>
-<h2>Upstreams</h2>
-<table>
-<thead><tr><th>upstream</th><th>balance</th><th>node</th><th>state</th><th>active</th><th>last failure</th></tr></thead>
-<tbody id="upstreams"></tbody>
-</table>
-"""
+def _refusals(by_status: Counter[str], by_reason: Counter[str]) -> dict[str, Any]:
+    """Refused handshakes since start, of every route and of none: by status, and by reason when the stats have them."""
+    out: dict[str, Any] = {"by_status": dict(sorted(by_status.items()))}
+    if by_reason:
+        out["by_reason"] = dict(sorted(by_reason.items()))
+    return out
 
-def dashboard_page() -> Resource:
-    # 'self' covers dashboard.json only: the page opens no WebSocket
-    return StaticPage("wsgateway", DASHBOARD_STYLE, DASHBOARD_SCRIPT, DASHBOARD_BODY, "'self'")
+
+def _no_traffic() -> dict[str, dict[str, int]]:
+    return {"messages": {C2U: 0, U2C: 0}, "bytes": {C2U: 0, U2C: 0}}
+
+
+def merge_worker_views(ready: dict[str, Any], views: Sequence[dict[str, Any]], merged_routes: list[dict[str, Any]],
+                       config: GatewayConfig) -> dict[str, Any]:
+    """
+    The parent's ``/dashboard.json`` with workers: ``ready`` is its /readyz
+    body (status, workers, upstreams merged), ``views`` each worker's
+    ``/dashboard.json``, ``merged_routes`` their routes summed. Counts are
+    summed over the workers; a node's ``health`` is the worst any worker
+    sees; the uptime is the longest-running worker's.
+    """
+    now = max((v.get("time", 0.0) for v in views), default=0.0)
+    started = min((v.get("node", {}).get("started", now) for v in views), default=now)
+    refused: Counter[str] = Counter()
+    reasons: Counter[str] = Counter()
+    handshakes: dict[str, Counter[str]] = {}
+    for v in views:
+        refused.update(v.get("refusals", {}).get("by_status", {}))
+        reasons.update(v.get("refusals", {}).get("by_reason", {}))
+        for r in v.get("routes", []):
+            handshakes.setdefault(r["name"], Counter()).update(r.get("handshakes", {}))
+    for route in merged_routes:
+        route["handshakes"] = dict(sorted(handshakes.get(route["name"], Counter()).items()))
+    upstreams = ready["upstreams"]
+    for name, up in upstreams.items():
+        theirs = [v["upstreams"][name] for v in views if name in v.get("upstreams", {})]
+        up["health_check"] = theirs[0].get("health_check", "none") if theirs else "none"
+        up["connect"] = {"count": sum(t.get("connect", {}).get("count", 0) for t in theirs),
+                         "seconds": sum(t.get("connect", {}).get("seconds", 0.0) for t in theirs)}
+        for node in up["nodes"]:
+            seen = [n for t in theirs for n in t.get("nodes", []) if n.get("url") == node["url"]]
+            node["health"] = max((n.get("health", UNHEALTHY) for n in seen), key=lambda h: HEALTH_RANK.get(h, 2),
+                                 default=UNHEALTHY)
+            node["failures"] = sum(n.get("failures", 0) for n in seen)
+            for key in ("messages", "bytes"):
+                node[key] = {d: sum(n.get(key, {}).get(d, 0) for n in seen) for d in (C2U, U2C)}
+    return {
+        "status": ready["status"],
+        "node": _node(config, started, now),
+        "time": round(now, 3),
+        "routes": merged_routes,
+        "refusals": _refusals(refused, reasons),
+        "upstreams": upstreams,
+        "workers": ready["workers"],
+        # down when any worker is cut off from the shard
+        "redis": {name: "down" if any(v.get("redis", {}).get(name) == "down" for v in views) else "up"
+                  for name in sorted({n for v in views for n in v.get("redis", {})})},
+    }
 
 
 class DashboardJSON(JSONResource):
-    """What the dashboard shows: the gateway's status, its routes and upstreams."""
+    """What the dashboard shows: the gateway's status, its routes and upstreams, this node."""
 
-    def __init__(self, view: GatewayView) -> None:
+    def __init__(self, view: DashboardView) -> None:
         super().__init__()
         self.view = view
+        self.started = view.now()  # built once, as the process starts
+        self.traffic = NodeTraffic()
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"x-content-type-options", b"nosniff")
-        return self.answer(request, 200, dashboard_view(self.view))
+        return self.answer(request, 200, dashboard_view(self.view, self.started, self.traffic))
 
 
-def dashboard_view(view: GatewayView) -> dict[str, Any]:
-    status, upstreams = readiness(view)
-    return {"status": status, "routes": routes_view(view), "upstreams": upstreams}
-
-
-def resources(view: GatewayView, demo_listen: Sequence[str] | None = None) -> dict[bytes, Resource]:
+def pages(demo_listen: Sequence[str] | None = None) -> dict[bytes, Resource]:
     """
-    What service.py mounts on the admin port (``admin_site``'s ``extra``):
-    the dashboard at ``/`` and its JSON; ``/demo`` too when ``demo_listen``
-    (the gateway's listen strings) is given.
+    The admin port's pages for people: the dashboard at ``/``, and ``/demo``
+    when ``demo_listen`` (the gateway's listen strings) is given. The
+    parent of workers mounts these beside its own merged ``dashboard.json``.
     """
-    out: dict[bytes, Resource] = {b"": dashboard_page(), b"dashboard.json": DashboardJSON(view)}
+    out: dict[bytes, Resource] = {b"": dashboard_page()}
     if demo_listen is not None:
         out[b"demo"] = demo_page(demo_target(demo_listen))
     return out
+
+
+def resources(view: DashboardView, demo_listen: Sequence[str] | None = None) -> dict[bytes, Resource]:
+    """What service.py mounts on the admin port (``admin_site``'s ``extra``): L{pages} and ``dashboard.json``."""
+    return {**pages(demo_listen), b"dashboard.json": DashboardJSON(view)}

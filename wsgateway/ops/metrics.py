@@ -4,8 +4,10 @@ Prometheus metrics (docs/metrics.md: the names and labels are binding),
 served as ``GET /metrics`` on the admin port.
 
 Nothing here runs per message. What the relays and the handshake already
-count for the access line and the admin API (``stats.GatewayStats``), and the
-nodes' health, are read when Prometheus scrapes, by L{GatewayCollector}.
+count for the access line and the admin API (``stats.GatewayStats``, with
+its two duration histograms observed once per handshake and per closed
+connection), and the nodes' health and open connections, are read when
+Prometheus scrapes, by L{GatewayCollector}.
 Only events that happen once per connection attempt or per operator action
 are real prometheus_client objects, updated as they happen: the upstream
 connect time and retries (reported by ``Upstream.connect`` through its
@@ -17,6 +19,8 @@ Label values, all bounded so a hostile peer cannot grow the series count:
   before any route matched (404, 400, 431...): a route name can never
   contain parentheses, so it cannot clash with a route.
 - ``status``: the HTTP status of the handshake; 101 = accepted.
+- ``reason``: why a handshake was refused, one of ``codes.REFUSAL_REASONS``;
+  ``""`` for the accepted ones (101).
 - ``direction``: ``client_to_upstream`` or ``upstream_to_client``.
 - ``code``: the connection's close code (1006 when neither side sent a
   close frame), kept as a number in 1000-1015 and 3000-4999 and folded
@@ -35,17 +39,16 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import disable_created_metrics
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 from twisted.logger import Logger
-from twisted.web.resource import Resource
-from twisted.web.server import Request
 
 from wsgateway.upstream.health import eligible_nodes
-from wsgateway.ops.stats import C2U, NO_ROUTE, U2C, GatewayStats
+from wsgateway.ops.stats import C2U, DURATION_BUCKETS, HANDSHAKE_BUCKETS, NO_ROUTE, U2C, Buckets, GatewayStats
 from wsgateway.version import build_info
 
 NO_ROUTE_LABEL = "(none)"
@@ -120,16 +123,18 @@ class GatewayCollector(Collector):
         for route in _ordered(configured, traffic):
             totals = traffic.get(route)
             if route == NO_ROUTE:  # refused before a route matched: handshakes only
-                for status, n in sorted(totals.handshakes.items()) if totals else ():
-                    f.handshakes.add_metric([NO_ROUTE_LABEL, str(status)], n)
+                if totals is not None:
+                    _handshakes(f, NO_ROUTE_LABEL, totals.handshakes[101], totals.refusals, totals.handshake_seconds)
                 continue
             for direction in DIRECTIONS:
                 f.messages.add_metric([route, direction], totals.messages[direction] if totals else 0)
                 f.bytes.add_metric([route, direction], totals.bytes[direction] if totals else 0)
             if totals is None:
+                _histogram(f.handshake_seconds, route, Buckets(HANDSHAKE_BUCKETS))
+                _histogram(f.duration_seconds, route, Buckets(DURATION_BUCKETS))
                 continue
-            for status, n in sorted(totals.handshakes.items()):
-                f.handshakes.add_metric([route, str(status)], n)
+            _handshakes(f, route, totals.handshakes[101], totals.refusals, totals.handshake_seconds)
+            _histogram(f.duration_seconds, route, totals.duration_seconds)
             folded: dict[str, int] = {}
             for code, n in totals.closes.items():
                 label = close_code_label(code)
@@ -142,6 +147,8 @@ class GatewayCollector(Collector):
             usable = {id(n) for n in eligible_nodes(upstream.nodes, now)}
             for node in upstream.nodes:
                 f.node_healthy.add_metric([name, node.url], 1 if id(node) in usable else 0)
+                # Node.active: the legs upstream.connect opened and not yet released, attempts in progress included
+                f.upstream_active.add_metric([name, node.url], node.active)
         return f.all()
 
 
@@ -158,8 +165,19 @@ class _Families:
         )
         self.handshakes = CounterMetricFamily(
             "wsgateway_handshakes",
-            "Client handshakes by HTTP status: 101 = accepted, else the refusal; route (none) = no route matched.",
-            labels=["route", "status"],
+            "Client handshakes by HTTP status: 101 = accepted, else the refusal, and reason (\"\" for 101); "
+            "route (none) = no route matched.",
+            labels=["route", "status", "reason"],
+        )
+        self.handshake_seconds = HistogramMetricFamily(
+            "wsgateway_handshake_duration_seconds",
+            "Client handshakes: seconds from the request head read to the 101 or the refusal sent.",
+            labels=["route"],
+        )
+        self.duration_seconds = HistogramMetricFamily(
+            "wsgateway_connection_duration_seconds",
+            "Closed client connections: seconds from the 101 to the end, proxied and broadcast alike.",
+            labels=["route"],
         )
         self.messages = CounterMetricFamily(
             "wsgateway_messages", "WebSocket messages relayed.", labels=["route", "direction"]
@@ -179,10 +197,28 @@ class _Families:
             "1 when the node may take new connections (healthy, not ejected or in panic mode, not draining), else 0.",
             labels=["upstream", "node"],
         )
+        self.upstream_active = GaugeMetricFamily(
+            "wsgateway_upstream_connections_active",
+            "Open upstream connections per node, handshakes in progress included.",
+            labels=["upstream", "node"],
+        )
 
     def all(self) -> list[Metric]:
-        return [self.active, self.compressed, self.handshakes, self.messages, self.bytes, self.closes,
-                self.node_healthy]
+        return [self.active, self.compressed, self.handshakes, self.handshake_seconds, self.duration_seconds,
+                self.messages, self.bytes, self.closes, self.node_healthy, self.upstream_active]
+
+
+def _handshakes(f: _Families, route: str, accepted: int, refusals: Mapping[tuple[int, str], int],
+                seconds: Buckets) -> None:
+    if accepted:
+        f.handshakes.add_metric([route, "101", ""], accepted)
+    for (status, reason), n in sorted(refusals.items()):
+        f.handshakes.add_metric([route, str(status), reason], n)
+    _histogram(f.handshake_seconds, route, seconds)
+
+
+def _histogram(family: HistogramMetricFamily, route: str, observed: Buckets) -> None:
+    family.add_metric([route], [(floatToGoString(b), float(n)) for b, n in observed.cumulative()], observed.sum)
 
 
 def _ordered(configured: list[str], seen: Iterable[str]) -> list[str]:
@@ -246,6 +282,26 @@ class GatewayMetrics:
             "Messages published to broadcast channels (counted once per message, not per subscriber).",
             registry=self.registry,
         )
+        self.redis_up = Gauge(
+            "wsgateway_redis_up",
+            "1 while this process can send commands to the shard's Redis (with Sentinel: its current master), "
+            "else 0. shard: the [redis] url's host:port/db, or the master name.",
+            ["shard"],
+            registry=self.registry,
+        )
+        self.redis_failovers = Counter(
+            "wsgateway_redis_failovers",
+            "Times this process found a shard's master at a new address (Sentinel failover) and followed it.",
+            ["shard"],
+            registry=self.registry,
+        )
+        self.history_recoveries = Counter(
+            "wsgateway_history_recoveries",
+            "Clients that reconnected with ?since= on a broadcast route: result=recovered (every missed message "
+            "sent) or gap (told recovered: false).",
+            ["route", "result"],
+            registry=self.registry,
+        )
         self.queue_depth = Gauge(
             "wsgateway_queue_depth", "Messages waiting in the durable queue.", registry=self.registry
         )
@@ -303,22 +359,6 @@ class GatewayMetrics:
         self.queue_failures.labels(operation).inc()
 
 
-class MetricsResource(Resource):
-    """``GET /metrics``: the registry in Prometheus text format; no authentication (docs/admin-api.md)."""
-
-    isLeaf = True
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        super().__init__()
-        self.registry = registry
-
-    def render_GET(self, request: Request) -> bytes:
-        body = generate_latest(self.registry)
-        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
-        request.setHeader(b"cache-control", b"no-store")
-        return body
-
-
 class BrokerMetrics:
     """The broker's observer: channel traffic into the gateway's metrics and log."""
 
@@ -335,7 +375,16 @@ class BrokerMetrics:
         pass  # counted by the node that published it
 
     def broker_dropped(self, channel: str, reason: str) -> None:
-        self.log.debug("broker dropped a message for {channel}: {reason}", channel=channel, reason=reason)
+        self.log.debug("broker dropped a message for {channel}: {why}", channel=channel, why=reason)
 
     def broker_state(self, up: bool) -> None:
         pass  # the broker logs its own ups and downs, once each
+
+    def history_recovered(self, route: str, result: str) -> None:
+        self._metrics.history_recoveries.labels(route, result).inc()
+
+    def redis_state(self, shard: str, up: bool) -> None:
+        self._metrics.redis_up.labels(shard).set(1 if up else 0)
+
+    def redis_failover(self, shard: str) -> None:
+        self._metrics.redis_failovers.labels(shard).inc()

@@ -10,8 +10,9 @@ paths as one process's, answered from the workers' private sockets.
 - ``/metrics``: every worker's, merged (``wsgateway.workers.aggregate``);
 - ``/`` and ``/dashboard.json``: the dashboard, routes and nodes merged;
 - ``/admin/*`` (the same token): reads merged (connections each carry their
-  ``worker``), changes (log level, node drain) sent to every worker,
-  ``publish`` and channel reads to one worker (the broker spans them).
+  ``worker``), changes (log level, node drain) sent to every worker, a
+  connection's close answered by the worker that holds it, ``publish``
+  and channel reads to one worker (the broker spans them).
 """
 
 from __future__ import annotations
@@ -75,8 +76,8 @@ class ParentDashboard(_Async):
         request.setHeader(b"x-content-type-options", b"nosniff")
         ready = await self.parent.readiness()
         views = [body for _, body in await self.parent.views(b"/dashboard.json") if isinstance(body, dict)]
-        return 200, {"status": ready["status"], "routes": aggregate.merge_routes([v["routes"] for v in views]),
-                     "upstreams": ready["upstreams"], "workers": ready["workers"]}
+        routes = aggregate.merge_routes([v["routes"] for v in views])
+        return 200, dashboard.merge_worker_views(ready, views, routes, self.parent.config)
 
 
 class ParentMetrics(Resource):
@@ -88,9 +89,10 @@ class ParentMetrics(Resource):
         self.parent = parent
 
     def render_GET(self, request: Request) -> Any:
-        def done(body: bytes) -> None:
+        def done(answer: tuple[bytes, str]) -> None:
+            body, content_type = answer
             if not request.finished and not request._disconnected:
-                request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
+                request.setHeader(b"content-type", content_type.encode("ascii"))
                 request.setHeader(b"cache-control", b"no-store")
                 request.write(body)
                 request.finish()
@@ -101,7 +103,7 @@ class ParentMetrics(Resource):
                 request.setResponseCode(500)
                 request.finish()
 
-        Deferred.fromCoroutine(self.parent.metrics()).addCallbacks(done, failed)
+        Deferred.fromCoroutine(self.parent.metrics(request.getHeader(b"accept"))).addCallbacks(done, failed)
         return NOT_DONE_YET
 
 
@@ -120,10 +122,12 @@ class ParentAdminAPI(AdminAPI):
         self.route(b"GET", (b"routes",), self._routes)
         self.route(b"GET", (b"upstreams",), self._upstreams)
         self.route(b"GET", (b"connections",), self._connections)
+        self.route(b"POST", (b"connections", b"*", b"close"), self._to_owner)
         self.route(b"PUT", (b"log-level",), self._log_level)
         self.route(b"POST", (b"upstreams", b"*", b"drain"), self._to_all)
         self.route(b"POST", (b"upstreams", b"*", b"undrain"), self._to_all)
         self.route(b"POST", (b"publish",), self._to_one)
+        self.route(b"GET", (b"history",), self._to_one)
         self.route(b"GET", (b"channels",), self._to_one)
         self.route(b"GET", (b"channels", b"*"), self._to_one)
         self.route(b"GET", (b"queue",), self._queue)
@@ -181,6 +185,21 @@ class ParentAdminAPI(AdminAPI):
             if isinstance(first, dict) and "active" in first:
                 first["active"] = sum(_decode(a)[1].get("active", 0) for a in answers if a[0] == 200)
             return first
+        return self._run(work())
+
+    def _to_owner(self, request: Request, _: Any) -> Deferred[Any]:
+        """A connection is one worker's: the request to every worker, the answer of the one that has it."""
+        data = read_body(request)
+
+        async def work() -> Any:
+            answers = [_decode(a) for _, a in await self.parent.ask_all(request.method, request.uri, data)
+                       if a is not None]
+            if not answers:
+                raise Refused(503, "no worker answered")
+            status, body = next((a for a in answers if a[0] == 200), answers[0])
+            if status != 200:
+                raise Refused(status, body.get("error", "refused") if isinstance(body, dict) else "refused")
+            return body
         return self._run(work())
 
     def _queue(self, request: Request, _: Any) -> Deferred[Any]:
@@ -246,8 +265,7 @@ def parent_site(parent: WorkerParentView, token: str | None, *, max_body: int = 
     root.putChild(b"metrics", ParentMetrics(parent))
     root.putChild(b"dashboard.json", ParentDashboard(parent))
     listen = parent.config.gateway.listen if parent.config.demo is not None else None
-    for name, resource in dashboard.resources(parent, listen).items():  # type: ignore[arg-type]
-        if name != b"dashboard.json":
-            root.putChild(name, resource)
+    for name, resource in dashboard.pages(listen).items():
+        root.putChild(name, resource)
     root.putChild(b"admin", ParentAdminAPI(parent, token) if token else AdminOff())
     return AdminSite(root, token=token, max_body=max_body)

@@ -16,13 +16,19 @@ its normal ``/metrics`` (text format) on its socket, the parent parses them
 and merges per family and label set:
 
 - counters and histograms (bucket by bucket): summed;
-- gauges: summed (open connections, memory, fds, and ``process_max_fds``
-  too, so ``process_open_fds / process_max_fds`` stays a fraction), except
+- ``process_open_fds`` and ``process_max_fds`` (``metrics.PER_PROCESS_FAMILIES``):
+  not merged at all. Each worker labels its own with ``worker="N"``
+  (``metrics.worker_registry``) and the parent its own with
+  ``worker="parent"``, so an alert on ``process_open_fds / process_max_fds``
+  fires for the one process near its limit (a sum would hide it);
+- gauges: summed (open connections, upstream legs, memory), except
   where a sum means nothing: ``wsgateway_upstream_node_healthy`` is the
-  minimum (1 only when every worker may use the node) and
-  ``process_start_time_seconds`` the minimum too (the parent's start);
+  minimum (1 only when every worker may use the node), and so are
+  ``wsgateway_redis_up`` (0 when any worker is cut off from a shard) and
+  ``process_start_time_seconds`` (the parent's start);
 - ``wsgateway_config_reloads_total``: the maximum, since every process
   counts the same SIGHUP (the parent, which never restarts, included);
+  ``wsgateway_redis_failovers_total`` too (every worker follows the same failover);
 - ``wsgateway_build_info``: the maximum, each process's series being 1;
 - ``shared`` gauges, which every worker reads from one place: the maximum.
   ``REDIS_QUEUE_GAUGES`` are such with ``[queue] backend = redis`` (each
@@ -42,7 +48,7 @@ from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
@@ -53,9 +59,12 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
-MIN_FAMILIES = frozenset({"wsgateway_upstream_node_healthy", "process_start_time_seconds"})
-# build_info: every process reports the same series at 1 (a sum would say 1 + N)
-MAX_FAMILIES = frozenset({"wsgateway_config_reloads", "wsgateway_build_info"})
+from wsgateway.ops.exposition import PER_PROCESS_FAMILIES, WORKER_LABEL, exposition
+
+MIN_FAMILIES = frozenset({"wsgateway_upstream_node_healthy", "process_start_time_seconds", "wsgateway_redis_up"})
+# build_info: every process reports the same series at 1 (a sum would say 1 + N);
+# a Sentinel failover is followed by every worker, each counting it once
+MAX_FAMILIES = frozenset({"wsgateway_config_reloads", "wsgateway_build_info", "wsgateway_redis_failovers"})
 _CARRIED = ("counter", "histogram", "summary")  # kept from a dead worker
 
 SampleKey = tuple[str, tuple[tuple[str, str], ...]]  # (sample name, labels in order)
@@ -137,9 +146,28 @@ class _Fixed(Collector):
 
 
 def render(families: dict[str, Family]) -> bytes:
+    """``families`` in the Prometheus text format."""
+    return encode(families, None)[0]
+
+
+def encode(families: dict[str, Family], accept: bytes | str | None) -> tuple[bytes, str]:
+    """(body, content type): OpenMetrics when ``accept`` (the scraper's Accept header) asks for it, else text."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Fixed(families))
-    return generate_latest(registry)
+    return exposition(registry, accept)
+
+
+def label_process(families: dict[str, Family], worker: str) -> dict[str, Family]:
+    """``families`` with the ``PER_PROCESS_FAMILIES`` series labelled ``worker``, where they have no such label yet."""
+    for name in PER_PROCESS_FAMILIES:
+        family = families.get(name)
+        if family is not None:
+            family.samples = {
+                (sample, labels if any(k == WORKER_LABEL for k, _ in labels) else (*labels, (WORKER_LABEL, worker))):
+                    value
+                for (sample, labels), value in family.samples.items()
+            }
+    return families
 
 
 class MetricsAggregate:
@@ -167,7 +195,15 @@ class MetricsAggregate:
 
     def render(self, own: str) -> bytes:
         """The merged exposition; ``own`` is the parent's own registry (its process, its reload count)."""
-        return render(merge([*self._last.values(), self._retired, parse(own)], self.shared))
+        return self.exposition(own)[0]
+
+    def exposition(self, own: str, accept: bytes | str | None = None) -> tuple[bytes, str]:
+        """
+        (body, content type) of the merged exposition, for a scraper whose
+        Accept header is ``accept`` (OpenMetrics when it asks for it).
+        """
+        mine = label_process(parse(own), "parent")
+        return encode(merge([*self._last.values(), self._retired, mine], self.shared), accept)
 
 
 # -- JSON views (the admin port's /readyz, /dashboard.json, /admin/*) ---------

@@ -109,10 +109,12 @@ class WorkerSetup:
         """The private admin site the parent reads (``view``: the GatewayService)."""
         from wsgateway.ops.admin import admin_site
         from wsgateway.ops.dashboard import DashboardJSON
-        from wsgateway.ops.metrics import MetricsResource
+        from wsgateway.ops.exposition import MetricsResource, worker_registry
 
+        # its descriptor gauges labelled with its number: the parent keeps them apart rather than summing them
+        metrics = MetricsResource(worker_registry(registry, self.id))
         site = admin_site(view, token=self.token, access_log=False, max_body=self.max_body,  # the parent asks every few seconds
-                          extra={b"metrics": MetricsResource(registry), b"dashboard.json": DashboardJSON(view)})
+                          extra={b"metrics": metrics, b"dashboard.json": DashboardJSON(view)})
         service = StreamServerEndpointService(UNIXServerEndpoint(reactor, self.control, mode=0o600), site)
         service._raiseSynchronously = True
         return service

@@ -325,9 +325,10 @@ class WorkerParent(MultiService):
         d.addErrback(lambda f: self.log.failure("background scrape of the workers failed", f))
         return d
 
-    async def metrics(self) -> bytes:
+    async def metrics(self, accept: bytes | None = None) -> tuple[bytes, str]:
+        """(body, content type) of every worker's /metrics, merged: OpenMetrics when ``accept`` asks for it."""
         await self.scrape()
-        return self.aggregate.render(generate_latest(self.registry).decode())
+        return self.aggregate.exposition(generate_latest(self.registry).decode(), accept)
 
     async def views(self, uri: bytes) -> list[tuple[WorkerSlot, Any]]:
         """Each worker's JSON at ``uri`` (None where it did not answer 200)."""

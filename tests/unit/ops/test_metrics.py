@@ -88,9 +88,13 @@ def test_collector_reads_stats_and_node_health_at_scrape_time() -> None:
     a, b = FakeRelay(), FakeRelay()
     stats.opened(conn(a, "chat", "c1"))
     stats.opened(conn(b, "chat", "c2"))
-    stats.handshake("chat", 401)
-    stats.handshake(None, 404)
-    stats.handshake(None, 404)
+    stats.handshake("chat", 401, "auth", 0.002)
+    stats.handshake("chat", 403, "origin", 0.0005)
+    stats.handshake("chat", 403)  # no reason given: the status's (a missing role)
+    stats.handshake(None, 404, "no_route", 0.0001)
+    stats.handshake(None, 404, "no_route")  # no request head read (no time observed)
+    stats.handshake_time("chat", 0.02)
+    stats.handshake_time("chat", 45.0)
     a.messages_c2u, a.bytes_c2u, a.messages_u2c, a.bytes_u2c = 2, 22, 3, 33
     b.messages_c2u, b.bytes_c2u = 1, 10
     up.drain(up.nodes[1].url)
@@ -100,21 +104,38 @@ def test_collector_reads_stats_and_node_health_at_scrape_time() -> None:
     m = parse(generate_latest(metrics.registry).decode())
     assert get(m, "wsgateway_connections_active", route="chat") == 2
     assert get(m, "wsgateway_connections_active", route="idle") == 0  # configured, nothing yet: 0, not absent
-    assert get(m, "wsgateway_handshakes_total", route="chat", status="101") == 2
-    assert get(m, "wsgateway_handshakes_total", route="chat", status="401") == 1
-    assert get(m, "wsgateway_handshakes_total", route=NO_ROUTE_LABEL, status="404") == 2
+    handshakes = {tuple(v for _, v in k[1]): n for k, n in m.items() if k[0] == "wsgateway_handshakes_total"}
+    assert handshakes == {  # (reason, route, status): labels sorted by name
+        ("", "chat", "101"): 2, ("auth", "chat", "401"): 1, ("origin", "chat", "403"): 1,
+        ("forbidden", "chat", "403"): 1, ("no_route", NO_ROUTE_LABEL, "404"): 2,
+    }
+    # from the request head to the 101 or the refusal: 0.0005 0.002 0.02 45 on chat, 0.0001 without a route
+    assert get(m, "wsgateway_handshake_duration_seconds_count", route="chat") == 4
+    assert get(m, "wsgateway_handshake_duration_seconds_bucket", route="chat", le="0.001") == 1
+    assert get(m, "wsgateway_handshake_duration_seconds_bucket", route="chat", le="0.0025") == 2
+    assert get(m, "wsgateway_handshake_duration_seconds_bucket", route="chat", le="30.0") == 3
+    assert get(m, "wsgateway_handshake_duration_seconds_bucket", route="chat", le="+Inf") == 4
+    assert abs(get(m, "wsgateway_handshake_duration_seconds_sum", route="chat") - 45.0225) < 1e-9
+    assert get(m, "wsgateway_handshake_duration_seconds_count", route=NO_ROUTE_LABEL) == 1
+    # every configured route has its histograms, at 0
+    assert get(m, "wsgateway_handshake_duration_seconds_count", route="idle") == 0
+    assert get(m, "wsgateway_connection_duration_seconds_bucket", route="idle", le="86400.0") == 0
+    assert get(m, "wsgateway_connection_duration_seconds_count", route="chat") == 0
+    assert get(m, "wsgateway_upstream_connections_active", upstream="backend", node=up.nodes[0].url) == 0
     assert get(m, "wsgateway_messages_total", route="chat", direction=C2U) == 3  # live relays included
     assert get(m, "wsgateway_messages_total", route="chat", direction=U2C) == 3
     assert get(m, "wsgateway_bytes_total", route="chat", direction=C2U) == 32
     assert get(m, "wsgateway_bytes_total", route="idle", direction=U2C) == 0
-    assert not [k for k in m if dict(k[1]).get("route") == NO_ROUTE_LABEL and k[0] != "wsgateway_handshakes_total"]
+    assert not [k for k in m if dict(k[1]).get("route") == NO_ROUTE_LABEL
+                and not k[0].startswith(("wsgateway_handshakes_total", "wsgateway_handshake_duration_seconds"))]
     healthy = {url: get(m, "wsgateway_upstream_node_healthy", upstream="backend", node=url) for url in
                (n.url for n in up.nodes)}
     assert list(healthy.values()) == [1, 0, 0, 0]
 
     # closed relays keep their counts; codes outside the registered ranges fold into "other"
-    stats.closed(a, 4001)
-    stats.closed(b, None)  # no close frame: 1006
+    stats.closed(a, 4001, now=90.0)  # opened at 0.0: 90 s
+    stats.closed(b, None, now=7200.5)  # no close frame: 1006; two hours
+    up.nodes[0].active = 3  # three legs open to it (connect() counts them)
     for code in (1000, 999, 2000, 5000, 65535):
         stats.opened(conn(FakeRelay(messages_c2u=1), "chat", f"x{code}"))
         stats.closed(next(c.relay for c in stats.connections() if c.conn_id == f"x{code}"), code)
@@ -126,6 +147,14 @@ def test_collector_reads_stats_and_node_health_at_scrape_time() -> None:
     closes = {dict(k[1])["code"]: v for k, v in m.items() if k[0] == "wsgateway_closes_total"}
     assert closes == {"1000": 1, "1006": 1, "4001": 1, "other": 4}
     assert get(m, "wsgateway_messages_total", route="chat", direction=C2U) == 8
+    # the connections' durations: observed only when the close time is known (a and b)
+    assert get(m, "wsgateway_connection_duration_seconds_count", route="chat") == 2
+    assert get(m, "wsgateway_connection_duration_seconds_bucket", route="chat", le="60.0") == 0
+    assert get(m, "wsgateway_connection_duration_seconds_bucket", route="chat", le="300.0") == 1
+    assert get(m, "wsgateway_connection_duration_seconds_bucket", route="chat", le="7200.0") == 1
+    assert get(m, "wsgateway_connection_duration_seconds_bucket", route="chat", le="14400.0") == 2
+    assert get(m, "wsgateway_connection_duration_seconds_sum", route="chat") == 7290.5
+    assert get(m, "wsgateway_upstream_connections_active", upstream="backend", node=up.nodes[0].url) == 3
     assert [get(m, "wsgateway_upstream_node_healthy", upstream="backend", node=n.url) for n in up.nodes] == [0, 0, 0, 1]
     # a reload's new upstreams are what the next scrape shows
     view.upstreams = {"other": Upstream(upstream_config("other", [9]), clock, Attempts())}

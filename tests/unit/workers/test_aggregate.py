@@ -153,3 +153,87 @@ def test_the_redis_queue_size_is_counted_once_and_each_sqlite_file_adds_up() -> 
     agg.update(101, size_page(4096))
     agg.update(102, size_page(100))
     assert value(samples(agg.render("")), "wsgateway_queue_bytes") == 4196
+
+
+# -- the gateway's own registries, as a worker and the parent serve them ------
+
+
+class _View:
+    def __init__(self) -> None:
+        from wsgateway.ops.stats import GatewayStats
+
+        self.routes = [type("R", (), {"name": "main"})()]
+        self.upstreams: dict[str, Any] = {}
+        self.stats = GatewayStats()
+
+    def now(self) -> float:
+        return 1000.0
+
+
+def worker_page(worker: int, durations: list[float]) -> str:
+    """What worker ``worker`` serves its parent (workers/child.py): its registry, fd gauges labelled."""
+    from wsgateway.ops.exposition import worker_registry
+    from wsgateway.ops.metrics import GatewayMetrics
+    from wsgateway.ops.stats import Connection
+
+    view = _View()
+    metrics = GatewayMetrics(view)
+    for i, seconds in enumerate(durations):
+        relay = type("Relay", (), {"messages_c2u": 0, "messages_u2c": 0, "bytes_c2u": 0, "bytes_u2c": 0})()
+        view.stats.opened(Connection(f"c{i}", "main", "", "", "tcp4:127.0.0.1:1", "t", None, 0.0, relay))
+        view.stats.handshake_time("main", 0.003)
+        view.stats.closed(relay, 1000, now=seconds)
+    view.stats.handshake(None, 404, "no_route", 0.0002)
+    return generate_latest(worker_registry(metrics.registry, worker)).decode()
+
+
+def parent_page() -> str:
+    from prometheus_client.process_collector import ProcessCollector
+
+    disable_created_metrics()
+    r = CollectorRegistry()
+    ProcessCollector(registry=r)
+    return generate_latest(r).decode()
+
+
+def test_each_process_keeps_its_descriptor_series_under_a_worker_label() -> None:
+    agg = MetricsAggregate()
+    agg.update(101, worker_page(1, [5.0, 400.0]))
+    agg.update(102, worker_page(2, [4000.0]))
+    found = samples(agg.render(parent_page()))
+    for name in ("process_open_fds", "process_max_fds"):
+        series = {dict(k[1]).get("worker"): v for k, v in found.items() if k[0] == name}
+        assert set(series) == {"1", "2", "parent"}, series  # three processes, none summed
+        assert all(v > 0 for v in series.values())
+    # what is not per process is merged as before: the histograms, bucket by bucket
+    assert value(found, "wsgateway_connection_duration_seconds_count", route="main") == 3
+    assert value(found, "wsgateway_connection_duration_seconds_bucket", route="main", le="10.0") == 1
+    assert value(found, "wsgateway_connection_duration_seconds_bucket", route="main", le="900.0") == 2
+    assert value(found, "wsgateway_connection_duration_seconds_bucket", route="main", le="+Inf") == 3
+    assert value(found, "wsgateway_connection_duration_seconds_sum", route="main") == 4405.0
+    assert value(found, "wsgateway_handshake_duration_seconds_count", route="main") == 3
+    assert value(found, "wsgateway_handshake_duration_seconds_count", route="(none)") == 2
+    assert value(found, "wsgateway_handshakes_total", route="(none)", status="404", reason="no_route") == 2
+    assert value(found, "wsgateway_handshakes_total", route="main", status="101", reason="") == 3
+    # a dead worker's descriptors go with it
+    agg.retire(101)
+    found = samples(agg.render(parent_page()))
+    assert {dict(k[1])["worker"] for k in found if k[0] == "process_open_fds"} == {"2", "parent"}
+
+
+def test_openmetrics_when_the_scraper_asks_for_it() -> None:
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
+
+    agg = MetricsAggregate()
+    agg.update(101, worker_page(1, [5.0]))
+    own = parent_page()
+    body, kind = agg.exposition(own, b"application/openmetrics-text;version=1.0.0;q=0.5,text/plain;q=0.3")
+    assert kind.startswith("application/openmetrics-text; version=1.0.0")
+    text = body.decode()
+    assert text.endswith("# EOF\n")
+    families = {f.name: f for f in openmetrics_families(text)}
+    assert families["wsgateway_handshakes"].type == "counter"
+    assert families["wsgateway_connection_duration_seconds"].type == "histogram"
+    body, kind = agg.exposition(own, None)
+    assert kind.startswith("text/plain; version=0.0.4") and not body.decode().endswith("# EOF\n")
+    assert agg.render(own) == body
