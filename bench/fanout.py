@@ -133,7 +133,8 @@ def deflate_ratio(bodies: list[str], level: int) -> float:
 
 
 def start_gateway(folder: Path, name: str, redis_url: str | None,
-                  compression: bool = False) -> tuple[subprocess.Popen[bytes], int]:
+                  compression: bool = False, extra: str = "", limits: str = "") -> tuple[subprocess.Popen[bytes], int]:
+    """A gateway on a free port with the broadcast route /room/{room}; C{extra} sections, C{limits} keys."""
     port = free_port()
     redis = f"[redis]\nurl = {redis_url}\nprefix = bench\n" if redis_url else ""
     # the same gateway configuration for both runs of --compress: only the subscribers' offers differ
@@ -149,6 +150,7 @@ max_connections = 0
 max_connections_per_ip = 0
 ping_interval = 0
 idle_timeout = 0
+{limits}
 
 [log]
 level = warn
@@ -160,7 +162,8 @@ path = /room/{{room}}
 mode = broadcast
 channel = room:{{room}}
 slow_consumer = drop_oldest
-{route_compression}""")
+{route_compression}
+{extra}""")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(pinned(1, [TWISTD, "-n", "--pidfile=", "wsgateway", "--config", str(ini)]),
                             cwd=folder, stdout=open(folder / f"{name}.log", "wb"), stderr=subprocess.STDOUT, env=env)
@@ -184,7 +187,7 @@ def own_cpu_seconds() -> float:
 
 
 async def run(ports: list[int], pids: list[int], subscribers: int, seconds: float, rate: int,
-              bodies: list[str] | None = None, compress: bool = False) -> dict[str, Any]:
+              bodies: list[str] | None = None, compress: bool = False, path: str = "/room/bench") -> dict[str, Any]:
     latencies: list[float] = []
     delivered = 0
     mismatches = 0
@@ -195,7 +198,7 @@ async def run(ports: list[int], pids: list[int], subscribers: int, seconds: floa
 
     async def subscriber(port: int) -> None:
         nonlocal delivered, opened, mismatches, compressed, ext_header
-        async with connect(f"ws://127.0.0.1:{port}/room/bench", max_queue=None,
+        async with connect(f"ws://127.0.0.1:{port}{path}", max_queue=None,
                            compression="deflate" if compress else None, open_timeout=60) as ws:
             if compress:
                 ext_header = ws.response.headers.get("Sec-WebSocket-Extensions", "") if ws.response else ""
@@ -225,7 +228,7 @@ async def run(ports: list[int], pids: list[int], subscribers: int, seconds: floa
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         return {"compression_not_negotiated": subscribers - compressed, "extensions_header": ext_header}
-    async with connect(f"ws://127.0.0.1:{ports[0]}/room/bench", compression=None) as pub:
+    async with connect(f"ws://127.0.0.1:{ports[0]}{path}", compression=None) as pub:
         interval = 1.0 / rate
         cpu_start = cpu_seconds(pids)
         own_start = own_cpu_seconds()

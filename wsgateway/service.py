@@ -22,6 +22,7 @@ from twisted.logger import Logger
 
 from wsgateway import runtime, sdnotify, tls
 from wsgateway.channels.broker import make_broker
+from wsgateway.channels.history import HistoryRules
 from wsgateway.config.loader import ConfigError, GatewayConfig, load
 from wsgateway.config.routes import RouteConfig
 from wsgateway.connections import LiveConnections
@@ -34,7 +35,8 @@ from wsgateway.listening import ListeningService, SingleProcess
 from wsgateway.ops import dashboard, logs
 from wsgateway.ops.admin import admin_site
 from wsgateway.ops.jsonapi import AdminFactory
-from wsgateway.ops.metrics import BrokerMetrics, GatewayMetrics, MetricsResource
+from wsgateway.ops.exposition import MetricsResource
+from wsgateway.ops.metrics import BrokerMetrics, GatewayMetrics
 from wsgateway.ops.stats import GatewayStats
 from wsgateway.ops.tracing import make_tracer
 from wsgateway.signals import on_signal, restore_signal
@@ -104,6 +106,7 @@ class GatewayService(MultiService):
         # listeners, so it starts first and stops after the drain
         self.broker = make_broker(config.redis, config.gateway.node_id, reactor=reactor,
                                   observer=BrokerMetrics(self.metrics))
+        self.broker.history_rules = HistoryRules.of(config.routes)
         self.broker.setServiceParent(self)
         # the durable queue, when a route is at_least_once: also before the
         # listeners, so it is closed only after the drain. It replays through
@@ -313,6 +316,7 @@ class GatewayService(MultiService):
         self.router = built.router
         self.upstreams = built.upstreams
         self.auth = built.auth
+        self.broker.history_rules = HistoryRules.of(built.config.routes)
         return previous
 
     def stopService(self) -> Deferred[None]:

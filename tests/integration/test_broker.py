@@ -1,5 +1,5 @@
 """
-wsgateway.channels.broker, .fanout, .redisbroker, .presence and wsgateway.redislink.
+wsgateway.channels.broker, .fanout, .redisbroker, .presence and wsgateway.redis.link.
 
 Pure parts (envelope, backoff, URL, in-process broker) without a reactor;
 the Redis broker against a real ``redis-server`` (tests/redis_fixture.py),
@@ -27,7 +27,8 @@ from wsgateway.channels.envelope import MAGIC, EnvelopeError, Message, decode_me
 from wsgateway.channels.fanout import BrokerUnavailable
 from wsgateway.channels.redisbroker import RedisBroker
 from wsgateway.config.redis import RedisConfig
-from wsgateway.redislink import Backoff, RedisTarget, parse_url
+from wsgateway.redis.link import Backoff
+from wsgateway.redis.target import RedisTarget, parse_url
 from support.waiting import sleep, wait_for_async
 
 PREFIX = "t"
@@ -66,6 +67,15 @@ class Observer:
 
     def broker_state(self, up: bool) -> None:
         self.events.append(("state", up))
+
+    def history_recovered(self, route: str, result: str) -> None:
+        self.events.append(("recovered", route, result))
+
+    def redis_state(self, shard: str, up: bool) -> None:
+        self.events.append(("redis", shard, up))
+
+    def redis_failover(self, shard: str) -> None:
+        self.events.append(("failover", shard))
 
 
 async def failure_of(d: Deferred[Any]) -> BrokerUnavailable:
@@ -138,6 +148,20 @@ def test_envelope_round_trip(payload: bytes, binary: bool, seq: int, node: str) 
     assert decode_message(data) == Message(payload, binary, instance, node, seq)
 
 
+@given(payload=st.binary(max_size=512), binary=st.booleans(), offset=st.integers(1, 10**15),
+       epoch=st.text("0123456789abcdef", min_size=1, max_size=24))
+def test_positioned_envelope_round_trip(payload: bytes, binary: bool, offset: int, epoch: str) -> None:
+    data = encode_envelope(b"12345678", 9, b"gw", payload, binary, (offset, epoch))
+    assert decode_message(data) == Message(payload, binary, b"12345678", "gw", 9, offset, epoch)
+
+
+def test_positioned_envelope_layout() -> None:
+    """As the Redis script writes it (channels/redishistory.py): flag 0x02, then the offset and the epoch."""
+    data = encode_envelope(b"12345678", 3, b"gw-1", b"hi", False, (17, "ab"))
+    assert data == (b"\x00WG\x01\x02" + b"12345678" + (3).to_bytes(8, "big") + b"\x04gw-1" + b"\x0217" + b"\x02ab"
+                    + b"hi")
+
+
 def test_envelope_layout() -> None:
     data = encode_envelope(b"12345678", 3, b"gw-1", b"hi", True)
     assert data == b"\x00WG" + b"\x01" + b"\x01" + b"12345678" + (3).to_bytes(8, "big") + b"\x04" + b"gw-1" + b"hi"
@@ -157,7 +181,9 @@ def test_outside_messages_are_whole_payloads() -> None:
     (MAGIC, "truncated header"),
     (encode_envelope(b"12345678", 1, b"node", b"", False)[:-2], "truncated node id"),
     (MAGIC + b"\x02" + bytes(19), "unknown version 2"),
-    (MAGIC + b"\x01\x02" + bytes(18), "unknown flags 0x2"),
+    (MAGIC + b"\x01\x04" + bytes(18), "unknown flags 0x4"),
+    (encode_envelope(b"12345678", 1, b"node", b"", False, (17, "e1"))[:-2], "truncated position"),
+    (encode_envelope(b"12345678", 1, b"n", b"", False, (17, "e1")).replace(b"\x0217", b"\x02x7"), "bad offset"),
 ])
 def test_malformed_envelopes(data: bytes, problem: str) -> None:
     with pytest.raises(EnvelopeError, match=problem):

@@ -21,6 +21,12 @@ Redis (C{[redis]}): channels, outages and the envelope are described in
 L{wsgateway.channels.redisbroker}.
 
 Presence (who is on a channel, cluster-wide): see L{wsgateway.channels.presence}.
+
+History (C{history_size} on a broadcast route): each message of such a
+channel gets a L{Position} when published, handed to the subscribers with
+it and kept for recovery (L{wsgateway.channels.history}). With Redis a
+node's subscribers get those messages when Redis hands them back, not at
+once: the order of the offsets is the order of delivery everywhere.
 """
 
 from __future__ import annotations
@@ -32,8 +38,10 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 
 from wsgateway.channels.fanout import BrokerObserver, BrokerUnavailable, Fanout, NullObserver, Subscriber
+from wsgateway.channels.history import HistoryRules, MemoryHistory, Position, Window
 from wsgateway.channels.presence import MemoryPresence, PresenceEntry
 from wsgateway.channels.redisbroker import RedisBroker
+from wsgateway.channels.shards import ShardedBroker
 from wsgateway.config.redis import RedisConfig
 
 __all__ = [
@@ -46,10 +54,19 @@ class Broker(Protocol):
     """What the gateway uses; both brokers are also twisted IServices."""
 
     node_id: str
+    observer: BrokerObserver
+    # which channels keep a history: set from the routes at start and on every reload
+    history_rules: HistoryRules
 
     @property
     def ready(self) -> bool:
-        """False while Redis is down (always True in process): broadcast routes answer 503, /readyz degraded."""
+        """False while Redis (any shard) is down; always True in process. /readyz says degraded."""
+
+    def ready_for(self, channel: str) -> bool:
+        """Whether C{channel} works now (its shard is up): its broadcast handshakes get 503 otherwise."""
+
+    def shard_states(self) -> dict[str, bool]:
+        """Each Redis shard's name and whether it is up (empty in process), for /readyz."""
 
     def subscribe(self, channel: str, subscriber: Subscriber) -> None:
         """From now on C{subscriber.deliver} gets C{channel}'s messages. Idempotent; works while Redis is down."""
@@ -57,14 +74,27 @@ class Broker(Protocol):
     def unsubscribe(self, channel: str, subscriber: Subscriber) -> None:
         """No more messages (not even one being fanned out right now). Unknown pairs are ignored."""
 
-    def publish(self, channel: str, payload: bytes, binary: bool, origin: object | None = None) -> Deferred[None]:
+    def publish(self, channel: str, payload: bytes, binary: bool,
+                origin: object | None = None) -> Deferred[Position | None]:
         """
-        To every subscriber of C{channel} on every node, except C{origin}.
-        Local subscribers get it before this returns. Fails with
+        To every subscriber of C{channel} on every node, except C{origin};
+        fires with the message's position when the channel keeps a history.
+        Local subscribers get it before this returns (on a channel with
+        history and Redis: when Redis hands it back). Fails with
         L{BrokerUnavailable}: at once (nothing delivered anywhere) when
         Redis is down or the backlog is full, later (delivered here,
         perhaps not elsewhere) when Redis did not confirm it.
         """
+
+    def subscribed(self, channel: str) -> Deferred[None]:
+        """
+        Fires once every message published from now on reaches this node's
+        subscribers of C{channel} (with Redis: its SUBSCRIBE is confirmed).
+        Call after C{subscribe}; L{BrokerUnavailable} if Redis goes first.
+        """
+
+    def history(self, channel: str, since: int) -> Deferred[Window | None]:
+        """What C{channel}'s history keeps after offset C{since}; None when it keeps none."""
 
     def join(self, channel: str, conn_id: str, user: str | None = None) -> Deferred[None]:
         """C{conn_id} (with its token's C{sub}, if any) is on C{channel}; fires once written, never fails."""
@@ -94,12 +124,21 @@ class InProcessBroker(Service):
     def __init__(self, node_id: str, *, clock: IReactorTime, observer: BrokerObserver | None = None) -> None:
         self.node_id = node_id
         self.observer: BrokerObserver = observer or NullObserver()
+        self.history_rules = HistoryRules()
+        self.clock = clock
         self._fanout = Fanout()
         self._presence = MemoryPresence(node_id, clock)
+        self._history = MemoryHistory()
 
     @property
     def ready(self) -> bool:
         return True
+
+    def ready_for(self, channel: str) -> bool:
+        return True
+
+    def shard_states(self) -> dict[str, bool]:
+        return {}
 
     def subscribe(self, channel: str, subscriber: Subscriber) -> None:
         self._fanout.add(channel, subscriber)
@@ -107,9 +146,23 @@ class InProcessBroker(Service):
     def unsubscribe(self, channel: str, subscriber: Subscriber) -> None:
         self._fanout.remove(channel, subscriber)
 
-    def publish(self, channel: str, payload: bytes, binary: bool, origin: object | None = None) -> Deferred[None]:
-        self.observer.broker_published(channel, self._fanout.deliver(channel, payload, binary, origin))
+    def publish(self, channel: str, payload: bytes, binary: bool,
+                origin: object | None = None) -> Deferred[Position | None]:
+        rule = self.history_rules.rule(channel)
+        position = None
+        if rule is not None:
+            position = self._history.append(channel, rule, payload, binary, self.clock.seconds())
+        self.observer.broker_published(channel, self._fanout.deliver(channel, payload, binary, origin, position))
+        return succeed(position)
+
+    def subscribed(self, channel: str) -> Deferred[None]:
         return succeed(None)
+
+    def history(self, channel: str, since: int) -> Deferred[Window | None]:
+        rule = self.history_rules.rule(channel)
+        if rule is None:
+            return succeed(None)
+        return succeed(self._history.read(channel, rule, since, self.clock.seconds()))
 
     def join(self, channel: str, conn_id: str, user: str | None = None) -> Deferred[None]:
         self._presence.join(channel, conn_id, user)
@@ -128,8 +181,10 @@ class InProcessBroker(Service):
 
 def make_broker(
     redis: RedisConfig | None, node_id: str, *, reactor: Any, observer: BrokerObserver | None = None, **options: Any
-) -> InProcessBroker | RedisBroker:
-    """The broker the config asks for: in process without C{[redis]}."""
+) -> InProcessBroker | RedisBroker | ShardedBroker:
+    """The broker the config asks for: in process without C{[redis]}, one per shard with C{shards}."""
     if redis is None:
         return InProcessBroker(node_id, clock=reactor, observer=observer)
+    if redis.sharded:
+        return ShardedBroker(redis, node_id, reactor=reactor, observer=observer, **options)
     return RedisBroker(redis, node_id, reactor=reactor, observer=observer, **options)

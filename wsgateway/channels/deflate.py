@@ -24,6 +24,8 @@ Pure: nothing here imports Twisted.
 
 from __future__ import annotations
 
+import base64
+import json
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
@@ -35,7 +37,7 @@ from wsgateway.relay.inflate import TAIL
 
 __all__ = [
     "LEVEL", "MEM_LEVEL", "Negotiated", "PreparedMessage", "SharedDeflateAccept", "accept_offers", "acceptor",
-    "decline", "deflate", "frame_payload_size", "negotiated",
+    "decline", "deflate", "frame_payload_size", "json_text", "negotiated",
 ]
 
 # Autobahn's own choices for the messages it compresses itself: zlib's
@@ -127,16 +129,43 @@ class PreparedMessage:
     """
     One published message and the frames made of it, each made once: the
     plain frame, and a compressed frame per window (L{frame}). Every
-    subscriber writes the same bytes object.
+    subscriber writes the same bytes object. Subscribers of the
+    C{wsgateway.json} subprotocol take the frames of L{enveloped} instead.
     """
 
-    __slots__ = ("payload", "binary", "_plain", "_deflated")
+    __slots__ = ("payload", "binary", "channel", "position", "_plain", "_deflated", "_envelope")
 
-    def __init__(self, payload: bytes, binary: bool) -> None:
+    def __init__(self, payload: bytes, binary: bool, channel: str = "", position: Any = None) -> None:
         self.payload = payload
         self.binary = binary
+        self.channel = channel
+        self.position = position  # history.Position of a channel with history, else None
         self._plain: bytes | None = None
         self._deflated: dict[int, bytes] | None = None
+        self._envelope: PreparedMessage | None = None
+
+    @property
+    def offset(self) -> int | None:
+        return None if self.position is None else int(self.position.offset)
+
+    def enveloped(self) -> PreparedMessage:
+        """
+        The message as the C{wsgateway.json} subprotocol carries it
+        (docs/protocol.md#channel-history-and-recovery): one JSON text
+        message, made once for all its subscribers.
+        """
+        env = self._envelope
+        if env is None:
+            doc: dict[str, Any] = {"channel": self.channel}
+            if self.position is not None:
+                doc["offset"] = self.position.offset
+                doc["epoch"] = self.position.epoch
+            if self.binary:
+                doc["data_b64"] = base64.b64encode(self.payload).decode("ascii")
+            else:
+                doc["data"] = self.payload.decode("utf-8", "replace")
+            env = self._envelope = PreparedMessage(json_text(doc), False, self.channel, self.position)
+        return env
 
     def frame(self, window: int | None) -> bytes:
         """The whole unmasked frame for a subscriber with that window (None: no compression)."""
@@ -162,6 +191,11 @@ class PreparedMessage:
         if f is None:
             f = self._plain = encode_frame(OP_BINARY if self.binary else OP_TEXT, self.payload, mask=False)
         return f
+
+
+def json_text(doc: Any) -> bytes:
+    """A JSON document as a text message (compact, UTF-8)."""
+    return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
 def frame_payload_size(frame: bytes) -> int:

@@ -42,6 +42,15 @@ class BrokerObserver(Protocol):
     def broker_state(self, up: bool) -> None:
         """Redis went down (False) or came (back) up (True)."""
 
+    def history_recovered(self, route: str, result: str) -> None:
+        """A client asked to recover (C{?since=}): C{recovered}, or C{gap} (it was told C{recovered: false})."""
+
+    def redis_state(self, shard: str, up: bool) -> None:
+        """One shard's Redis (the only one, without C{shards}) went down or came (back) up."""
+
+    def redis_failover(self, shard: str) -> None:
+        """A shard's master moved (Sentinel), and its broker followed."""
+
 
 class NullObserver:
     def broker_published(self, channel: str, deliveries: int) -> None:
@@ -54,6 +63,15 @@ class NullObserver:
         pass
 
     def broker_state(self, up: bool) -> None:
+        pass
+
+    def history_recovered(self, route: str, result: str) -> None:
+        pass
+
+    def redis_state(self, shard: str, up: bool) -> None:
+        pass
+
+    def redis_failover(self, shard: str) -> None:
         pass
 
 
@@ -95,14 +113,15 @@ class Fanout:
         del self._channels[channel]
         return True
 
-    def deliver(self, channel: str, payload: bytes, binary: bool, origin: object | None) -> int:
-        """To every subscriber but C{origin}; how many took it."""
+    def deliver(self, channel: str, payload: bytes, binary: bool, origin: object | None,
+                position: object | None = None) -> int:
+        """To every subscriber but C{origin}; how many took it. C{position}: its history.Position, if any."""
         subs = self._channels.get(channel)
         if not subs:
             return 0
         # one per message, whatever the number of subscribers: each frame
         # (plain, or compressed for one window) is made once, on first use
-        message = PreparedMessage(payload, binary)
+        message = PreparedMessage(payload, binary, channel, position)
         count = 0
         for key, sub in list(subs.items()):
             if sub is origin:

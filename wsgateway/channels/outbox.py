@@ -24,6 +24,8 @@ from zope.interface import implementer
 
 from wsgateway import codes
 from wsgateway.channels.deflate import PreparedMessage, frame_payload_size
+from wsgateway.channels.history import Recovery, recover
+from wsgateway.channels.recovery import RecoveryGate, kept_messages, recovered_frame
 from wsgateway.handshake.admission import TokenBucket
 
 SLOW_CONSUMER = "slow consumer"
@@ -136,21 +138,42 @@ class PreparedSubscription(Subscription):
     A broadcast connection's membership: its outbox takes whole frames,
     the ones of the L{PreparedMessage} for its C{window} (None: plain), so
     that subscribers with the same window write the same bytes and queue
-    what actually goes on the wire.
+    what actually goes on the wire. A C{json} subscriber (the
+    C{wsgateway.json} subprotocol) takes each message's JSON envelope; while
+    a C{gate} is set (a recovery in flight, recovery.py) messages wait there.
     """
 
-    __slots__ = ("window", "max_size")
+    __slots__ = ("window", "max_size", "json", "gate", "seen")
 
     def __init__(self, broker: Any, outbox: Outbox, channels: tuple[str, ...], *, window: int | None,
-                 max_size: int) -> None:
+                 max_size: int, json: bool = False, gate: Any = None) -> None:
         self.window = window
         self.max_size = max_size
+        self.json = json
+        self.gate = gate
+        # after a recovery: the epoch and newest offset it sent. Redis may
+        # hand a live message the read already returned (another connection,
+        # another socket) after the read's answer: not sent twice.
+        self.seen: tuple[str, int] | None = None
         super().__init__(broker, outbox, channels)
 
     def deliver_prepared(self, message: PreparedMessage) -> None:
+        if self.gate is not None:
+            self.gate.hold(message)
+            return
+        seen, position = self.seen, message.position
+        if seen is not None and position is not None:
+            if position.epoch == seen[0] and position.offset <= seen[1]:
+                return
+            self.seen = None  # past the seam (or a new epoch): nothing more to compare
+        self.send(message)
+
+    def send(self, message: PreparedMessage) -> None:
         if 0 < self.max_size < len(message.payload):
             # the fanout logs it and goes on with the others
             raise MessageTooBig(f"{len(message.payload)} bytes over max_message_size {self.max_size}")
+        if self.json:
+            message = message.enveloped()
         self.outbox.deliver(message.frame(self.window), message.binary)
 
     def deliver(self, payload: bytes, binary: bool) -> None:
@@ -183,8 +206,12 @@ class ChannelSession:
         on_drop: Callable[[int], None] | None = None,
         window: int | None = None,
         max_size: int = 0,
+        json: bool = False,
+        recover_from: tuple[int, str | None] | None = None,
+        route: str = "",
     ) -> None:
         self.proto = proto
+        self.route = route
         self.broker = broker
         self.channel = channel
         self.conn_id = conn_id
@@ -201,8 +228,49 @@ class ChannelSession:
         # connection): what it counts against queue_limit is what the socket has to take
         self.outbox = Outbox(self._write, self._close, limit=queue_limit, policy=slow_consumer, on_drop=on_drop)
         proto.transport.registerProducer(self.outbox, True)
-        self.subscription = PreparedSubscription(broker, self.outbox, (channel,), window=window, max_size=max_size)
+        gate = None
+        if recover_from is not None:
+            # set before subscribing: live messages wait until history is read
+            gate = RecoveryGate(limit=queue_limit, policy=slow_consumer, on_drop=self._dropped,
+                                on_overflow=lambda: self._close(codes.POLICY_VIOLATION, SLOW_CONSUMER))
+        self.subscription = PreparedSubscription(broker, self.outbox, (channel,), window=window, max_size=max_size,
+                                                 json=json, gate=gate)
         broker.join(channel, conn_id, user)
+        if recover_from is not None:
+            self._recover(*recover_from)
+
+    def _dropped(self, n: int) -> None:
+        self.outbox.dropped += n
+        if self.outbox.on_drop is not None:
+            self.outbox.on_drop(n)
+
+    def _recover(self, since: int, epoch: str | None) -> None:
+        """docs/protocol.md#channel-history-and-recovery: subscribed first (live), then history read."""
+        d = self.broker.subscribed(self.channel)
+        d.addCallback(lambda _: self.broker.history(self.channel, since))
+        d.addCallbacks(lambda window: self._recovered(recover(self.channel, since, epoch, window)),
+                       self._recovery_failed)
+
+    def _recovered(self, recovery: Recovery) -> None:
+        gate, self.subscription.gate = self.subscription.gate, None
+        if gate is None or gate.overflowed or self.outbox.closed:
+            return
+        self.broker.observer.history_recovered(self.route, "recovered" if recovery.recovered else "gap")
+        self.outbox.deliver(recovered_frame(recovery).frame(self.subscription.window), False)
+        self.subscription.seen = (recovery.epoch, recovery.offset)
+        for message in [*kept_messages(recovery), *gate.release(recovery.offset)]:
+            try:
+                self.subscription.send(message)
+            except MessageTooBig:
+                pass  # published when the limit was higher (a reload): as live delivery, skipped
+
+    def _recovery_failed(self, f: Failure) -> None:
+        self.subscription.gate = None
+        self.log.info("{conn_id} could not recover {channel}: {error}", conn_id=self.conn_id,
+                      channel=self.channel, error=f.getErrorMessage())
+        if not self.outbox.closed:
+            self.outbox.closed = True
+            self._close(codes.TRY_AGAIN_LATER, "broadcast unavailable")
 
     def _write(self, frame: bytes, binary: bool) -> None:
         """One whole frame of a L{PreparedMessage}, shared with the channel's other subscribers."""

@@ -25,6 +25,9 @@ from wsgateway.routing.templates import TemplateError, query_params, render_temp
 
 _log = Logger(namespace="wsgateway.channels.sessions")
 
+# the subprotocol of clients that want each message's channel, offset and epoch
+JSON_SUBPROTOCOL = "wsgateway.json"
+
 
 def open_channel(
     proto: Any,
@@ -38,18 +41,17 @@ def open_channel(
     broker: Any,
 ) -> str | None:
     """The handshake of a broadcast route: its channel, and the subprotocol answered (a plain value, no upstream)."""
-    if broker is None or not broker.ready or route.channel is None:
+    if broker is None or route.channel is None:
         raise ConnectionDeny(codes.UNAVAILABLE, "Service Unavailable")
+    query = query_params(proto.http_request_uri, drop=token_param)
     try:
-        proto.channel = render_template(
-            route.channel,
-            captures=match.captures,
-            claims=claims,
-            query=query_params(proto.http_request_uri, drop=token_param),
-            headers=headers,
-        )
+        proto.channel = render_template(route.channel, captures=match.captures, claims=claims, query=query,
+                                        headers=headers)
     except TemplateError:
         raise ConnectionDeny(codes.BAD_REQUEST, "Bad Request") from None
+    if not broker.ready_for(proto.channel):  # Redis (the channel's shard) is down
+        raise ConnectionDeny(codes.UNAVAILABLE, "Service Unavailable")
+    proto.recover_from = recovery_request(query)
     # set before the 101 goes out: Autobahn starts its pings then
     proto.autoPingInterval = limits.ping_interval
     proto.autoPingTimeout = limits.ping_timeout
@@ -63,9 +65,29 @@ def open_channel(
     # answered (succeedHandshake): the gateway is the endpoint, so it
     # negotiates permessage-deflate itself, whatever the factory's default
     proto.perMessageCompressionAccept = acceptor(route.compressed, limits.max_message_size)
-    # the gateway is the endpoint here: it takes the first subprotocol offered
-    # (browsers fail a handshake whose offered subprotocols get no answer)
+    # the gateway is the endpoint here: it takes wsgateway.json when offered
+    # (docs/protocol.md#channel-history-and-recovery), else the first
+    # subprotocol offered (browsers fail a handshake whose offered
+    # subprotocols get no answer)
+    if JSON_SUBPROTOCOL in protocols:
+        proto.json_envelope = True
+        return JSON_SUBPROTOCOL
+    proto.json_envelope = False
     return protocols[0] if protocols else None
+
+
+# An offset a JavaScript number holds exactly, and Redis's Lua prints in full
+_MAX_OFFSET = 10**15
+
+
+def recovery_request(query: Mapping[str, str]) -> tuple[int, str | None] | None:
+    """C{?since=OFFSET&epoch=EPOCH} -> (offset, epoch); None without C{since}; 400 when it is no offset."""
+    since = query.get("since")
+    if since is None:
+        return None
+    if not since.isascii() or not since.isdigit() or int(since) > _MAX_OFFSET:
+        raise ConnectionDeny(codes.BAD_REQUEST, "Bad Request")
+    return int(since), query.get("epoch") or None
 
 
 def start_channel(proto: Any, live: Any) -> ChannelSession:
@@ -87,6 +109,9 @@ def start_channel(proto: Any, live: Any) -> ChannelSession:
         clock=clock,
         window=deflate.window,
         max_size=proto.maxMessagePayloadSize,
+        json=proto.json_envelope,
+        recover_from=proto.recover_from,
+        route=route.name,
     )
     proto.opened_at = clock.seconds()
     # one write per delivery: sent at once, like the relay's (sendnow.py)

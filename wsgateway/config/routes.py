@@ -17,6 +17,8 @@ from wsgateway.config.values import (
     Value,
     boolean,
     did_you_mean,
+    duration,
+    integer,
     is_token,
     list_of,
     one_of,
@@ -64,6 +66,9 @@ class RouteConfig:
     slow_consumer: SlowConsumer = "close"
     subscribe: tuple[str, ...] = ()
     compression: Compression = "passthrough"
+    # channel history (docs/protocol.md#channel-history-and-recovery): broadcast routes only
+    history_size: int = 0
+    history_ttl: float = 300.0
 
     @property
     def compressed(self) -> bool:
@@ -81,7 +86,7 @@ class RouteConfig:
 # Keys that mean something in one mode only: set away from their default in the other mode, they are an error.
 _PROXY_ONLY = ("upstream", "strip_prefix", "upstream_path", "forward_auth", "mirror", "delivery", "on_upstream_close",
                "subscribe")
-_BROADCAST_ONLY = ("channel", "client_publish")
+_BROADCAST_ONLY = ("channel", "client_publish", "history_size", "history_ttl")
 
 
 def _template(captures: Sequence[str]) -> Callable[[Value], str]:
@@ -92,6 +97,18 @@ def _template(captures: Sequence[str]) -> Callable[[Value], str]:
             raise Bad(f"bad template {v.shown()}: {e}") from None
         return v.text
     return parse
+
+
+# Beyond this a recovery is a burst no slow-consumer bound would let
+# through, and each channel's history a sizeable Redis stream.
+MAX_HISTORY_SIZE = 10000
+
+
+def _history_size(v: Value) -> int:
+    n = integer(0)(v)
+    if n > MAX_HISTORY_SIZE:
+        raise Bad(f"at most {MAX_HISTORY_SIZE} messages per channel")
+    return n
 
 
 def _upstream_path(captures: Sequence[str]) -> Callable[[Value], str]:
@@ -150,6 +167,8 @@ def read_route(reader: Reader, sec: Section, name: str, upstreams: Sequence[str]
         slow_consumer=sec.get("slow_consumer", one_of(SlowConsumer), d.slow_consumer),
         subscribe=sec.get("subscribe", list_of(_template(captures)), d.subscribe),
         compression=sec.get("compression", one_of(Compression), d.compression),
+        history_size=sec.get("history_size", _history_size, d.history_size),
+        history_ttl=sec.get("history_ttl", duration(positive=True), d.history_ttl),
     )
     mode = values["mode"]
     if sec.ok("mode"):
