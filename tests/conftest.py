@@ -21,6 +21,7 @@ from websockets.sync.server import ServerConnection
 
 from support import tiers
 from support.gateway import Gateway, Upstream, serve_upstream, spawn_gateway
+from support.redis_sentinel import SentinelCluster
 from support.redis_server import RedisServer, running_redis
 
 
@@ -80,3 +81,15 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     """A redis-server of this test's own (support/redis_server.py)."""
     with running_redis(tmp_path / "redis") as server:
         yield server
+
+
+@pytest.fixture
+def sentinel_cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SentinelCluster]:
+    """
+    One master, one replica and three sentinels of this test's own
+    (support/redis_sentinel.py), started and converged. Indirect
+    parametrisation passes SentinelCluster's keyword arguments, e.g.
+    ``@pytest.mark.parametrize("sentinel_cluster", [{"password": "pw"}], indirect=True)``.
+    """
+    with SentinelCluster(tmp_path / "sentinel", **getattr(request, "param", {})) as cluster:
+        yield cluster

@@ -17,7 +17,7 @@ from twisted.internet.task import Clock
 from wsgateway.durable.entries import NewEntry
 from wsgateway.durable.redis import RedisQueueStore
 from wsgateway.durable.sqlite import SQLiteQueueStore
-from wsgateway.redislink import Backoff
+from wsgateway.redis.link import Backoff
 
 T0 = 1_700_000_000.0
 PREFIX = "t"

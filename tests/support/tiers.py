@@ -23,6 +23,7 @@ SECURITY = TESTS / "security"
 PROCESS_FIXTURES = frozenset({
     "start_gateway",
     "redis_server",
+    "sentinel_cluster",
     # tests/security: the long-lived gateway, its module-scoped siblings, and the
     # secrets every one of them logged (judged after they ran)
     "main",

@@ -42,7 +42,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from wsgateway.redislink import RedisLink
+from wsgateway.redis.link import RedisLink
 
 __all__ = ["MemoryPresence", "PresenceEntry", "RedisPresence"]
 

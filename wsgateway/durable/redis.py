@@ -64,7 +64,9 @@ from wsgateway.durable.entries import (
 )
 from wsgateway.durable.redis_layout import encode, id_pairs, packed_entry, stream_entry, text, unpack
 from wsgateway.durable.redis_node import RedisNode
-from wsgateway.redislink import Backoff, RedisTarget, parse_url
+from wsgateway.redis.link import Backoff
+from wsgateway.redis.sentinel import locator_for
+from wsgateway.redis.target import Locator, RedisTarget, parse_url
 
 if TYPE_CHECKING:
     from wsgateway.interfaces import QueueStore as QueueStoreInterface
@@ -95,7 +97,7 @@ class RedisQueueStore(Service):
 
     def __init__(
         self,
-        target: RedisTarget | str,
+        target: RedisTarget | Locator | str,
         *,
         prefix: str = "wsgw",
         node_id: str,
@@ -116,6 +118,8 @@ class RedisQueueStore(Service):
         rng: random.Random | None = None,
         max_bytes: int | None = None,
         max_bytes_per_connection: int | None = None,
+        min_replicas_ack: int = 0,
+        on_failover: Any = None,
     ) -> None:
         self.target = parse_url(target) if isinstance(target, str) else target
         self.prefix = f"{prefix}:q"
@@ -138,6 +142,7 @@ class RedisQueueStore(Service):
             self.target, prefix=self.prefix, node_id=node_id, reactor=reactor, log=self.log, heartbeat=heartbeat,
             alive_ttl=self.alive_ttl, lease_ttl=self.lease_ttl, reply_timeout=reply_timeout,
             connect_timeout=connect_timeout, backoff=backoff, rng=rng or random.Random(),
+            min_replicas_ack=min_replicas_ack, on_failover=on_failover,
         )
         self._commit: GroupCommit[str] = GroupCommit(
             self._write, clock=reactor, now=self._now, serial=False, max_entries=max_batch_entries,
@@ -151,9 +156,17 @@ class RedisQueueStore(Service):
         cls, queue_cfg: QueueConfig, redis_cfg: RedisConfig, *, node_id: str, reactor: Any,
         clock: IReactorTime | None = None, **options: Any,
     ) -> RedisQueueStore:
-        """From a C{QueueConfig} and a C{RedisConfig}."""
+        """
+        From a C{QueueConfig} and a C{RedisConfig}: on the first shard
+        (docs/durable-delivery.md#redis): the queue is one set of keys
+        whose scripts read and write across routes and owners, which a
+        split over shards would break, and channels spread anyway.
+        """
+        locator = locator_for(redis_cfg, redis_cfg.targets[0], reactor=reactor, clock=clock or reactor,
+                              timeout=options.get("connect_timeout", 3.0))
         return cls(
-            redis_cfg.url, prefix=redis_cfg.prefix, node_id=node_id, reactor=reactor, clock=clock,
+            locator, prefix=redis_cfg.prefix, node_id=node_id, reactor=reactor, clock=clock,
+            min_replicas_ack=redis_cfg.min_replicas_ack,
             max_attempts=queue_cfg.max_attempts, retention=queue_cfg.retention, max_bytes=queue_cfg.max_bytes,
             max_bytes_per_connection=queue_cfg.max_bytes_per_connection, **options,
         )
@@ -230,7 +243,7 @@ class RedisQueueStore(Service):
     def append(self, entries: Sequence[NewEntry]) -> Deferred[list[str]]:
         entries = list(entries)
         if not self._started or self._stopping:
-            return fail(QueueUnavailable(f"{self.target.describe()}: the queue store is not running"))
+            return fail(QueueUnavailable(f"{self._node.describe()}: the queue store is not running"))
         if not self._node.up:
             self._commit.failed_at = self._now()
             return self._node.refuse("redis down")
@@ -270,7 +283,7 @@ class RedisQueueStore(Service):
                     out.append(f"{e.route}/{text(i)}")
             return out
 
-        return self._node.call("append", args).addCallback(ids)
+        return self._node.call_replicated("append", args).addCallback(ids)
 
     # -- reads ---------------------------------------------------------------
 

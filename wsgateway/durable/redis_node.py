@@ -28,7 +28,7 @@ Failures: while Redis is down every script fails at once with
 L{QueueUnavailable}; a hung Redis fails them after C{reply_timeout}; an
 error reply (OOM, READONLY, MISCONF...) fails them too. Nothing waits for
 Redis to come back. The link reconnects with backoff
-(L{wsgateway.redislink}).
+(L{wsgateway.redis.link}).
 
 Timers: the heartbeat and the link run on C{reactor}, not on the store's
 C{clock}: Redis counts TTLs in real time.
@@ -50,7 +50,9 @@ from twisted.python.failure import Failure
 from wsgateway.durable.entries import QueueUnavailable
 from wsgateway.durable.redis_layout import text
 from wsgateway.durable.redis_scripts import SCRIPTS
-from wsgateway.redislink import Backoff, CommandProtocol, RedisLink, RedisTarget
+from wsgateway.redis.link import Backoff, CommandProtocol, RedisLink
+from wsgateway.redis.scripts import eval_script, send
+from wsgateway.redis.target import Locator, RedisTarget
 
 __all__ = ["RedisNode"]
 
@@ -64,7 +66,7 @@ class RedisNode:
 
     def __init__(
         self,
-        target: RedisTarget,
+        target: RedisTarget | Locator,
         *,
         prefix: str,
         node_id: str,
@@ -77,9 +79,12 @@ class RedisNode:
         connect_timeout: float,
         backoff: Backoff,
         rng: random.Random,
+        min_replicas_ack: int = 0,
+        on_failover: Any = None,
     ) -> None:
-        self.target = target
         self.prefix = prefix
+        self.min_replicas_ack = min_replicas_ack
+        self.reply_timeout = reply_timeout
         self.node_id = node_id
         # Unique per process: a restarted node (or a second process with the
         # same node id) must not renew a lease it did not take.
@@ -92,6 +97,7 @@ class RedisNode:
             target, reactor=reactor, clock=reactor, protocol=CommandProtocol, reply_timeout=reply_timeout,
             connect_timeout=connect_timeout, backoff=backoff, rng=rng,
             on_up=self._up, on_down=self._down, on_failure=self._failed,
+            on_failover=on_failover or self._failed_over,
         )
         self._beat = LoopingCall(self._heartbeat)
         self._beat.clock = reactor
@@ -104,6 +110,13 @@ class RedisNode:
         self._waiting = False  # our own lease is held by another process
         self.stopping = False
         self.errors = 0
+
+    def describe(self) -> str:
+        return self._link.describe()
+
+    @property
+    def link(self) -> RedisLink:
+        return self._link
 
     @property
     def up(self) -> bool:
@@ -156,8 +169,11 @@ class RedisNode:
         back = self._state is False
         self._state = True
         self.log.info("queue: redis {what}: {target}, node {node}", what="back" if back else "up",
-                      target=self.target.describe(), node=self.node_id)
+                      target=self.describe(), node=self.node_id)
         self._heartbeat()
+
+    def _failed_over(self, old: str, new: str) -> None:
+        self.log.warn("queue: redis failover followed: the master is now {new} (was {old})", new=new, old=old)
 
     def _down(self, why: Failure) -> None:
         self._went_down(why.getErrorMessage())
@@ -171,7 +187,7 @@ class RedisNode:
             return
         self._state = False
         self.log.warn("queue: redis down: {target} ({why}); queue operations fail until it is back",
-                      target=self.target.describe(), why=why)
+                      target=self.describe(), why=why)
 
     def _heartbeat(self) -> None:
         if self._beating or self.stopping or not self._link.up:
@@ -207,19 +223,9 @@ class RedisNode:
 
     def call(self, name: str, args: Sequence[Any]) -> Deferred[Any]:
         """Run one script; L{QueueUnavailable} at once while Redis is down, or on any error reply."""
-        proto = self._link.protocol
-        if proto is None:
-            return self._error(Failure(QueueUnavailable(f"{self.target.describe()}: redis down")))
-        script = SCRIPTS[name]
-        full = [self.prefix, *args]
+        if self._link.protocol is None:
+            return self._error(Failure(QueueUnavailable(f"{self.describe()}: redis down")))
         self._busy += 1
-
-        def noscript(f: Failure) -> Any:
-            # Redis restarted (or SCRIPT FLUSH): send the text once, which caches it again.
-            again = self._link.protocol
-            if again is not None and f.check(txredisapi.ResponseError) and str(f.value).startswith("NOSCRIPT"):
-                return _send(again, "EVAL", script.text, 0, *full)
-            return f
 
         def answered(result: Any) -> Any:
             self._busy -= 1
@@ -231,14 +237,40 @@ class RedisNode:
                 return self._error(result)
             return result
 
-        d = _send(proto, "EVALSHA", script.sha, 0, *full)
-        d.addErrback(noscript)
-        d.addBoth(answered)
-        return d
+        return eval_script(self._link, SCRIPTS[name], [], [self.prefix, *args]).addBoth(answered)
+
+    def call_replicated(self, name: str, args: Sequence[Any]) -> Deferred[Any]:
+        """
+        L{call}, then, with C{min_replicas_ack = N}, C{WAIT N} on the same
+        connection: the answer comes only once N replicas have the write
+        (Redis replicates asynchronously: without it a failover can lose a
+        write the client was told about). Fewer within the reply timeout, or
+        the connection gone meanwhile: L{QueueUnavailable}, and the write
+        counts as not confirmed (it may still be there: at least once).
+        """
+        n = self.min_replicas_ack
+        if n <= 0:
+            return self.call(name, args)
+        proto = self._link.protocol
+
+        def wait(result: Any) -> Deferred[Any]:
+            if proto is None or self._link.protocol is not proto:
+                return self.refuse("the connection changed before the replicas confirmed the write")
+            timeout_ms = max(1, int(self.reply_timeout * 1000 / 2))
+
+            def counted(acks: Any) -> Any:
+                if int(acks) < n:
+                    return self.refuse(f"{int(acks)} of min_replicas_ack = {n} replicas confirmed the write "
+                                       f"within {timeout_ms} ms")
+                return result
+
+            return send(proto, "WAIT", n, timeout_ms).addCallback(counted)
+
+        return self.call(name, args).addCallback(wait)
 
     def _error(self, f: Failure) -> Deferred[Any]:
         if not f.check(QueueUnavailable):
-            f = Failure(QueueUnavailable(f"{self.target.describe()}: {f.getErrorMessage()}"))
+            f = Failure(QueueUnavailable(f"{self.describe()}: {f.getErrorMessage()}"))
         self.errors += 1
         if self.errors & (self.errors - 1) == 0:  # the 1st, 2nd, 4th, 8th...: no flood while Redis refuses
             self.log.warn("queue: {why} ({count} errors so far)", why=f.getErrorMessage(), count=self.errors)
@@ -247,12 +279,4 @@ class RedisNode:
     def refuse(self, why: str) -> Deferred[Any]:
         """Fail an operation without sending it (counted as an error)."""
         self.errors += 1
-        return fail(QueueUnavailable(f"{self.target.describe()}: {why}"))
-
-
-def _send(proto: Any, *command: Any) -> Deferred[Any]:
-    try:
-        d: Deferred[Any] = proto.execute_command(*command)
-    except Exception as e:  # txredisapi raises at once on a closed connection
-        return fail(e)
-    return d
+        return fail(QueueUnavailable(f"{self.describe()}: {why}"))

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.integration.test_broker -*-
+# -*- test-case-name: tests.unit.core.test_redislink -*-
 """
 One Redis connection that stays up: L{RedisLink}.
 
@@ -38,66 +38,20 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import txredisapi
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory
-from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from wsgateway.backoff import equal_jitter, exponential
+from wsgateway.redis.target import FixedLocator, Locator, RedisTarget
 
-__all__ = ["Backoff", "CommandProtocol", "PubSubProtocol", "RedisLink", "RedisTarget", "parse_url"]
-
-
-@dataclass(frozen=True)
-class RedisTarget:
-    """Where Redis is, from a C{[redis] url}; C{describe()} never shows the password."""
-
-    host: str | None = "127.0.0.1"
-    port: int = 6379
-    path: str | None = None  # unix:///PATH
-    tls: bool = False
-    db: int | None = None
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-
-    def describe(self) -> str:
-        if self.path is not None:
-            return f"unix://{self.path}"
-        db = "" if self.db is None else f"/{self.db}"
-        return f"{'rediss' if self.tls else 'redis'}://{self.host}:{self.port}{db}"
-
-    def endpoint(self, reactor: Any, timeout: float) -> IStreamClientEndpoint:
-        if self.path is not None:
-            return UNIXClientEndpoint(reactor, self.path, timeout=timeout)
-        assert self.host is not None
-        endpoint: IStreamClientEndpoint = HostnameEndpoint(reactor, self.host, self.port, timeout=timeout)
-        if self.tls:
-            endpoint = wrapClientTLS(optionsForClientTLS(self.host), endpoint)
-        return endpoint
-
-
-def parse_url(url: str) -> RedisTarget:
-    """C{redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]}, C{rediss://...} (TLS) or C{unix:///PATH}."""
-    parts = urlsplit(url)
-    password = unquote(parts.password) if parts.password is not None else None
-    username = unquote(parts.username) if parts.username else None
-    if parts.scheme == "unix":
-        return RedisTarget(host=None, port=0, path=parts.path, username=username, password=password)
-    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
-        raise ValueError("must be redis://HOST[:PORT][/DB], rediss://HOST[:PORT][/DB] or unix:///PATH")
-    db = parts.path.strip("/")
-    return RedisTarget(
-        host=parts.hostname, port=parts.port or 6379, tls=parts.scheme == "rediss",
-        db=int(db) if db else None, username=username, password=password,
-    )
+__all__ = ["Backoff", "CommandProtocol", "PubSubProtocol", "RedisLink"]
 
 
 @dataclass(frozen=True)
@@ -169,13 +123,20 @@ class RedisLink:
     runs each time a connection is ready for commands (after AUTH and
     SELECT), C{on_down(reason)} when a ready one is lost and C{on_failure}
     for each attempt that failed (to log the first one).
+
+    With a L{Locator} that follows a master (Sentinel), each attempt first
+    asks where the master is, a connection counts as up only once C{ROLE}
+    says master there, C{on_failover(old, new)} runs when it comes up at
+    another address than last time, and L{verify} (the owner's heartbeat)
+    and L{check} (an error reply) drop a connection to a server that is no
+    longer the master.
     """
 
     log = Logger()
 
     def __init__(
         self,
-        target: RedisTarget,
+        target: RedisTarget | Locator,
         *,
         reactor: Any,
         clock: IReactorTime,
@@ -188,9 +149,13 @@ class RedisLink:
         on_down: Callable[[Failure], object],
         on_failure: Callable[[Failure | str], object],
         on_message: Callable[[bytes, bytes], object] = lambda channel, message: None,
+        on_failover: Callable[[str, str], object] = lambda old, new: None,
     ) -> None:
-        self.target = target
-        self._endpoint = target.endpoint(reactor, connect_timeout)
+        self.locator: Locator = FixedLocator(target) if isinstance(target, RedisTarget) else target
+        # the last address located (a url's at once; a master's once the sentinels answered)
+        self.target: RedisTarget | None = target if isinstance(target, RedisTarget) else None
+        self._reactor = reactor
+        self._connect_timeout = connect_timeout
         self._clock = clock
         self._protocol_class = protocol
         self.reply_timeout = reply_timeout
@@ -207,6 +172,12 @@ class RedisLink:
         self._connecting: Deferred[Any] | None = None
         self._running = False
         self._stop_waiters: list[Deferred[None]] = []
+        self.on_failover = on_failover
+        self._master: RedisTarget | None = None  # where the last connection came up (a master follower)
+        self._verifying = False
+
+    def describe(self) -> str:
+        return self.locator.describe()
 
     @property
     def protocol(self) -> Any:
@@ -248,12 +219,20 @@ class RedisLink:
 
     def _attempt(self) -> None:
         self._retry = None
-        d = self._endpoint.connect(_LinkFactory(self))
+
+        def located(target: RedisTarget) -> Deferred[Any]:
+            self.target = target
+            connecting: Deferred[Any] = target.endpoint(self._reactor, self._connect_timeout).connect(
+                _LinkFactory(self))
+            return connecting
+
+        d = self.locator.locate().addCallback(located)
         self._connecting = d
         d.addCallbacks(self._connected, self._connect_failed)
 
     def _build(self) -> Any:
         t = self.target
+        assert t is not None
         kwargs: dict[str, Any] = dict(
             charset=None, replyTimeout=self.reply_timeout, password=t.password, dbid=t.db, convertNumbers=False
         )
@@ -275,9 +254,66 @@ class RedisLink:
     def _ready(self, proto: Any) -> None:
         if proto is not self._proto or not self._running or self.up:
             return
+        if not self.locator.follows_master:
+            self._went_up(proto)
+            return
+
+        def role(reply: Any) -> None:
+            if proto is not self._proto or not self._running or self.up:
+                return
+            if isinstance(reply, list) and reply and reply[0] in (b"master", "master"):
+                self._went_up(proto)
+            else:  # a replica, or a master being demoted: ask the sentinels again
+                self._on_failure(f"{self._where()} is not the master (ROLE: {_role_name(reply)})")
+                proto.transport.loseConnection()
+
+        try:
+            proto.execute_command("ROLE").addCallbacks(role, lambda f: proto.transport.loseConnection())
+        except Exception:  # lost meanwhile: _lost follows
+            pass
+
+    def _went_up(self, proto: Any) -> None:
         self._failures = 0
         self.up = True
+        if self.locator.follows_master and self.target is not None:
+            old, self._master = self._master, self.target
+            if old is not None and old.address != self.target.address:
+                self.on_failover(old.describe(), self.target.describe())
         self._on_up(proto)
+
+    def _where(self) -> str:
+        return self.target.describe() if self.target is not None else self.describe()
+
+    def verify(self) -> None:
+        """
+        A master follower that is up asks where the master is now and drops
+        its connection when that moved (a failover the connection did not
+        see: the old master demoted to a replica, or cut off from the
+        sentinels but still reachable from here).
+        """
+        if not self.up or not self.locator.follows_master or self._verifying:
+            return
+        self._verifying = True
+        connected = self._proto
+
+        def compare(target: RedisTarget) -> None:
+            if self._proto is connected and self.up and self.target is not None \
+                    and target.address != self.target.address:
+                self.log.info("redis {what}: the master moved to {new}; reconnecting",
+                              what=self.describe(), new=target.describe())
+                connected.transport.loseConnection()
+
+        def done(_: object) -> None:
+            self._verifying = False
+
+        self.locator.locate().addCallbacks(compare, lambda f: None).addBoth(done)
+
+    def check(self, failure: Failure) -> Failure:
+        """An errback for commands: a READONLY reply means this server is a replica now; reconnect."""
+        if self.locator.follows_master and failure.check(txredisapi.ResponseError) \
+                and str(failure.value).startswith("READONLY") and self._proto is not None:
+            self._proto.transport.loseConnection()
+        return failure
 
     def _connect_failed(self, failure: Failure) -> None:
         self._connecting = None
@@ -311,5 +347,12 @@ class RedisLink:
 
     def _schedule(self) -> None:
         delay = self._backoff.delay(max(self._failures, 1), self._rng)
-        self.log.debug("redis {target}: next attempt in {delay:.2f}s", target=self.target.describe(), delay=delay)
+        self.log.debug("redis {target}: next attempt in {delay:.2f}s", target=self.describe(), delay=delay)
         self._retry = self._clock.callLater(delay, self._attempt)
+
+
+def _role_name(reply: Any) -> str:
+    if isinstance(reply, list) and reply:
+        first = reply[0]
+        return first.decode("ascii", "replace") if isinstance(first, bytes) else str(first)
+    return repr(reply)

@@ -1,7 +1,7 @@
 """
 txredisapi internals wsgateway relies on (see tests/unit/compat/helpers.py).
 
-wsgateway.redislink uses only txredisapi's protocol classes and connects by
+wsgateway.redis.link uses only txredisapi's protocol classes and connects by
 itself (why: redislink's docstring); these tests drive those classes over a
 StringTransport with a task.Clock and hand-written RESP replies.
 """
@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 from .helpers import relied_on
 
 LIB = "txredisapi"
-OURS = "wsgateway/redislink.py"
+OURS = "wsgateway/redis/link.py"
 
 
 class StrictFactory:
@@ -159,7 +159,7 @@ def test_raw_replies_with_charset_none_and_convert_numbers_false() -> None:
 def test_connection_lost_fails_waiting_commands_and_closed_ones_raise_at_once() -> None:
     from twisted.internet.error import ConnectionDone
 
-    from wsgateway.redislink import CommandProtocol
+    from wsgateway.redis.link import CommandProtocol
 
     lost = []
 

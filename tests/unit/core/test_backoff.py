@@ -49,7 +49,7 @@ def test_the_same_seed_gives_the_same_delays() -> None:
 
 def test_each_caller_keeps_its_delays() -> None:
     # the sequences the callers had before they shared this module
-    from wsgateway.redislink import Backoff
+    from wsgateway.redis.link import Backoff
     from wsgateway.upstream.pool import backoff_delay
 
     rng, ref = random.Random(5), random.Random(5)

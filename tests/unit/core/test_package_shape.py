@@ -136,3 +136,10 @@ def test_the_readme_layout_names_every_module() -> None:
     named = _readme_layout()
     assert not modules - named, f"modules the README's layout does not list: {sorted(modules - named)}"
     assert not named - modules, f"the README's layout lists modules that do not exist: {sorted(named - modules)}"
+
+
+def test_setup_cfg_installs_every_subpackage() -> None:
+    """A subpackage missing from setup.cfg's list works in the tree and is gone from every install."""
+    listed = set(re.search(r"^packages = (.*)$", (ROOT / "setup.cfg").read_text(), re.M)[1].replace(" ", "").split(","))
+    packages = {_module_name(p) for p in PACKAGE.rglob("__init__.py")}
+    assert packages - listed == set()

@@ -1,5 +1,5 @@
 """
-wsgateway.redislink and the Redis broker's timers on a task.Clock: the
+wsgateway.redis.link and the Redis broker's timers on a task.Clock: the
 heartbeat, reply timeouts, reconnect backoff and stop all run on the
 injected clock, never on the reactor that only makes the connections.
 No Redis server: each connection is a StringTransport the test answers.
@@ -17,7 +17,8 @@ from twisted.python.failure import Failure
 
 from wsgateway.channels.redisbroker import RedisBroker
 from wsgateway.config.redis import RedisConfig
-from wsgateway.redislink import Backoff, CommandProtocol, RedisLink, RedisTarget
+from wsgateway.redis.link import Backoff, CommandProtocol, RedisLink
+from wsgateway.redis.target import RedisTarget
 
 PING = b"*1\r\n$4\r\nPING\r\n"
 HEARTBEAT = 5.0
