@@ -208,3 +208,22 @@ def test_durable_appends_wait_for_a_replica_and_survive_a_failover(
                                                                                            "queue unavailable")
     backend.start()
     assert wait_for(lambda: set(confirmed) <= {m for leg in backend.legs for m in leg.messages}, 30)
+
+
+@pytest.mark.parametrize("sentinel_cluster", [{"password": "data-pw-1", "sentinel_password": "sentinel-pw-2"}],
+                         indirect=True, ids=["passwords"])
+def test_sentinel_and_master_passwords(sentinel_cluster: SentinelCluster, start_gateway: Any,
+                                       make_upstream: Any) -> None:
+    """AUTH to the sentinels with sentinel_password and to the master with password; never logged."""
+    echo = make_upstream().node
+    good, bad = free_port(), free_port()
+    gw = start_gateway(sentinel_ini("gw-p", good, echo, sentinel_cluster,
+                                    "        password = data-pw-1\n        sentinel_password = sentinel-pw-2"))
+    assert wait_for(lambda: ready(good), 15)
+    assert publish(good, "room:pw", "x")[0] == 200
+    wrong = start_gateway(sentinel_ini("gw-q", bad, echo, sentinel_cluster,
+                                       "        password = not-it\n        sentinel_password = sentinel-pw-2"))
+    assert wait_for(lambda: "WRONGPASS" in wrong.log() or "invalid password" in wrong.log(), 15), wrong.log()[-2000:]
+    assert ready(bad, "degraded")
+    for log in (gw.log(), wrong.log()):
+        assert "data-pw-1" not in log and "sentinel-pw-2" not in log and "not-it" not in log

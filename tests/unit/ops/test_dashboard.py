@@ -229,6 +229,15 @@ def test_workers_views_merge_into_one_dashboard():
     assert node["health"] == "unhealthy" and node["failures"] == 2 and node["active"] == 3
     assert node["messages"] == {"client_to_upstream": 10, "upstream_to_client": 2}
     assert data["workers"] == [{"id": 1}, {"id": 2}]
+    assert data["redis"] == {}  # no [redis]
+
+
+def test_redis_shards_merge_down_when_any_worker_is_cut_off():
+    ready = {"status": "degraded", "workers": [], "upstreams": {}}
+    config = GatewayConfig(path="gw.ini", gateway=ServerConfig(node_id="gw-1", workers=2))
+    views = [{"time": 1.0, "node": {"started": 0.0}, "redis": {"a:1/0": "up", "b:1/0": "up"}},
+             {"time": 1.0, "node": {"started": 0.0}, "redis": {"a:1/0": "up", "b:1/0": "down"}}]
+    assert merge_worker_views(ready, views, [], config)["redis"] == {"a:1/0": "up", "b:1/0": "down"}
 
 
 def test_dashboard_json_says_draining():
