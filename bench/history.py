@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from collections import Counter
 import json
 import os
 import statistics
@@ -115,6 +116,8 @@ async def storm(port: int, pid: int, admin: int, clients: int, bodies: list[str]
     return {
         "clients": clients, "recovered_complete": complete, "wrong": wrong,
         "errors": sum(1 for r in results if isinstance(r, BaseException)),
+        "error_kinds": dict(Counter(f"{type(r).__name__}: {str(r)[:80]}" for r in results
+                                    if isinstance(r, BaseException)).most_common(5)),
         "seconds": elapsed, "rss_before_mib": before / 1024, "rss_peak_mib": peak / 1024,
         "rss_after_mib": rss_kib(pid) / 1024,
         "bound_mib": before / 1024 + clients * WRITE_BUFFER / (1 << 20),

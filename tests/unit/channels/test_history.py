@@ -172,3 +172,38 @@ def test_an_envelope_is_made_once_and_is_text() -> None:
     assert env is m.enveloped() and not env.binary
     assert json.loads(env.payload) == {"channel": "room:1", "data": "h\u00e9"}
     assert env.frame(None) is env.frame(None)
+
+
+def test_redis_history_reads_in_flight_are_bounded() -> None:
+    """A recovery storm queues its reads beside the link: replies never pile past the reply timeout."""
+    from twisted.internet.defer import Deferred
+    from twisted.internet.task import Clock
+
+    from wsgateway.channels.redishistory import MAX_READS, RedisHistory
+
+    sent: list[Deferred[object]] = []
+
+    class Proto:
+        def execute_command(self, *args: object) -> Deferred[object]:
+            d: Deferred[object] = Deferred()
+            sent.append(d)
+            return d
+
+    class Link:
+        protocol = Proto()
+
+        def check(self, failure: object) -> object:
+            return failure
+
+        def describe(self) -> str:
+            return "fake"
+
+    history = RedisHistory(Link(), "p", Clock())  # type: ignore[arg-type]
+    got: list[Window] = []
+    for _ in range(3 * MAX_READS):
+        history.read("c", RULE, 0).addCallback(got.append)
+    assert len(sent) == MAX_READS
+    for _ in range(2 * MAX_READS):
+        sent.pop(0).callback([b"e", 0, 1, b""])
+    assert len(sent) == MAX_READS and len(got) == 2 * MAX_READS
+    assert got[0] == Window("e", 0, 1, [])
