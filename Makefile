@@ -174,7 +174,7 @@ bench-history: $(BIN)/.installed-test sysdeps
 # Redis sharding (bench/shards.py): 2 gateway processes, 1 Redis vs 2 shards, channels spread (REPS interleaved).
 bench-shards: $(BIN)/.installed-test sysdeps
 	$(BIN)/python bench/shards.py --subscribers $${SUBSCRIBERS:-1000} --channels $${CHANNELS:-20} \
-	  --seconds $${DURATION:-5} --rate $${RATE:-10} --reps $${REPS:-3}
+	  --seconds $${DURATION:-15} --rate $${RATE:-20} --reps $${REPS:-5}
 
 # Reliability scenarios (bench/soak/run.py, at most 15 minutes): figures appended to bench/RELIABILITY.md.
 # SCENARIOS="sigterm flapping" runs some; QUICK=1 shortens every phase (a try-out, nothing appended).

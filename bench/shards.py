@@ -3,12 +3,12 @@ Redis sharding benchmark (docs/configuration.md#redis-shards): broadcast
 fan-out across 2 gateway processes with 1 Redis, then with 2 Redis shards
 (`[redis] shards`), interleaved per repetition. Subscribers are spread over
 C channels (20 by default) and both processes; one publisher per channel,
-each at R msg/s, alternating between the processes. Reports deliveries per
+each at R msg/s (20), alternating between the processes. Reports deliveries per
 second and per gateway core-second, and each Redis's CPU. Goal: the sharded
 run is not slower (deliveries per gateway core-second >= 1.0x).
 
     make bench-shards
-    .venv/bin/python bench/shards.py --subscribers 1000 --channels 20 --reps 3
+    .venv/bin/python bench/shards.py --subscribers 1000 --channels 20 --reps 5 --seconds 15 --rate 20
 
 The gateways run on cpu1 and the load generator and the Redis servers on
 cpu0 when taskset is there (bench/fanout.py's helpers).
@@ -104,9 +104,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--subscribers", type=int, default=1000)
     ap.add_argument("--channels", type=int, default=20)
-    ap.add_argument("--seconds", type=float, default=5.0)
-    ap.add_argument("--rate", type=int, default=10, help="messages per second per channel")
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=15.0)
+    ap.add_argument("--rate", type=int, default=20, help="messages per second per channel")
+    ap.add_argument("--reps", type=int, default=5)
     args = ap.parse_args()
     if not (1 <= args.subscribers <= 5000 and 1 <= args.channels <= 200 and 0 < args.seconds <= 60
             and 1 <= args.rate <= 200 and 1 <= args.reps <= 10):
