@@ -215,6 +215,10 @@ class GatewayServerProtocol(WebSocketServerProtocol):
         if not adopt(self, relay.client_leg):
             self.relay = relay
             self._log.debug("client transport {t!r} kept its protocol", t=self.transport)
+        else:
+            # dropped: not kept alive until a full collection by the cycle
+            # with its pending record (connectionLost, below, says more)
+            self._pending = None
         if not up.lost and not adopt(up, relay.upstream_leg):
             up.sink = relay.upstream_leg
             self._log.debug("upstream transport {t!r} kept its protocol", t=up.transport)
@@ -262,6 +266,14 @@ class GatewayServerProtocol(WebSocketServerProtocol):
             self.session.ended()
             live.session_done(self, self.session)
             self.session = None
+        # The reference cycles an ended connection would leave: its pending
+        # record (and the logger it keeps, whose source is this protocol), and
+        # Autobahn's is_open / is_closed Deferreds, fired with this protocol as
+        # their result. Broken here, its memory goes at once instead of at a
+        # rare full collection (make soak's hostile scenario: every half-open
+        # connection left some twenty objects in such cycles).
+        self._pending = None
+        self.is_open = self.is_closed = None
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         # only broadcast connections get here: relayed ones never reach Autobahn
