@@ -83,6 +83,7 @@ from support.rawws import (
     upgrade_request,
 )
 from support.waiting import wait_for
+from wsgateway.durable.sqlite_file import ENTRY_OVERHEAD
 
 from .helpers import MALFORMED_HOSTS, Backend, RawRecorder, Secrets, fd_count, handshake, refused, uid
 
@@ -573,8 +574,10 @@ def _fill_the_queue(h: Hostile) -> None:
     for name in ("fill-a", "fill-b"):
         pongs, close = fill(h, "/durable/" + uid(name))
         assert close == (1013, "queue full"), (name, pongs, close)
-        # each entry costs its message plus its overhead: fewer than SHARE // MESSAGE fit
-        assert 1 <= pongs < SHARE // MESSAGE, (name, pongs)
+        # each entry counts its message, its headers and conn key (a few hundred bytes at most
+        # here) and ENTRY_OVERHEAD against the share: the attacker gets that share, no more
+        most = SHARE // (MESSAGE + ENTRY_OVERHEAD)
+        assert SHARE // (MESSAGE + ENTRY_OVERHEAD + 512) <= pongs <= most, (name, pongs, most)
         shares.append(pongs)
     # the third meets the whole queue's bound (80 KiB) before its own share
     pongs_c, close = fill(h, "/durable/" + uid("fill-c"))
