@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -248,3 +249,42 @@ class Subscriber:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(10)
+
+
+@dataclass
+class Publisher:
+    """Numbered messages at ``rate`` through the admin ports in turn (redis_outage, sentinel): key -> (time sent, node, HTTP status)."""
+
+    admin_ports: dict[str, int]
+    token: str
+    channel: str
+    rate: float
+    deadline: float
+    sent: dict[str, tuple[float, str, int]] = field(default_factory=dict)
+    stop: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        nodes = list(self.admin_ports)
+        n = 0
+        next_at = time.monotonic()
+        while not self.stop.is_set() and time.monotonic() < self.deadline:
+            node = nodes[n % len(nodes)]
+            key = f"{node}:{n}"
+            t = time.monotonic()
+            # 2 s bound: a publish that hangs must not stop the clock of the next ones for long
+            status, _ = admin(self.admin_ports[node], self.token, "POST", "/admin/publish",
+                              {"channel": self.channel, "message": key}, timeout=2)
+            self.sent[key] = (t, node, status)
+            n += 1
+            next_at += 1 / self.rate
+            self.stop.wait(max(0.0, next_at - time.monotonic()))
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.thread:
+            self.thread.join(10)

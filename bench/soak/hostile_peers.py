@@ -23,13 +23,18 @@ import base64
 import os
 import select
 import socket
+import sys
 import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+
+# tests/support/rawws.py: the independent frame codec the security tests check the gateway with
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+from support.rawws import OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, frame  # noqa: E402
 
 KEY = base64.b64encode(b"soak-hostile-key").decode()
-OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 MIB = 1024 * 1024
 
 
@@ -40,31 +45,6 @@ class Target:
 
 
 # -- raw helpers ------------------------------------------------------------------------------------
-
-
-def frame(opcode: int, payload: bytes = b"", *, fin: bool = True, mask: bool = True, rsv: int = 0,
-          length: int | None = None) -> bytes:
-    """A client frame built by hand, forbidden ones included (``rsv`` 4 = RSV1; ``length`` announced)."""
-    b0 = (0x80 if fin else 0) | ((rsv & 7) << 4) | (opcode & 0x0F)
-    n = len(payload) if length is None else length
-    b1 = 0x80 if mask else 0
-    if n < 126:
-        head = bytes((b0, b1 | n))
-    elif n < 0x10000:
-        head = bytes((b0, b1 | 126)) + n.to_bytes(2, "big")
-    else:
-        head = bytes((b0, b1 | 127)) + n.to_bytes(8, "big")
-    if not mask:
-        return head + payload
-    key = os.urandom(4)
-    return head + key + _xor(payload, key)
-
-
-def _xor(data: bytes, key: bytes) -> bytes:
-    if not data:
-        return b""
-    k = (key * (len(data) // 4 + 1))[: len(data)]
-    return (int.from_bytes(data, "big") ^ int.from_bytes(k, "big")).to_bytes(len(data), "big")
 
 
 def upgrade(path: str, extra: list[tuple[str, str]] | None = None, host: str = "127.0.0.1") -> bytes:

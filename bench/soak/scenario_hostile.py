@@ -59,7 +59,6 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import hostile_peers as hp
 from harness import Result, Soak, free_port, rss_kib, sampled, wait_for, wait_port

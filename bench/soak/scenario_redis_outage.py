@@ -38,7 +38,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from harness import Result, Soak, Subscriber, admin, free_port, wait_for
+from harness import Publisher, Result, Soak, Subscriber, admin, free_port, wait_for
 
 NAME = "redis_outage"
 TARGET = "proxying errors during the outage 0; broadcast flowing <= 12 s after Redis is back"
@@ -159,43 +159,6 @@ class ProxyLoad:
             t.join(10)
 
 
-@dataclass
-class Publisher:
-    """Numbered messages at ``rate`` through the admin ports in turn: key -> (time sent, node, HTTP status)."""
-
-    admin_ports: dict[str, int]
-    rate: float
-    deadline: float
-    sent: dict[str, tuple[float, str, int]] = field(default_factory=dict)
-    stop: threading.Event = field(default_factory=threading.Event)
-    thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        nodes = list(self.admin_ports)
-        n = 0
-        next_at = time.monotonic()
-        while not self.stop.is_set() and time.monotonic() < self.deadline:
-            node = nodes[n % len(nodes)]
-            key = f"{node}:{n}"
-            t = time.monotonic()
-            # 2 s bound: a publish that hangs must not stop the clock of the next ones for long
-            status, _ = admin(self.admin_ports[node], TOKEN, "POST", "/admin/publish",
-                              {"channel": CHANNEL, "message": key}, timeout=2)
-            self.sent[key] = (t, node, status)
-            n += 1
-            next_at += 1 / self.rate
-            self.stop.wait(max(0.0, next_at - time.monotonic()))
-
-    def close(self) -> None:
-        self.stop.set()
-        if self.thread:
-            self.thread.join(10)
-
-
 def flowing_since(pub: Publisher, subs: list[Subscriber], after: float) -> dict[str, tuple[str, float]]:
     """
     Per publishing node, the first message published at or after ``after``
@@ -232,7 +195,7 @@ def run(soak: Soak, quick: bool) -> Result:
     subs = [Subscriber(f"ws://127.0.0.1:{gw_ports[node]}/feed/soak", deadline)
             for node in admin_ports for _ in range(per_node)]
     load = ProxyLoad([f"ws://127.0.0.1:{gw_ports[node]}/proxy/soak" for node in admin_ports], deadline)
-    pub = Publisher(admin_ports, PUBLISH_RATE, deadline)
+    pub = Publisher(admin_ports, TOKEN, CHANNEL, PUBLISH_RATE, deadline)
     try:
         # broadcast is flowing both ways before the fault: a warm-up message from each node reaches everyone
         if not wait_for(lambda: all(s.connected.is_set() for s in subs), 15, 0.1):

@@ -50,7 +50,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from harness import ROOT, Result, Soak, Subscriber, admin, free_port, wait_for
+from harness import ROOT, Publisher, Result, Soak, Subscriber, admin, free_port, wait_for
 
 sys.path.insert(0, str(ROOT / "tests"))  # tests/support: the Sentinel cluster of the integration tests
 
@@ -227,42 +227,6 @@ class DurableClient:
             self.thread.join(20)
 
 
-@dataclass
-class Publisher:
-    """Numbered messages at ``rate``, through each node's admin port in turn: key -> (time, HTTP status)."""
-
-    admin_ports: dict[str, int]
-    rate: float
-    deadline: float
-    sent: dict[str, tuple[float, int]] = field(default_factory=dict)
-    stop: threading.Event = field(default_factory=threading.Event)
-    thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        nodes = list(self.admin_ports)
-        n = 0
-        next_at = time.monotonic()
-        while not self.stop.is_set() and time.monotonic() < self.deadline:
-            node = nodes[n % len(nodes)]
-            key = f"{node}:{n}"
-            t = time.monotonic()
-            status, _ = admin(self.admin_ports[node], TOKEN, "POST", "/admin/publish",
-                              {"channel": CHANNEL, "message": key}, timeout=2)
-            self.sent[key] = (t, status)
-            n += 1
-            next_at += 1 / self.rate
-            self.stop.wait(max(0.0, next_at - time.monotonic()))
-
-    def close(self) -> None:
-        self.stop.set()
-        if self.thread:
-            self.thread.join(10)
-
-
 def gap_across(sub: Subscriber, since: float, until: float) -> float:
     """The longest stretch without a message at ``sub`` that ends after ``since`` (up to ``until`` if none)."""
     times = sorted(t for t in sub.got.values())
@@ -304,7 +268,7 @@ def run(soak: Soak, quick: bool) -> Result:
                 for node in admin_ports for _ in range(per_node)]
         if not wait_for(lambda: all(s.connected.is_set() for s in subs), 15, 0.1):
             raise RuntimeError("the subscribers did not connect within 15 s")
-        pub = Publisher(admin_ports, rate, deadline)
+        pub = Publisher(admin_ports, TOKEN, CHANNEL, rate, deadline)
         pub.start()
         clients = [DurableClient(f"ws://127.0.0.1:{gw_ports[node]}/durable/{node}", node, batch, every, deadline)
                    for node in admin_ports]
@@ -376,7 +340,7 @@ def run(soak: Soak, quick: bool) -> Result:
         "new_master": new,
         "replica_back_after_kill_s": replica_at - killed_at,
         "published": len(pub.sent) if pub else 0,
-        "publishes_refused": sum(1 for _, st in pub.sent.values() if st != 200) if pub else 0,
+        "publishes_refused": sum(1 for _, _, st in pub.sent.values() if st != 200) if pub else 0,
         "subscriber_reconnects": [s.drops for s in subs],
         "durable_sent": sum(c.sent for c in clients),
         "durable_confirmed": len(confirmed),
