@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import socket
-import shutil
 import ssl
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from support.gateway import ROOT, TWISTD, default_config, free_port, proxy_ini, source_env, wait_port
+from support.gateway import ROOT, TWISTD, default_config, free_port, proxy_ini, source_copy, source_env, wait_port
 from support.waiting import wait_for
 from support.tlsclient import drained
 
@@ -46,7 +45,7 @@ def fresh_install(tmp_path_factory) -> Path:
     lock = ["--constraint", str(ROOT / "requirements" / "lock.txt")]
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", *lock,
-         "-w", str(work / "dist"), str(ROOT)],
+         "-w", str(work / "dist"), str(source_copy(work / "src"))],
         check=True,
         cwd=work,
     )
@@ -59,8 +58,7 @@ def fresh_install(tmp_path_factory) -> Path:
 
 def test_sdist_ships_the_license_docs_lock_and_sample_files(tmp_path):
     # built from a copy: setuptools writes its egg-info next to setup.cfg
-    src = tmp_path / "src"
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv*", "var", "__pycache__", "*.egg-info"))
+    src = source_copy(tmp_path / "src")
     subprocess.run([sys.executable, "-c", "from setuptools import build_meta; build_meta.build_sdist('dist')"],
                    check=True, cwd=src, capture_output=True)
     (sdist,) = (src / "dist").glob("wsgateway-*.tar.gz")

@@ -32,7 +32,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 from websockets.typing import Origin
 
-from support.gateway import ROOT, free_port, source_env, spawn_gateway
+from support.gateway import ROOT, free_port, source_copy, source_env, spawn_gateway
 from support.tlsclient import drained
 from support.waiting import wait_for
 
@@ -255,7 +255,12 @@ def scratch_root() -> Iterator[Path]:
         subprocess.run([python, "-m", "venv", str(venv)], check=True, timeout=120)
         pip = [str(venv / "bin" / "pip"), "install", "--quiet", "--constraint", str(LOCK)]
         subprocess.run([*pip, "pip", "setuptools", "wheel"], check=True, timeout=300, cwd=root)
-        subprocess.run([*pip, "--no-build-isolation", str(ROOT)], check=True, timeout=600, cwd=root)
+        # from a copy: a build writes build/ into the tree it builds (see source_copy)
+        src = source_copy(Path(tempfile.mkdtemp(prefix="wsgw-src-")) / "src")
+        try:
+            subprocess.run([*pip, "--no-build-isolation", str(src)], check=True, timeout=600, cwd=root)
+        finally:
+            shutil.rmtree(src.parent, ignore_errors=True)
         yield root
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -11,6 +11,7 @@ import configparser
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -293,3 +294,16 @@ def quiet_port() -> int:
                 continue
         return port
     return free_port()
+
+
+def source_copy(dest: Path) -> Path:
+    """
+    This checkout's files copied to ``dest``, for the tests that build or
+    install the package: setuptools writes build/ and the egg-info beside
+    setup.cfg, and two such builds of one tree at once (xdist runs test
+    modules side by side) collide on build/bdist.*.
+    """
+    shutil.copytree(ROOT, dest, ignore=shutil.ignore_patterns(
+        ".git", ".venv*", "var", "build", "dist", "__pycache__", "*.egg-info", ".mypy_cache", ".ruff_cache",
+        ".hypothesis", ".pytest_cache"))
+    return dest
