@@ -362,6 +362,10 @@ class Closes:
             assert relay.upstream is not None  # not upstream_lost: a leg is open
             relay.upstream.abortConnection()
 
+    def let_go(self, relay: ClosingRelay) -> None:
+        """The relay is done and the timers stopped: from now on ``relay`` is a weak proxy of it (Relay.let_go)."""
+        self._relay = relay
+
     def stop(self) -> None:
         """The connection is over: no timer of it may fire."""
         for call in (self._call, self._expiry):

@@ -41,6 +41,11 @@ _E_INTERNAL = (INTERNAL_ERROR, "internal error")
 _unpack_u64 = struct.Struct("!Q").unpack_from
 
 
+def _no_control(opcode: int, payload: bytes) -> bool:
+    """A released scanner's callback: nothing is fed to it any more; were it, control frames would be dropped."""
+    return False
+
+
 class FrameScanner:
     """
     Scan one direction of a relayed WebSocket stream at frame-header level.
@@ -122,6 +127,18 @@ class FrameScanner:
         self._in_callback = False
         self._deflate = deflate
         self._inflate = CompressedSizes(max_message_size) if deflate and masked and max_message_size else None
+
+    def release(self) -> None:
+        """
+        The relay is done and feeds this scanner no more: let go of its
+        callback (a bound method of the relay, a reference cycle) and of its
+        inflater's zlib state, which would otherwise wait for the cycle
+        collector.
+        """
+        self._on_control = _no_control
+        self._inflate = None
+        self._held = b""
+        self._pending = []
 
     @property
     def in_frame(self) -> bool:

@@ -75,6 +75,10 @@ class Keepalive:
         if self._idle_timeout > 0:
             self._idle_call = self._clock.callLater(self._idle_timeout, self._check_idle)
 
+    def let_go(self, relay: KeptRelay) -> None:
+        """The relay is done and these timers stopped: from now on ``relay`` is a weak proxy of it (Relay.let_go)."""
+        self._relay = relay
+
     def stop(self) -> None:
         for call in (self._ping_call, self._pong_call, self._idle_call, self._stall_call):
             if call is not None and call.active():

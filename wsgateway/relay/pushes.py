@@ -37,6 +37,10 @@ class Pushes:
         self.count = 0  # messages pushed: the client's messages_u2c counts them
         self.outbox: IPushProducer | None = None
 
+    def let_go(self, relay: PushedRelay) -> None:
+        """The relay is done and its outbox released: from now on ``relay`` is a weak proxy of it (Relay.let_go)."""
+        self._relay = relay
+
     def push(self, payload: bytes, binary: bool) -> None:
         """A message from a channel this client is subscribed to."""
         relay = self._relay

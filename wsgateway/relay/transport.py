@@ -141,6 +141,19 @@ class Leg(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._lost()
 
+    def release(self) -> None:
+        """Its transport is gone and its relay done: drop the relay's methods (a reference cycle)."""
+        self.dataReceived = _ignore_data
+        self._lost = _ignore_loss
+
+
+def _ignore_data(data: bytes) -> None:
+    """A released leg's reads (there are none: its transport is gone)."""
+
+
+def _ignore_loss() -> None:
+    """A released leg's loss (it was lost already)."""
+
 
 @implementer(IPushProducer)
 class Overflow:
