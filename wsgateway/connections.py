@@ -95,7 +95,7 @@ class LiveConnections:
             self.queue.untrack(info.conn_id, relay.hooks)
         pushes = info.pushes
         if pushes is not None:
-            pushes.outbox.stopProducing()
+            pushes.outbox.release()
             for channel in pushes.channels:
                 self.broker.leave(channel, info.conn_id)
             pushes.cancel()

@@ -107,6 +107,24 @@ class Outbox:
         self.queue.clear()
         self.queued = 0
 
+    def release(self) -> None:
+        """
+        The connection is gone: nothing more is sent, and the methods of
+        whoever it sent to (a session or a relay, which hold this outbox: a
+        reference cycle) are let go, so the connection is freed at once.
+        """
+        self.stopProducing()
+        self._send = _not_sent
+        self._close = _not_closed
+
+
+def _not_sent(payload: bytes, binary: bool) -> None:
+    """A released outbox's sends: none (it is closed)."""
+
+
+def _not_closed(code: int, reason: str) -> None:
+    """A released outbox's closes: none (it is closed)."""
+
 
 class Subscription:
     """One connection's membership of channels on a broker."""
@@ -329,6 +347,7 @@ class ChannelSession:
 
     def ended(self) -> None:
         """The connection is gone: leave the channel."""
-        self.outbox.stopProducing()
+        self.outbox.release()
+        self.subscription.gate = None  # its overflow callback is one of this session's
         self.subscription.cancel()
         self.broker.leave(self.channel, self.conn_id)

@@ -256,15 +256,28 @@ def adopt(proto: Any, leg: Any) -> bool:
     t = proto.transport
     if getattr(t, "wrappedProtocol", None) is proto:
         t.wrappedProtocol = leg
-        return True
+        return _retired(proto)
     holder = getattr(t, "protocol", None)
     if holder is proto:
         t.protocol = leg
-        return True
+        return _retired(proto)
     if holder is not None and getattr(holder, "_wrappedProtocol", None) is proto:
         holder._wrappedProtocol = leg
-        return True
+        return _retired(proto)
     return False
+
+
+def _retired(proto: Any) -> bool:
+    """
+    ``proto`` hears nothing more from its connection: drop the reference
+    cycle it forms with itself when it passed deflate offers on (its
+    ``perMessageCompressionAccept`` is its own bound method), so that it is
+    freed with the handshake rather than at the next full garbage
+    collection. (Not its is_open Deferred: Autobahn resolves it after onOpen,
+    where adoption happens.)
+    """
+    vars(proto).pop("perMessageCompressionAccept", None)
+    return True
 
 
 def _host_for_url(host: str) -> str:

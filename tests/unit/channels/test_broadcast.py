@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 from wsgateway.channels.outbox import SLOW_CONSUMER, Outbox
 
 
@@ -72,3 +75,33 @@ def test_a_pause_during_the_flush_keeps_the_rest_queued() -> None:
     box.resumeProducing()
     assert sent == [b"x"] and [p for p, _ in box.queue] == [b"y"]
     assert s.sent == []
+
+
+def test_a_released_outbox_sends_nothing_and_lets_go_of_its_session() -> None:
+    class Session:
+        def __init__(self) -> None:
+            self.sent: list[bytes] = []
+            self.outbox = Outbox(self.send, self.close, limit=100, policy="close")
+
+        def send(self, payload: bytes, binary: bool) -> None:
+            self.sent.append(payload)
+
+        def close(self, code: int, reason: str) -> None:
+            raise AssertionError("a released outbox closes nothing")
+
+    session = Session()
+    outbox = session.outbox
+    outbox.pauseProducing()
+    outbox.deliver(b"queued", False)
+    outbox.release()
+    outbox.resumeProducing()
+    outbox.deliver(b"late", False)
+    outbox.deliver(b"x" * 1000, False)  # over the limit: no slow-consumer close either
+    assert session.sent == []
+    gc.disable()
+    try:
+        ref = weakref.ref(session)
+        del session
+        assert ref() is None  # no cycle through the outbox's methods
+    finally:
+        gc.enable()
