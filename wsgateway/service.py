@@ -36,6 +36,7 @@ from wsgateway.ops import dashboard, logs
 from wsgateway.ops.admin import admin_site
 from wsgateway.ops.jsonapi import AdminFactory
 from wsgateway.ops.exposition import MetricsResource
+from wsgateway.ops.heap import heap_trim_service
 from wsgateway.ops.metrics import BrokerMetrics, GatewayMetrics
 from wsgateway.ops.stats import GatewayStats
 from wsgateway.ops.tracing import make_tracer
@@ -141,6 +142,7 @@ class GatewayService(MultiService):
         if control is not None:
             # what a parent reads to serve the admin port for all workers
             control.setServiceParent(self)
+        heap_trim_service(reactor).setServiceParent(self)  # RSS back down after a burst (ops/heap.py)
         if config.demo is not None:
             from wsgateway.dev.demo import DemoFactory
 
