@@ -32,7 +32,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 from websockets.typing import Origin
 
-from support.gateway import ROOT, free_port, source_copy, source_env, spawn_gateway
+from support.gateway import ROOT, free_port, quiet_port, source_copy, source_env, spawn_gateway
 from support.tlsclient import drained
 from support.waiting import wait_for
 
@@ -303,7 +303,9 @@ def test_plugin_cache_written_at_install_silences_the_service_users_warning(scra
     live, _ = lineage(Path(tempfile.mkdtemp(dir=scratch_root)), trustme.CA())
     assert run_hook(live, etc / "tls", "true").returncode == 0
     ini = etc / "wsgateway.ini"
-    ini.write_text(production_ini(etc, tls_port=free_port(), admin_port=free_port(), node="ws://127.0.0.1:9"))
+    # started twice on the same ports: below the ephemeral range, so that the
+    # other test worker's outgoing connections cannot take them in between
+    ini.write_text(production_ini(etc, tls_port=quiet_port(), admin_port=quiet_port(), node="ws://127.0.0.1:9"))
     ini.chmod(0o644)
     listening = "admin listening on"
 
