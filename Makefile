@@ -34,7 +34,7 @@ PYTEST_WORKERS ?= -n 2 --dist loadgroup
 # install only): no Prometheus on :9090, no redis-server on :6379.
 SYSDEPS ?= chromium=chromium redis-server=redis-server systemd-analyze=systemd ss=iproute2 promtool=prometheus
 
-.PHONY: bench-compare bench-variants bench-workers run test typecheck test-latest lock check devcert bench bench-auth bench-ops bench-fanout bench-compress bench-history bench-shards soak sysdeps clean
+.PHONY: bench-compare bench-variants bench-workers run test soak-tools typecheck test-latest lock check devcert bench bench-auth bench-ops bench-fanout bench-compress bench-history bench-shards soak sysdeps clean
 
 run: $(BIN)/.installed devcert
 	$(BIN)/twistd -n --pidfile= wsgateway --config $(CONFIG)
@@ -47,8 +47,13 @@ devcert: $(BIN)/.installed
 	$(BIN)/python -m wsgateway.dev.selfsigned $(TLS_DIR)
 
 # The types first (seconds, and a type error fails fast), then the whole suite.
-test: typecheck sysdeps
+test: typecheck sysdeps soak-tools
 	$(BIN)/python -m pytest $(PYTEST_WORKERS) $(PYTEST_ARGS)
+
+# The Go load generator and echo upstream of bench/ (Debian's Go and gorilla/websocket), which
+# tests/integration/test_soak.py runs make soak's scenarios with, shortened.
+soak-tools:
+	bash bench/run.sh --soak-tools
 
 # mypy with the zope plugin, as configured in setup.cfg ([mypy]): 0 errors on wsgateway/.
 typecheck: $(BIN)/.installed-test

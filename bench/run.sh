@@ -3,10 +3,12 @@
 #   loadgen -> [system under test] -> echo upstream (ws://127.0.0.1:9001/ws)
 # See bench/README.md.
 #
-# Usage: bash bench/run.sh [--setup] [target ...]
+# Usage: bash bench/run.sh [--setup | --soak-tools] [target ...]
 #   targets: direct nginx1 nginxauto haproxy gin twisted-relay gateway gateway-base
 #            (default: $TARGETS, else "direct nginx1 haproxy gin twisted-relay", plus gateway when GATEWAY_CMD is set)
 #   --setup: install the Debian packages and build the Go tools, then exit
+#   --soak-tools: only what bench/soak needs (Go, gorilla/websocket; loadgen and echo), then exit
+#                 (make test runs each soak scenario shortened: tests/integration/test_soak.py)
 # Environment:
 #   REPS=3                 repetitions; targets are interleaved within each repetition
 #   SCENARIOS="d a b c e"  a b c l: ping-pong; d: idle connections; e: handshakes
@@ -48,7 +50,9 @@ log() { echo "[$(date +%T)] $*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 SETUP_ONLY=0
+SOAK_ONLY=0
 if [ "${1:-}" = --setup ]; then SETUP_ONLY=1; shift; fi
+if [ "${1:-}" = --soak-tools ]; then SETUP_ONLY=1; SOAK_ONLY=1; shift; fi
 if [ $# -gt 0 ]; then TARGET_LIST="$*"
 else
   TARGET_LIST=${TARGETS:-"direct nginx1 haproxy gin twisted-relay"}
@@ -82,11 +86,13 @@ fi
 missing=()
 command -v go >/dev/null 2>&1 || missing+=(golang-go)
 [ -d /usr/share/gocode/src/github.com/gorilla/websocket ] || missing+=(golang-github-gorilla-websocket-dev)
-[ -d /usr/share/gocode/src/github.com/gin-gonic/gin ] || missing+=(golang-github-gin-gonic-gin-dev)
-command -v nginx >/dev/null 2>&1 || missing+=(nginx)
-command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
-command -v jq >/dev/null 2>&1 || missing+=(jq)
-command -v taskset >/dev/null 2>&1 || missing+=(util-linux)
+if [ $SOAK_ONLY = 0 ]; then
+  [ -d /usr/share/gocode/src/github.com/gin-gonic/gin ] || missing+=(golang-github-gin-gonic-gin-dev)
+  command -v nginx >/dev/null 2>&1 || missing+=(nginx)
+  command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
+  command -v jq >/dev/null 2>&1 || missing+=(jq)
+  command -v taskset >/dev/null 2>&1 || missing+=(util-linux)
+fi
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     log "installing Debian packages: ${missing[*]} (log: /tmp/wsgw-bench-apt.log)"
@@ -107,7 +113,9 @@ done
 # ---------------------------------------------------------------- Go tools (offline, GOPATH mode)
 export GO111MODULE=off GOPATH=/tmp/gopath:/usr/share/gocode GOCACHE=/tmp/gocache GOFLAGS=
 mkdir -p "$BIN"
-for tool in loadgen echo gin-forwarder; do
+TOOLS="loadgen echo gin-forwarder"
+[ $SOAK_ONLY = 1 ] && TOOLS="loadgen echo"
+for tool in $TOOLS; do
   if [ ! -x "$BIN/$tool" ] || [ -n "$(find "$BENCH/$tool" -name '*.go' -newer "$BIN/$tool")" ]; then
     log "building $BIN/$tool"
     (cd "$BENCH/$tool" && go build -o "$BIN/$tool" .) || die "go build $tool failed"

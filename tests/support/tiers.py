@@ -19,6 +19,7 @@ import pytest
 TESTS = Path(__file__).resolve().parent.parent
 INTEGRATION_FOLDERS = (TESTS / "integration", TESTS / "browser")
 SECURITY = TESTS / "security"
+SOAK = TESTS / "integration" / "test_soak.py"
 # fixtures that start twistd, redis-server or Chromium (directly or through another fixture)
 PROCESS_FIXTURES = frozenset({
     "start_gateway",
@@ -48,11 +49,15 @@ def group_of(item: pytest.Item) -> str:
     """
     The pytest-xdist group of a test: its module (whose module-scoped
     gateway its tests share), or ``security`` for all of tests/security
-    (one session-scoped gateway, judged by test_survival.py after the rest).
+    (one session-scoped gateway, judged by test_survival.py after the rest),
+    or the test itself for the soak scenarios, which share nothing.
     """
     path = Path(str(item.path))
     if SECURITY in path.parents:
         return "security"
+    if path == SOAK:
+        # each make soak scenario (a minute or two of its own processes) on whichever worker is free
+        return item.nodeid
     return path.relative_to(TESTS).as_posix()
 
 
