@@ -72,6 +72,15 @@ def pinned(cpu: int, argv: list[str]) -> list[str]:
     return ["taskset", "-c", str(cpu), *argv] if shutil.which("taskset") and (os.cpu_count() or 1) > 1 else argv
 
 
+def start_redis(folder: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """A throwaway redis-server on cpu0 (no persistence), once it listens: (process, url)."""
+    port = free_port()
+    proc = subprocess.Popen(pinned(0, ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                       "--appendonly", "no"]), stdout=subprocess.DEVNULL, cwd=folder)
+    wait_port(port)
+    return proc, f"redis://127.0.0.1:{port}/0"
+
+
 GOAL_COMPRESSED = 0.8  # deliveries per gateway core-second, compressed / uncompressed: at least
 
 # --compress messages: '{"sent":' + send time (17 characters, space-padded) + ',"n":' + index (2 characters, space-padded) + ',' + the body's rest
@@ -295,12 +304,8 @@ def main() -> None:
             procs: list[subprocess.Popen[bytes]] = []
             redis_url = None
             if nodes > 1:
-                rport = free_port()
-                procs.append(subprocess.Popen(pinned(0, ["redis-server", "--port", str(rport), "--bind", "127.0.0.1",
-                                                         "--save", "", "--appendonly", "no"]),
-                                              stdout=subprocess.DEVNULL, cwd=folder))
-                wait_port(rport)
-                redis_url = f"redis://127.0.0.1:{rport}/0"
+                redis, redis_url = start_redis(folder)
+                procs.append(redis)
             try:
                 print(f"# {nodes} gateway process(es), {args.subscribers} subscribers, "
                       f"{args.rate} msg/s for {args.seconds} s ...", file=sys.stderr, flush=True)
@@ -346,12 +351,8 @@ def compress_main(args: argparse.Namespace) -> None:
                     procs: list[subprocess.Popen[bytes]] = []
                     redis_url = None
                     if nodes > 1:
-                        rport = free_port()
-                        procs.append(subprocess.Popen(pinned(0, ["redis-server", "--port", str(rport), "--bind",
-                                                                 "127.0.0.1", "--save", "", "--appendonly", "no"]),
-                                                      stdout=subprocess.DEVNULL, cwd=folder))
-                        wait_port(rport)
-                        redis_url = f"redis://127.0.0.1:{rport}/0"
+                        redis, redis_url = start_redis(folder)
+                        procs.append(redis)
                     try:
                         print(f"# rep {rep}/{args.reps}: {nodes} gateway process(es), {args.subscribers} subscribers "
                               f"{'WITH' if compress else 'without'} permessage-deflate, {args.size}-byte JSON, "

@@ -40,7 +40,7 @@ from typing import Any
 
 from websockets.asyncio.client import connect
 
-from fanout import free_port, json_bodies, json_message, pinned, run, start_gateway, wait_port
+from fanout import free_port, json_bodies, json_message, run, start_gateway, start_redis, wait_port
 
 GOAL = 0.8  # deliveries per gateway core-second, history on / off: at least
 HISTORY_SIZE = 100
@@ -129,12 +129,8 @@ def start_layout(folder: Path, nodes: int, tag: str) -> tuple[list[subprocess.Po
     procs: list[subprocess.Popen[bytes]] = []
     redis_url = None
     if nodes > 1:
-        rport = free_port()
-        procs.append(subprocess.Popen(pinned(0, ["redis-server", "--port", str(rport), "--bind", "127.0.0.1",
-                                                 "--save", "", "--appendonly", "no"]),
-                                      stdout=subprocess.DEVNULL, cwd=folder))
-        wait_port(rport)
-        redis_url = f"redis://127.0.0.1:{rport}/0"
+        redis, redis_url = start_redis(folder)
+        procs.append(redis)
     ports, pids, admins = [], [], []
     for n in range(nodes):
         admin = free_port()

@@ -30,17 +30,9 @@ from typing import Any
 
 from websockets.asyncio.client import connect
 
-from fanout import cpu_seconds, free_port, pinned, start_gateway, wait_port
+from fanout import cpu_seconds, start_gateway, start_redis
 
 GOAL = 1.0  # deliveries per gateway core-second, 2 shards / 1 Redis: at least
-
-
-def start_redis(folder: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    proc = subprocess.Popen(pinned(0, ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                       "--appendonly", "no"]), stdout=subprocess.DEVNULL, cwd=folder)
-    wait_port(port)
-    return proc, f"redis://127.0.0.1:{port}/0"
 
 
 async def run(ports: list[int], pids: list[int], redis_pids: list[int], subscribers: int, channels: int,
