@@ -238,6 +238,20 @@ def oversized_head(t: Target, count: int) -> list[str]:
     return out
 
 
+def first_reads(socks: list[socket.socket], seconds: float) -> dict[socket.socket, bytes]:
+    """What each socket first reads within ``seconds``, in the order they answer (b"" for a close or a
+    reset); the ones still silent are left out."""
+    got: dict[socket.socket, bytes] = {}
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and len(got) < len(socks):
+        for s in select.select([s for s in socks if s not in got], [], [], 0.2)[0]:
+            try:
+                got[s] = s.recv(4096)
+            except OSError:
+                got[s] = b""
+    return got
+
+
 def half_open(t: Target, count: int) -> list[str]:
     """
     ``count`` x 10 TCP connections that never send a byte: half from one
@@ -253,16 +267,8 @@ def half_open(t: Target, count: int) -> list[str]:
             socks.append(connect(t.port, addr, timeout=2))
         except OSError:
             out.append("refused at connect")
-    closed: set[socket.socket] = set()
-    deadline = time.monotonic() + 3.0
-    while time.monotonic() < deadline and len(closed) < len(socks):
-        for s in select.select([s for s in socks if s not in closed], [], [], 0.2)[0]:
-            try:
-                s.recv(4096)
-            except OSError:
-                pass
-            closed.add(s)
-    out += ["closed by the gateway within 3 s"] * len(closed) + ["held 3 s"] * (len(socks) - len(closed))
+    closed = len(first_reads(socks, 3.0))
+    out += ["closed by the gateway within 3 s"] * closed + ["held 3 s"] * (len(socks) - closed)
     for s in socks:
         s.close()
     return out
@@ -498,16 +504,8 @@ def idle_admin(t: Target, count: int) -> list[str]:
             socks.append(s)
         except OSError:
             out.append("refused at connect")
-    answered: set[socket.socket] = set()
-    deadline = time.monotonic() + 4.0
-    while time.monotonic() < deadline and len(answered) < len(socks):
-        for s in select.select([s for s in socks if s not in answered], [], [], 0.2)[0]:
-            try:
-                data = s.recv(4096)
-            except OSError:
-                data = b""
-            out.append(status(data.split(b"\r\n", 1)[0].decode("latin-1")) if data else "EOF")
-            answered.add(s)
+    answered = first_reads(socks, 4.0)
+    out += [status(data.split(b"\r\n", 1)[0].decode("latin-1")) if data else "EOF" for data in answered.values()]
     out += ["held 4 s"] * (len(socks) - len(answered))
     for s in socks:
         s.close()
